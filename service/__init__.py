@@ -1,0 +1,35 @@
+"""An OpenAI-compatible gateway for llama.cpp's llama-server."""
+from flask import Flask
+
+from .api import register_blueprints
+from .config import SETTINGS_BY_NAME, ConfigError, load_settings, route_timeouts
+from .errors import register_error_handlers
+from .metrics import init_metrics
+from .upstream import Upstream
+
+
+def create_app(config=None) -> Flask:
+    """Build the gateway app: settings from config (a mapping of setting names) or else the environment."""
+    app = Flask(__name__)
+    settings = load_settings(config)
+    app.config.from_mapping(settings)
+    if config:
+        # Flask's own keys (TESTING, ...) pass through.
+        app.config.update((key, value) for key, value in config.items() if key not in SETTINGS_BY_NAME)
+    app.config["MAX_CONTENT_LENGTH"] = settings["MAX_BODY_BYTES"]
+    app.json.sort_keys = False
+    if not settings["LLAMA_SERVER_URL"]:
+        raise ConfigError("LLAMA_SERVER_URL: create_app needs the upstream's URL (bin/serve sets it after starting llama.cpp)")
+    app.extensions["upstream"] = Upstream(
+        settings["LLAMA_SERVER_URL"],
+        timeouts=route_timeouts(settings),
+        pool_size=settings["WAITRESS_THREADS"],
+        retries=settings["UPSTREAM_RETRIES"],
+        backoff=settings["UPSTREAM_BACKOFF_S"],
+        backoff_max=settings["UPSTREAM_BACKOFF_MAX_S"],
+        api_key=settings["LLAMA_API_KEY"],
+    )
+    register_error_handlers(app)
+    register_blueprints(app)
+    init_metrics(app)
+    return app

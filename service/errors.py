@@ -1,0 +1,141 @@
+"""The one OpenAI error envelope, the gateway's exception tree, and the handlers that turn any error into JSON.
+
+Contract: every error the gateway answers is {"error": {"message", "type", "param", "code"}}, built by
+error_body(); views raise ApiError subclasses and never build error JSON themselves.
+"""
+import json
+import logging
+
+from flask import Response, request
+from werkzeug.exceptions import HTTPException
+
+log = logging.getLogger(__name__)
+
+# OpenAI's error type for a status; statuses not listed fall back by class (4xx or 5xx).
+STATUS_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    501: "not_supported_error",
+    502: "upstream_error",
+    503: "unavailable_error",
+    504: "timeout_error",
+}
+
+
+def error_type(status: int) -> str:
+    """Return the OpenAI error type for an HTTP status."""
+    return STATUS_TYPES.get(status) or ("invalid_request_error" if status < 500 else "server_error")
+
+
+def error_body(status: int, message: str, *, type: str = None, param: str = None, code: str = None) -> dict:
+    """Build the OpenAI error envelope; the only place its shape is written."""
+    return {"error": {"message": message, "type": type or error_type(status), "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, *, headers=None, **fields) -> Response:
+    """Return a JSON error response in the OpenAI envelope."""
+    body = json.dumps(error_body(status, message, **fields))
+    return Response(body, status=status, headers=headers, mimetype="application/json")
+
+
+class ApiError(Exception):
+    """An error the gateway answers with: a status, a message, and the envelope's optional fields."""
+
+    status = 500
+    code = None
+
+    def __init__(self, message, *, status=None, type=None, param=None, code=None, headers=None):
+        super().__init__(message)
+        self.message = message
+        self.status = status or self.status
+        self.type = type
+        self.param = param
+        self.code = code or self.code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        """This error as an OpenAI envelope."""
+        return error_body(self.status, self.message, type=self.type, param=self.param, code=self.code)
+
+    def response(self) -> Response:
+        """This error as a JSON response."""
+        return error_response(self.status, self.message, headers=self.headers, type=self.type,
+                              param=self.param, code=self.code)
+
+
+class InvalidRequest(ApiError):
+    """The client's request is malformed; param names the offending field."""
+
+    status = 400
+
+
+class UnsupportedMediaType(ApiError):
+    """The request body is not declared as JSON."""
+
+    status = 415
+    code = "unsupported_media_type"
+
+
+class UpstreamError(ApiError):
+    """llama-server could not give a usable answer."""
+
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    """llama-server could not be reached, or said it cannot serve yet (503 with Retry-After)."""
+
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(UpstreamError):
+    """llama-server stopped answering for longer than the route's read timeout."""
+
+    status = 504
+    code = "upstream_timeout"
+
+
+class UpstreamBadResponse(UpstreamError):
+    """llama-server's answer was cut off or is not what the protocol says."""
+
+    code = "upstream_bad_response"
+
+
+class UpstreamRejected(UpstreamError):
+    """llama-server refused the request (a 4xx, or 501); its status and message are passed on."""
+
+    code = None
+
+
+def _http_message(error: HTTPException) -> str:
+    if error.code == 404:
+        return f"Unknown route: {request.method} {request.path}"
+    if error.code == 405:
+        allowed = ", ".join(sorted(m for m in error.valid_methods or () if m not in ("HEAD", "OPTIONS")))
+        return f"Method {request.method} is not allowed on {request.path}; use {allowed}"
+    if error.code == 413:
+        limit = request.max_content_length
+        return f"Request body is too large; the limit is {limit} bytes (MAX_BODY_BYTES)"
+    return error.description or error.name
+
+
+def register_error_handlers(app):
+    """Make every error the app can produce, from any layer, answer in the OpenAI envelope."""
+
+    @app.errorhandler(ApiError)
+    def handle_api_error(error):
+        return error.response()
+
+    @app.errorhandler(HTTPException)
+    def handle_http_exception(error):
+        headers = {"Allow": ", ".join(error.valid_methods)} if getattr(error, "valid_methods", None) else None
+        return error_response(error.code, _http_message(error), headers=headers)
+
+    @app.errorhandler(Exception)
+    def handle_unexpected(error):
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "The gateway hit an internal error; see its log for details.",
+                              code="internal_error")

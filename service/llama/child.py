@@ -1,0 +1,87 @@
+"""Run llama.cpp's own HTTP server from the xllamacpp package: `python -m service.llama.child --model M ...`.
+
+It takes the same long flags as the llama-server binary, so the supervisor builds one command line for both.
+It exits when told to (SIGTERM, Ctrl-C) or when its parent goes away (its stdin pipe closes), so a killed
+gateway never leaves it behind.
+"""
+import argparse
+import os
+import signal
+import sys
+import threading
+
+
+def parse_args(argv):
+    """Parse the llama-server flags this child understands."""
+    parser = argparse.ArgumentParser(prog="service.llama.child")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--ctx-size", type=int, default=4096)
+    parser.add_argument("--parallel", type=int, default=1)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--threads-batch", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--embeddings", action="store_true")
+    parser.add_argument("--pooling", choices=["mean"])
+    parser.add_argument("--metrics", action="store_true")
+    parser.add_argument("--alias")
+    return parser.parse_args(argv)
+
+
+def server_params(args):
+    """Translate the flags into xllamacpp's CommonParams."""
+    import xllamacpp
+
+    params = xllamacpp.CommonParams()
+    params.model.path = args.model
+    params.hostnames = [args.host]
+    params.port = args.port
+    params.n_ctx = args.ctx_size
+    params.n_parallel = args.parallel
+    if args.threads:
+        params.cpuparams.n_threads = args.threads
+        params.cpuparams_batch.n_threads = args.threads
+    if args.threads_batch:
+        params.cpuparams_batch.n_threads = args.threads_batch
+    if args.batch_size:
+        params.n_batch = args.batch_size
+    if args.embeddings:
+        params.embedding = True
+        params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
+    if args.alias:
+        params.model_alias = {args.alias}
+    params.endpoint_metrics = args.metrics
+    return params
+
+
+def _exit_when_parent_goes(stop: threading.Event):
+    # The supervisor holds the other end of our stdin; EOF means it is gone, however it died.
+    try:
+        while sys.stdin.buffer.read(1024):
+            pass
+    except (OSError, ValueError):
+        pass
+    stop.set()
+
+
+def main(argv=None):
+    """Start the server and keep this process alive until told to stop."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    import xllamacpp
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    threading.Thread(target=_exit_when_parent_goes, args=(stop,), daemon=True).start()
+    server = xllamacpp.Server(server_params(args))  # noqa: F841 (serves while referenced)
+    while not stop.wait(0.5):
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # llama.cpp's server threads are not daemons; leave without waiting for them.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

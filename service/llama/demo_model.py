@@ -1,0 +1,77 @@
+"""A tiny llama-architecture GGUF with random weights, written with the gguf package.
+
+It loads in milliseconds and exercises every llama-server route (chat, completions, streams, embeddings),
+but its answers are noise: it is for trying the gateway and for tests, never for real answers.
+"""
+import os
+
+import numpy as np
+
+DEMO_MODEL_NAME = "demo-random-tiny-llama.gguf"
+
+# Shape of the demo model: small enough to write in milliseconds, a real llama graph all the same.
+EMBEDDING_SIZE = 64
+LAYERS = 2
+HEADS = 4
+FEED_FORWARD_SIZE = 128
+CONTEXT_LENGTH = 4096
+
+
+def _vocabulary():
+    """A SentencePiece-style vocabulary: control tokens, all 256 byte tokens, and printable ASCII pieces."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)]
+    types = [2, 3, 3] + [6] * 256  # unknown, control, control, then bytes
+    pieces = ["\u2581"] + [chr(c) for c in range(33, 127)] + ["\u2581" + chr(c) for c in range(97, 123)]
+    return tokens + pieces, types + [1] * len(pieces)
+
+
+def write_demo_model(path: str, seed: int = 0) -> str:
+    """Write the demo GGUF to path (atomically, so a crash never leaves half a model) and return path."""
+    import gguf  # imported here: only the demo model needs it
+
+    rng = np.random.default_rng(seed)
+    tokens, token_types = _vocabulary()
+    partial = f"{path}.partial"
+    writer = gguf.GGUFWriter(partial, "llama")
+    writer.add_name("demo random tiny llama")
+    writer.add_context_length(CONTEXT_LENGTH)
+    writer.add_embedding_length(EMBEDDING_SIZE)
+    writer.add_block_count(LAYERS)
+    writer.add_feed_forward_length(FEED_FORWARD_SIZE)
+    writer.add_head_count(HEADS)
+    writer.add_head_count_kv(HEADS)
+    writer.add_rope_dimension_count(EMBEDDING_SIZE // HEADS)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_types(token_types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+
+    def weights(*shape):
+        return (rng.standard_normal(shape) * 0.02).astype(np.float32)
+
+    def ones(size):
+        return np.ones(size, dtype=np.float32)
+
+    writer.add_tensor("token_embd.weight", weights(len(tokens), EMBEDDING_SIZE))
+    writer.add_tensor("output_norm.weight", ones(EMBEDDING_SIZE))
+    writer.add_tensor("output.weight", weights(len(tokens), EMBEDDING_SIZE))
+    for layer in range(LAYERS):
+        prefix = f"blk.{layer}."
+        writer.add_tensor(prefix + "attn_norm.weight", ones(EMBEDDING_SIZE))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            writer.add_tensor(f"{prefix}{name}.weight", weights(EMBEDDING_SIZE, EMBEDDING_SIZE))
+        writer.add_tensor(prefix + "ffn_norm.weight", ones(EMBEDDING_SIZE))
+        writer.add_tensor(prefix + "ffn_gate.weight", weights(FEED_FORWARD_SIZE, EMBEDDING_SIZE))
+        writer.add_tensor(prefix + "ffn_up.weight", weights(FEED_FORWARD_SIZE, EMBEDDING_SIZE))
+        writer.add_tensor(prefix + "ffn_down.weight", weights(EMBEDDING_SIZE, FEED_FORWARD_SIZE))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(partial, path)
+    return path

@@ -1,0 +1,189 @@
+"""Start llama.cpp as a child process, wait until it serves, restart it with backoff if it dies, stop it on exit."""
+import collections
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import requests
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Restart backoff: 1 s, doubling to 30 s; a child that served this long counts as healthy again.
+RESTART_DELAY_S = 1.0
+RESTART_DELAY_MAX_S = 30.0
+HEALTHY_RUN_S = 60.0
+
+
+class LlamaStartError(RuntimeError):
+    """llama.cpp did not come up; the message carries the last lines it printed."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Ask the OS for a port nobody is listening on."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def find_binary(configured: str = None):
+    """Return the llama-server binary to run (LLAMA_SERVER_BIN, else one on PATH), or None for xllamacpp."""
+    if configured:
+        found = shutil.which(configured) or (configured if os.path.isfile(configured) else None)
+        if not found:
+            raise LlamaStartError(f"LLAMA_SERVER_BIN: no such program: {configured}")
+        return found
+    return shutil.which("llama-server")
+
+
+def _die_with_parent():
+    # Linux only: the child gets SIGTERM when the gateway dies, even by SIGKILL.
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class LlamaSupervisor:
+    """One supervised llama.cpp server for one model file."""
+
+    def __init__(self, model_path, *, host="127.0.0.1", port=None, ctx=4096, parallel=2, threads=None,
+                 threads_batch=None, batch=None, embeddings=True, binary=None, startup_timeout=300.0):
+        self.model_path = model_path
+        self.host = host
+        self.port = port or free_port(host)
+        self.binary = binary
+        self.startup_timeout = startup_timeout
+        self.flags = ["--model", model_path, "--host", host, "--port", str(self.port), "--ctx-size", str(ctx),
+                      "--parallel", str(parallel), "--metrics",
+                      # The model's id in /v1/models: its file name without .gguf, never its full path.
+                      "--alias", os.path.splitext(os.path.basename(model_path))[0]]
+        for flag, value in (("--threads", threads), ("--threads-batch", threads_batch), ("--batch-size", batch)):
+            if value:
+                self.flags += [flag, str(value)]
+        if embeddings:
+            self.flags += ["--embeddings", "--pooling", "mean"]
+        self.process = None
+        self.restarts = 0
+        self.output = collections.deque(maxlen=40)
+        self._stopping = threading.Event()
+        self._watcher = None
+
+    @classmethod
+    def from_settings(cls, settings, model_path):
+        """Build a supervisor from the gateway's LLAMA_* settings."""
+        return cls(model_path, host=settings["LLAMA_HOST"], port=settings["LLAMA_PORT"], ctx=settings["LLAMA_CTX"],
+                   parallel=settings["LLAMA_PARALLEL"], threads=settings["LLAMA_THREADS"],
+                   threads_batch=settings["LLAMA_THREADS_BATCH"], batch=settings["LLAMA_N_BATCH"],
+                   embeddings=settings["LLAMA_EMBEDDINGS"], binary=find_binary(settings["LLAMA_SERVER_BIN"]),
+                   startup_timeout=settings["LLAMA_STARTUP_TIMEOUT_S"])
+
+    @property
+    def url(self) -> str:
+        """The base URL llama.cpp serves on."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def backend(self) -> str:
+        """What runs llama.cpp: the binary's path, or xllamacpp."""
+        return self.binary or "xllamacpp"
+
+    def command(self) -> list:
+        """The child's command line."""
+        if self.binary:
+            return [self.binary, *self.flags]
+        return [sys.executable, "-m", "service.llama.child", *self.flags]
+
+    def start(self):
+        """Start llama.cpp, wait until its /health answers 200, then watch it; raise LlamaStartError on failure."""
+        self._spawn()
+        self.wait_ready()
+        self._watcher = threading.Thread(target=self._watch, name="llama-supervisor", daemon=True)
+        self._watcher.start()
+        return self
+
+    def _spawn(self):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")])))
+        options = {}
+        if os.name == "nt":
+            # Ctrl-C reaches only the gateway, which then stops the child itself.
+            options["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            options["start_new_session"] = True
+            if sys.platform.startswith("linux"):
+                options["preexec_fn"] = _die_with_parent
+        self.process = subprocess.Popen(
+            self.command(), env=env, stdin=subprocess.DEVNULL if self.binary else subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **options)
+        threading.Thread(target=self._read_output, args=(self.process,), daemon=True).start()
+        log.info("llama.cpp starting: pid %s, %s, port %s", self.process.pid, self.backend, self.port)
+
+    def _read_output(self, process):
+        # Keep the last lines for error reports; show them all only at DEBUG (they can be many).
+        for line in iter(process.stdout.readline, b""):
+            text = line.decode("utf-8", "replace").rstrip()
+            self.output.append(text)
+            log.debug("llama.cpp: %s", text)
+
+    def wait_ready(self, timeout=None):
+        """Poll llama.cpp's /health until it answers 200 (it answers 503 while loading the model)."""
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        delay = 0.02
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise LlamaStartError(f"llama.cpp exited with code {self.process.returncode} while starting; "
+                                      f"its last lines:\n" + "\n".join(self.output))
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, 0.25)
+        raise LlamaStartError(f"llama.cpp did not become ready within {timeout or self.startup_timeout:g} s "
+                              "(LLAMA_STARTUP_TIMEOUT_S)")
+
+    def _watch(self):
+        delay = RESTART_DELAY_S
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            code = self.process.wait()
+            if self._stopping.is_set():
+                return
+            if time.monotonic() - started > HEALTHY_RUN_S:
+                delay = RESTART_DELAY_S
+            log.warning("llama.cpp exited with code %s; restarting in %.0f s", code, delay)
+            if self._stopping.wait(delay):
+                return
+            delay = min(delay * 2, RESTART_DELAY_MAX_S)
+            self.restarts += 1
+            try:
+                self._spawn()
+                self.wait_ready()
+                log.info("llama.cpp is serving again after restart %d", self.restarts)
+            except LlamaStartError as error:
+                log.error("llama.cpp restart failed: %s", str(error).splitlines()[0])
+
+    def stop(self, timeout=10.0):
+        """Stop watching and end the child: terminate, then kill if it does not leave within timeout."""
+        self._stopping.set()
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdin:
+            process.stdin.close()
+        log.info("llama.cpp stopped (pid %s)", process.pid)

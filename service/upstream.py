@@ -1,0 +1,193 @@
+"""The one requests.Session to llama-server: pooled connections, urllib3 Retry with backoff, per-route timeouts.
+
+Every failure of the upstream is translated into the gateway's own exceptions here and only here.
+"""
+import http.client
+import json
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import HTTPError as Urllib3Error
+from urllib3.exceptions import ProtocolError, ReadTimeoutError
+from urllib3.util.retry import Retry
+
+from .errors import UpstreamBadResponse, UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+
+# What a relayed stream reads at most per socket read; read1 returns as soon as any bytes arrive.
+STREAM_READ_BYTES = 64 * 1024
+
+# llama.cpp's error types that have an OpenAI error code of their own.
+UPSTREAM_ERROR_CODES = {"exceed_context_size_error": "context_length_exceeded"}
+
+
+class UpstreamRetry(Retry):
+    """urllib3's Retry, with two changes for llama-server.
+
+    A connection closed before any byte of an answer (a kept-alive connection the server had just dropped)
+    counts as a connect failure, so it is retried: the server never took that request. And an upstream's
+    Retry-After never waits longer than backoff_max.
+    """
+
+    def _is_connection_error(self, err):
+        closed_unanswered = isinstance(err, ProtocolError) and any(
+            isinstance(arg, http.client.RemoteDisconnected) for arg in err.args)
+        return closed_unanswered or super()._is_connection_error(err)
+
+    def get_retry_after(self, response):
+        """Return the Retry-After delay, capped so that a request never sleeps for an hour."""
+        delay = super().get_retry_after(response)
+        return None if delay is None else min(delay, self.backoff_max)
+
+
+def make_retry(retries: int, backoff: float, backoff_max: float) -> Retry:
+    """Retry connect failures and 502/503/504 answers; never a read error, so no generation runs twice."""
+    return UpstreamRetry(
+        total=retries,
+        connect=retries,
+        status=retries,
+        read=False,  # once the request is sent, an error is final: llama.cpp may already be generating
+        other=0,
+        allowed_methods=None,  # POST too: these failures all happen before llama.cpp accepted the work
+        status_forcelist=(502, 503, 504),
+        backoff_factor=backoff,
+        backoff_max=backoff_max,
+        respect_retry_after_header=True,
+        raise_on_status=False,  # hand back the last answer so its status and message reach the client
+    )
+
+
+class Upstream:
+    """A llama-server at base_url, reached through one pooled Session."""
+
+    def __init__(self, base_url, *, timeouts, pool_size=8, retries=2, backoff=0.25, backoff_max=8.0, api_key=None):
+        self.base_url = base_url.rstrip("/")
+        self.timeouts = timeouts
+        self.session = requests.Session()
+        self.session.headers.update({"Accept-Encoding": "identity", "Content-Type": "application/json"})
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, pool_block=False,
+                              max_retries=make_retry(retries, backoff, backoff_max))
+        self.session.mount(self.base_url, adapter)
+        # Health is polled often and must say at once what is wrong, so it gets no retries.
+        self.session.mount(self.base_url + "/health", HTTPAdapter(pool_maxsize=2, max_retries=0))
+
+    def close(self):
+        """Close every pooled connection."""
+        self.session.close()
+
+    def request(self, method, path, *, group, body=None, stream=False, headers=None) -> requests.Response:
+        """Send one request; return a response with a status below 400 or raise an UpstreamError."""
+        url = self.base_url + path
+        connect_timeout, read_timeout = self.timeouts[group]
+        if stream:
+            # llama.cpp tends to drop a connection after a stream; never put one back in the pool.
+            headers = {**(headers or {}), "Connection": "close"}
+        try:
+            response = self.session.request(method, url, data=body, stream=stream, headers=headers,
+                                            timeout=(connect_timeout, read_timeout))
+        except requests.ConnectTimeout:
+            raise UpstreamUnavailable(
+                f"llama-server at {self.base_url} did not accept a connection within {connect_timeout:g} s") from None
+        except requests.ReadTimeout:
+            raise UpstreamTimeout(f"llama-server did not answer {path} within {read_timeout:g} s") from None
+        except requests.ConnectionError as error:
+            raise UpstreamUnavailable(
+                f"could not reach llama-server at {self.base_url}: {describe_connection_error(error)}") from None
+        except requests.RequestException as error:
+            raise UpstreamBadResponse(f"llama-server's answer to {path} was cut off or malformed: "
+                                      f"{type(error).__name__}") from None
+        if response.status_code >= 400:
+            raise self._status_error(response, path)
+        return response
+
+    def _status_error(self, response, path) -> UpstreamError:
+        """Translate an upstream error answer into the exception the client should see."""
+        status = response.status_code
+        message, upstream_type = _upstream_error_message(response)
+        response.close()
+        if status == 503:
+            retry_after = response.headers.get("Retry-After") or "1"
+            return UpstreamUnavailable(f"llama-server cannot serve yet: {message}", status=503,
+                                       headers={"Retry-After": retry_after})
+        if 400 <= status < 500 or status == 501:
+            return UpstreamRejected(message, status=status, type=_client_error_type(upstream_type),
+                                    code=UPSTREAM_ERROR_CODES.get(upstream_type))
+        return UpstreamBadResponse(f"llama-server answered {path} with HTTP {status}: {message}")
+
+    def read_json(self, response, path) -> bytes:
+        """Return the whole body of a non-streamed answer, after checking that it is one JSON object."""
+        body = response.content  # already read: the Session read it inside request()
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise UpstreamBadResponse(f"llama-server's answer to {path} is not a JSON object")
+        return body
+
+    def iter_stream(self, response, group):
+        """Yield the raw bytes of a streamed answer as they arrive; raise an UpstreamError if it breaks."""
+        read_timeout = self.timeouts[group][1]
+        try:
+            yield from _arriving_bytes(response.raw)
+        except ReadTimeoutError:
+            raise UpstreamTimeout(f"llama-server went silent mid-stream for {read_timeout:g} s") from None
+        except (Urllib3Error, OSError) as error:
+            raise UpstreamBadResponse(f"llama-server broke off the stream: {describe_connection_error(error)}") \
+                from None
+
+
+def _arriving_bytes(raw):
+    """Yield a body's bytes as they arrive: chunk by chunk when chunked (llama.cpp writes an event per chunk),
+    else whatever each socket read returns."""
+    if raw.chunked and raw.supports_chunked_reads():
+        yield from raw.read_chunked(decode_content=False)
+        return
+    while data := raw.read1(STREAM_READ_BYTES, decode_content=False):
+        yield data
+
+
+def _client_error_type(upstream_type):
+    """Keep llama.cpp's error type, except where OpenAI has its own name for the same thing."""
+    return "invalid_request_error" if upstream_type in UPSTREAM_ERROR_CODES else upstream_type
+
+
+def _upstream_error_message(response):
+    """Return llama.cpp's error message and type from an error answer, or a short description of the body."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        error = None
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"]), error.get("type")
+    if isinstance(error, str):
+        return error, None
+    text = response.text.strip()
+    return (text[:200] if text else f"HTTP {response.status_code} with an empty body"), None
+
+
+def describe_connection_error(error) -> str:
+    """Name the underlying socket failure (refused, reset, cut off) from under urllib3's wrapping."""
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        for kind, words in _SOCKET_FAILURES:
+            if isinstance(current, kind):
+                return words
+        nested = (current.__cause__, current.__context__, getattr(current, "reason", None), *current.args)
+        pending.extend(item for item in nested if isinstance(item, BaseException))
+    return type(error).__name__
+
+
+# Most specific first: RemoteDisconnected is a ConnectionResetError.
+_SOCKET_FAILURES = (
+    (ConnectionRefusedError, "connection refused"),
+    (http.client.RemoteDisconnected, "connection closed before any answer"),
+    (ConnectionResetError, "connection reset"),
+    (http.client.IncompleteRead, "the answer was cut off"),
+    (TimeoutError, "timed out"),
+)

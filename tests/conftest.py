@@ -1,0 +1,89 @@
+"""Shared fixtures: a real llama.cpp on the generated demo model, apps, live waitress servers, fake upstreams."""
+import contextlib
+import threading
+
+import pytest
+import waitress
+
+from service import create_app
+from service.llama.demo_model import write_demo_model
+from service.llama.supervisor import LlamaSupervisor
+
+# Short timeouts and fast backoff so that fault tests finish in milliseconds.
+FAST_SETTINGS = {"UPSTREAM_BACKOFF_S": "0.01", "UPSTREAM_BACKOFF_MAX_S": "0.05"}
+
+
+@pytest.fixture(scope="session")
+def demo_model_path(tmp_path_factory):
+    """The demo GGUF, written once per test session."""
+    return write_demo_model(str(tmp_path_factory.mktemp("models") / "demo.gguf"))
+
+
+@pytest.fixture(scope="session")
+def llama(demo_model_path):
+    """A real llama.cpp server (xllamacpp in a supervised child process) serving the demo model."""
+    supervisor = LlamaSupervisor(demo_model_path, ctx=2048, parallel=2, threads=1, embeddings=True,
+                                 startup_timeout=60).start()
+    yield supervisor
+    supervisor.stop()
+
+
+@pytest.fixture
+def make_app():
+    """Build an app from settings (strings, as in the environment) on top of FAST_SETTINGS."""
+    apps = []
+
+    def build(upstream_url, **settings):
+        app = create_app({**FAST_SETTINGS, "LLAMA_SERVER_URL": upstream_url, "TESTING": True, **settings})
+        apps.append(app)
+        return app
+
+    yield build
+    for app in apps:
+        app.extensions["upstream"].close()
+
+
+@pytest.fixture
+def llama_app(make_app, llama):
+    """The gateway in front of the real llama.cpp."""
+    return make_app(llama.url)
+
+
+@pytest.fixture
+def llama_client(llama_app):
+    """A Flask test client of the gateway in front of the real llama.cpp."""
+    return llama_app.test_client()
+
+
+@pytest.fixture
+def fake_app(make_app, httpserver):
+    """The gateway in front of pytest-httpserver, for exact upstream behaviour."""
+    return make_app(httpserver.url_for("").rstrip("/"))
+
+
+@pytest.fixture
+def fake_client(fake_app):
+    """A Flask test client of the gateway in front of the fake upstream."""
+    return fake_app.test_client()
+
+
+@contextlib.contextmanager
+def serving(app, threads=4):
+    """Serve app with waitress on a free loopback port in a thread; yield its base URL."""
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
+    thread = threading.Thread(target=server.run, name="waitress-under-test", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.effective_port}"
+    finally:
+        server.task_dispatcher.shutdown(timeout=2)
+        for channel in list(server._map.values()):
+            channel.close()
+        thread.join(5)
+
+
+@pytest.fixture
+def live_gateway():
+    """Start waitress servers for apps (the real server stack); all stop at the end of the test."""
+    with contextlib.ExitStack() as stack:
+        yield lambda app, threads=4: stack.enter_context(serving(app, threads))

@@ -1,0 +1,75 @@
+"""A raw-socket fake upstream for the faults pytest-httpserver cannot make: resets and hangs mid-stream."""
+import socket
+import struct
+import threading
+
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n")
+
+
+def chunk(data: bytes) -> bytes:
+    """One HTTP/1.1 chunk of a chunked body."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+class BrokenPeer:
+    """Accepts connections on a loopback port; each is handled by script(conn) after the request is read."""
+
+    def __init__(self, script):
+        self.script = script
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.done = threading.Event()  # set to let a hanging script finish
+        self.closed_by_client = threading.Event()
+        self.requests = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.requests += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn):
+        with conn:
+            read_request(conn)
+            try:
+                self.script(self, conn)
+            except OSError:
+                self.closed_by_client.set()
+
+    def reset(self, conn):
+        """Close conn with a TCP reset instead of an orderly close."""
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        conn.close()
+
+    def close(self):
+        """Stop accepting and release any script that is waiting."""
+        self.done.set()
+        self.listener.close()
+
+
+def read_request(conn) -> bytes:
+    """Read one HTTP request (head and Content-Length body) from conn."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        if not more:
+            return data
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        more = conn.recv(65536)
+        if not more:
+            break
+        body += more
+    return head + b"\r\n\r\n" + body

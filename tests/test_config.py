@@ -1,0 +1,59 @@
+"""The settings table: defaults, conversions, and one clear error per bad value."""
+import pytest
+
+from service.config import SETTINGS, ConfigError, load_settings, route_timeouts
+
+
+def test_defaults_when_nothing_is_set():
+    settings = load_settings({})
+    assert settings["API_HOST"] == "127.0.0.1"
+    assert settings["API_PORT"] == 8000
+    assert settings["LLAMA_SERVER_URL"] is None
+    assert settings["LLAMA_EMBEDDINGS"] is True
+    assert settings["UPSTREAM_RETRIES"] == 2
+
+
+def test_every_setting_has_a_help_line_and_a_default_that_converts():
+    for setting in SETTINGS:
+        assert setting.help, setting.name
+        if setting.default is not None:
+            assert setting.convert(setting.default) == setting.default, setting.name
+
+
+def test_values_are_converted():
+    settings = load_settings({"API_PORT": "9001", "LLAMA_EMBEDDINGS": "off", "CHAT_READ_TIMEOUT_S": "1.5",
+                              "LLAMA_SERVER_URL": "http://127.0.0.1:8080/", "UPSTREAM_BACKOFF_S": "0"})
+    assert settings["API_PORT"] == 9001
+    assert settings["LLAMA_EMBEDDINGS"] is False
+    assert settings["CHAT_READ_TIMEOUT_S"] == 1.5
+    assert settings["LLAMA_SERVER_URL"] == "http://127.0.0.1:8080"
+    assert settings["UPSTREAM_BACKOFF_S"] == 0.0
+
+
+def test_blank_values_mean_the_default():
+    assert load_settings({"API_PORT": "  "})["API_PORT"] == 8000
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("API_PORT", "abc", "whole number"),
+    ("API_PORT", "70000", "port number"),
+    ("CHAT_READ_TIMEOUT_S", "-1", "above 0"),
+    ("EMBEDDINGS_CONNECT_TIMEOUT_S", "soon", "number of seconds"),
+    ("UPSTREAM_RETRIES", "-2", "0 or more"),
+    ("WAITRESS_THREADS", "0", "1 or more"),
+    ("LLAMA_EMBEDDINGS", "maybe", "on or off"),
+    ("LLAMA_SERVER_URL", "localhost:8080", "http://"),
+    ("LLAMA_MODEL", "/no/such/model.gguf", "no such model file"),
+    ("LOG_LEVEL", "LOUD", "one of"),
+])
+def test_bad_values_name_the_variable_and_the_problem(name, value, words):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({name: value})
+    assert str(caught.value).startswith(f"{name}: ")
+    assert words in str(caught.value)
+
+
+def test_route_timeouts_pair_connect_and_read_per_group():
+    timeouts = route_timeouts(load_settings({"CHAT_CONNECT_TIMEOUT_S": "3", "CHAT_READ_TIMEOUT_S": "90"}))
+    assert timeouts["chat"] == (3.0, 90.0)
+    assert set(timeouts) == {"chat", "completions", "embeddings", "models"}

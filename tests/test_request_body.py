@@ -1,0 +1,88 @@
+"""Bad request bodies get a 400 (or 415) naming the problem, and never reach llama.cpp."""
+import json
+
+import pytest
+
+from tests.test_errors import assert_envelope
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+EMBEDDINGS = "/v1/embeddings"
+USER = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("path, body, param, words", [
+    (CHAT, {}, "messages", "Missing data"),
+    (CHAT, {"messages": "hi"}, "messages", "list"),
+    (CHAT, {"messages": []}, "messages", "minimum length"),
+    (CHAT, {"messages": [{"content": "hi"}]}, "messages[0].role", "Missing data"),
+    (CHAT, {"messages": USER, "temperature": "hot"}, "temperature", "number"),
+    (CHAT, {"messages": USER, "temperature": "0.5"}, "temperature", "number"),
+    (CHAT, {"messages": USER, "temperature": True}, "temperature", "number"),
+    (CHAT, {"messages": USER, "max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
+    (CHAT, {"messages": USER, "max_tokens": 1.5}, "max_tokens", "integer"),
+    (CHAT, {"messages": USER, "stream": "yes"}, "stream", "boolean"),
+    (CHAT, {"messages": USER, "stream_options": {"include_usage": 1}}, "stream_options.include_usage", "boolean"),
+    (CHAT, {"messages": USER, "stop": [1]}, "stop", "string"),
+    (CHAT, {"messages": USER, "top_p": 2}, "top_p", "less than or equal to 1"),
+    (COMPLETIONS, {}, "prompt", "Missing data"),
+    (COMPLETIONS, {"prompt": {"text": "hi"}}, "prompt", "string"),
+    (COMPLETIONS, {"prompt": []}, "prompt", "string"),
+    (EMBEDDINGS, {}, "input", "Missing data"),
+    (EMBEDDINGS, {"input": ""}, "input", "empty"),
+    (EMBEDDINGS, {"input": []}, "input", "non-empty"),
+    (EMBEDDINGS, {"input": ["a", ""]}, "input[1]", "non-empty"),
+    (EMBEDDINGS, {"input": 42}, "input", "string"),
+    (EMBEDDINGS, {"input": [True, False]}, "input[0]", "token ids"),
+    (EMBEDDINGS, {"input": "hi", "encoding_format": "hex"}, "encoding_format", "float, base64"),
+])
+def test_invalid_fields_are_400_with_param(fake_client, httpserver, path, body, param, words):
+    error = assert_envelope(fake_client.post(path, json=body), 400)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert words in error["message"] and param in error["message"]
+    assert httpserver.log == []
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"", "empty"),
+    (b"   ", "empty"),
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "JSON object, not a JSON array"),
+    (b'"text"', "not a JSON string"),
+    (b"null", "not a JSON null"),
+    (b'{"messages": NaN}', "not valid JSON"),
+    (b"\xff\xfe{}", "not valid JSON"),
+    (b"[" * 100000, "not valid JSON"),
+])
+def test_bodies_that_are_not_a_json_object_are_400(fake_client, httpserver, data, words):
+    response = fake_client.post(CHAT, data=data, content_type="application/json")
+    error = assert_envelope(response, 400)
+    assert words in error["message"]
+    assert httpserver.log == []
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
+def test_wrong_content_type_is_415(fake_client, httpserver, content_type):
+    response = fake_client.post(CHAT, data=json.dumps({"messages": USER}), content_type=content_type)
+    error = assert_envelope(response, 415)
+    assert "Content-Type must be application/json" in error["message"]
+    assert httpserver.log == []
+
+
+def test_json_with_charset_and_missing_content_type_are_accepted(fake_client, httpserver):
+    httpserver.expect_request(CHAT, method="POST").respond_with_json({"object": "chat.completion"})
+    body = json.dumps({"messages": USER})
+    assert fake_client.post(CHAT, data=body, content_type="application/json; charset=utf-8").status_code == 200
+    assert fake_client.post(CHAT, data=body, headers={"Content-Type": ""}).status_code == 200
+
+
+def test_unknown_and_llama_fields_pass_through_byte_for_byte(fake_client, httpserver):
+    # The gateway validates what it owns and forwards the client's own bytes, extra fields and all.
+    raw = (b'{"model":"llama","messages":[{"role":"user","content":"hi","x_custom":1}],'
+           b'"n_predict":-1,"cache_prompt":true,"top_k":5,"min_p":0.1,"grammar":"root ::= \\"a\\"",'
+           b'"json_schema":{"type":"object"},"ignore_eos":false,"samplers":["top_k"],"temperature":null}')
+    httpserver.expect_request(CHAT, method="POST", data=raw).respond_with_json({"object": "chat.completion"})
+    response = fake_client.post(CHAT, data=raw, content_type="application/json")
+    assert response.status_code == 200
+    assert httpserver.log[0][0].get_data() == raw

@@ -1,0 +1,135 @@
+"""bin/serve itself: starts (embedded and external), reports ready, answers, and leaves no process behind."""
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+from service.llama.supervisor import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVE = os.path.join(ROOT, "bin", "serve")
+
+
+class ServeProcess:
+    """bin/serve running as a child of the test, with its stderr lines collected as they come."""
+
+    def __init__(self, **env):
+        self.port = free_port()
+        environment = {**os.environ, "API_PORT": str(self.port), "PYTHONUNBUFFERED": "1", **env}
+        self.process = subprocess.Popen([sys.executable, SERVE], env=environment, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines = queue.Queue()
+        self.seen = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stderr:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_for(self, pattern, timeout=60) -> re.Match:
+        """Return the first stderr line matching pattern; fail if the process ends or time runs out first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.seen.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+        pytest.fail(f"bin/serve never printed {pattern!r}; it printed:\n" + "\n".join(self.seen))
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, sig=signal.SIGTERM, timeout=20) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is as good as gone: it only waits to be reaped.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split(")")[-1].split()[0] != "Z"
+
+
+def wait_gone(pid, timeout=10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+posix_only = pytest.mark.skipif(os.name != "posix", reason="uses POSIX signals and /proc")
+
+
+@posix_only
+@pytest.mark.llama
+def test_embedded_start_answers_and_sigterm_leaves_no_child(demo_model_path):
+    serve = ServeProcess(LLAMA_MODEL=demo_model_path, LLAMA_CTX="1024", LLAMA_THREADS="1")
+    try:
+        serve.wait_for(r"gateway ready on")
+        child_pid = int(serve.wait_for(r"embedded llama.cpp via xllamacpp, pid (\d+)").group(1))
+        assert requests.get(serve.url + "/health", timeout=10).status_code == 200
+        chat = requests.post(serve.url + "/v1/chat/completions", timeout=30, json={
+            "model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 3
+        assert pid_alive(child_pid)
+    finally:
+        code = serve.stop()
+    assert code == 0
+    assert wait_gone(child_pid), "llama.cpp outlived the gateway"
+
+
+@posix_only
+@pytest.mark.llama
+def test_killed_gateway_takes_its_child_along(demo_model_path):
+    serve = ServeProcess(LLAMA_MODEL=demo_model_path, LLAMA_CTX="512", LLAMA_THREADS="1")
+    try:
+        child_pid = int(serve.wait_for(r"embedded llama.cpp via xllamacpp, pid (\d+)").group(1))
+    finally:
+        serve.stop(signal.SIGKILL)
+    assert wait_gone(child_pid), "llama.cpp was orphaned by a SIGKILLed gateway"
+
+
+@posix_only
+@pytest.mark.llama
+def test_external_upstream_only_proxies(llama):
+    serve = ServeProcess(LLAMA_SERVER_URL=llama.url)
+    try:
+        serve.wait_for(r"upstream: +%s \(external llama-server\)" % re.escape(llama.url))
+        assert requests.get(serve.url + "/v1/models", timeout=10).json()["data"][0]["id"] == "demo"
+    finally:
+        assert serve.stop() == 0
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"API_PORT": "abc"}, "error: API_PORT: must be a whole number"),
+    ({"CHAT_READ_TIMEOUT_S": "-5"}, "error: CHAT_READ_TIMEOUT_S: must be a number of seconds above 0"),
+    ({"LLAMA_MODEL": "/no/such.gguf"}, "error: LLAMA_MODEL: no such model file"),
+])
+def test_bad_settings_stop_the_start_with_one_line(env, words):
+    result = subprocess.run([sys.executable, SERVE], env={**os.environ, **env}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(words)

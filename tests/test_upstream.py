@@ -1,0 +1,190 @@
+"""Upstream calls: retries with backoff, per-route timeouts, and each failure mapped to its status."""
+import json
+import threading
+import time
+
+import pytest
+from urllib3.exceptions import NewConnectionError
+from werkzeug import Response
+
+from service.upstream import Upstream, make_retry
+from tests.fakes import BrokenPeer
+from tests.test_errors import assert_envelope
+
+CHAT = "/v1/chat/completions"
+CHAT_BODY = {"model": "llama", "messages": [{"role": "user", "content": "hi"}]}
+LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
+COMPLETION = {"object": "chat.completion", "choices": []}
+
+
+def unused_port_url():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def test_503_loading_is_retried_until_ready(fake_client, httpserver):
+    for _ in range(2):
+        httpserver.expect_oneshot_request(CHAT).respond_with_json(LOADING, status=503)
+    httpserver.expect_request(CHAT).respond_with_json(COMPLETION)
+    response = fake_client.post(CHAT, json=CHAT_BODY)
+    assert response.status_code == 200
+    assert response.get_json() == COMPLETION
+    assert len(httpserver.log) == 3
+
+
+@pytest.mark.parametrize("status", [502, 504])
+def test_gateway_statuses_are_retried_then_502(fake_client, httpserver, status):
+    httpserver.expect_request(CHAT).respond_with_data("bad gateway", status=status)
+    error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
+    assert f"HTTP {status}" in error["message"]
+    assert len(httpserver.log) == 3  # the first try and UPSTREAM_RETRIES=2
+
+
+def test_retry_count_is_a_setting(make_app, httpserver):
+    client = make_app(httpserver.url_for("").rstrip("/"), UPSTREAM_RETRIES="0").test_client()
+    httpserver.expect_request(CHAT).respond_with_json(LOADING, status=503)
+    assert_envelope(client.post(CHAT, json=CHAT_BODY), 503)
+    assert len(httpserver.log) == 1
+
+
+def test_still_loading_after_retries_is_503_with_retry_after(fake_client, httpserver):
+    httpserver.expect_request(CHAT).respond_with_json(LOADING, status=503)
+    response = fake_client.post(CHAT, json=CHAT_BODY)
+    error = assert_envelope(response, 503)
+    assert "Loading model" in error["message"]
+    assert response.headers["Retry-After"] == "1"
+    assert len(httpserver.log) == 3
+
+
+def test_upstream_retry_after_is_honoured(make_app, httpserver):
+    client = make_app(httpserver.url_for("").rstrip("/"), UPSTREAM_BACKOFF_MAX_S="5").test_client()
+    httpserver.expect_oneshot_request(CHAT).respond_with_json(LOADING, status=503, headers={"Retry-After": "1"})
+    httpserver.expect_request(CHAT).respond_with_json(COMPLETION)
+    started = time.monotonic()
+    assert client.post(CHAT, json=CHAT_BODY).status_code == 200
+    assert time.monotonic() - started >= 0.9  # the backoff alone would have waited 0.01 s
+
+
+def test_a_huge_retry_after_is_capped_at_backoff_max(fake_client, httpserver):
+    httpserver.expect_oneshot_request(CHAT).respond_with_json(LOADING, status=503, headers={"Retry-After": "3600"})
+    httpserver.expect_request(CHAT).respond_with_json(COMPLETION)
+    started = time.monotonic()
+    assert fake_client.post(CHAT, json=CHAT_BODY).status_code == 200
+    assert time.monotonic() - started < 5
+
+
+def test_backoff_grows_exponentially():
+    retry = make_retry(3, backoff=0.5, backoff_max=8)
+    for _ in range(3):
+        retry = retry.increment(method="POST", url="/", error=NewConnectionError(None, "refused"))
+    assert retry.get_backoff_time() == 2.0  # 0.5 * 2 ** (3 - 1)
+
+
+def test_connection_refused_is_502_after_retries(make_app):
+    client = make_app(unused_port_url()).test_client()
+    error = assert_envelope(client.post(CHAT, json=CHAT_BODY), 502)
+    assert "connection refused" in error["message"]
+    assert error["code"] == "upstream_unavailable"
+
+
+@pytest.mark.parametrize("status, kind", [(400, "invalid_request_error"), (404, "not_found_error"),
+                                          (501, "not_supported_error")])
+def test_upstream_client_errors_pass_through_unretried(fake_client, httpserver, status, kind):
+    message = f"llama.cpp says no ({status})"
+    httpserver.expect_request(CHAT).respond_with_json({"error": {"code": status, "message": message, "type": kind}},
+                                                      status=status)
+    error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), status)
+    assert error["message"] == message
+    assert error["type"] == kind
+    assert len(httpserver.log) == 1
+
+
+def test_context_overflow_gets_openai_code(fake_client, httpserver):
+    httpserver.expect_request(CHAT).respond_with_json(
+        {"error": {"code": 400, "message": "request exceeds the available context size",
+                   "type": "exceed_context_size_error", "n_prompt_tokens": 5000, "n_ctx": 4096}}, status=400)
+    error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), 400)
+    assert error["code"] == "context_length_exceeded"
+    assert error["type"] == "invalid_request_error"
+
+
+def test_upstream_500_is_502_naming_it(fake_client, httpserver):
+    httpserver.expect_request(CHAT).respond_with_json({"error": {"code": 500, "message": "boom"}}, status=500)
+    error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
+    assert "HTTP 500" in error["message"] and "boom" in error["message"]
+    assert len(httpserver.log) == 1  # 500 is not a transient status
+
+
+@pytest.mark.parametrize("body", [b"<html>oops</html>", b'{"choices": [', b"[1, 2]", b""])
+def test_unparseable_answer_is_502(fake_client, httpserver, body):
+    httpserver.expect_request(CHAT).respond_with_data(body, content_type="application/json")
+    error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
+    assert "not a JSON object" in error["message"]
+
+
+def _slow_handler(release, delay_s):
+    def handle(request):
+        release.wait(delay_s)
+        return Response(json.dumps(COMPLETION), content_type="application/json")
+    return handle
+
+
+def test_read_timeouts_are_per_route(make_app, httpserver):
+    release_chat = threading.Event()
+    client = make_app(httpserver.url_for("").rstrip("/"), CHAT_READ_TIMEOUT_S="0.2",
+                      EMBEDDINGS_READ_TIMEOUT_S="10").test_client()
+    httpserver.expect_request(CHAT).respond_with_handler(_slow_handler(release_chat, 5))
+    httpserver.expect_request("/v1/embeddings").respond_with_handler(_slow_handler(threading.Event(), 0.4))
+    try:
+        error = assert_envelope(client.post(CHAT, json=CHAT_BODY), 504)
+        assert "within 0.2 s" in error["message"]
+        assert error["code"] == "upstream_timeout"
+    finally:
+        release_chat.set()
+    # The same silence is fine on a route with a longer read timeout.
+    assert client.post("/v1/embeddings", json={"input": "hi"}).status_code == 200
+    assert [entry[0].path for entry in httpserver.log] == [CHAT, "/v1/embeddings"]  # the timeout was not retried
+
+
+def test_llama_api_key_is_sent_upstream_and_client_headers_are_not(make_app, httpserver):
+    client = make_app(httpserver.url_for("").rstrip("/"), LLAMA_API_KEY="upstream-secret").test_client()
+    httpserver.expect_request(CHAT, headers={"Authorization": "Bearer upstream-secret"}).respond_with_json(COMPLETION)
+    response = client.post(CHAT, json=CHAT_BODY, headers={"Authorization": "Bearer client-key", "Cookie": "a=b"})
+    assert response.status_code == 200
+    assert "Cookie" not in httpserver.log[0][0].headers
+
+
+def test_connection_closed_before_any_answer_is_retried(make_app):
+    # What a kept-alive connection the server has just dropped looks like: closed without a byte of answer.
+    def script(peer, conn):
+        if peer.requests == 1:
+            return
+        body = json.dumps(COMPLETION).encode()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+
+    peer = BrokenPeer(script)
+    try:
+        response = make_app(peer.url).test_client().post(CHAT, json=CHAT_BODY)
+    finally:
+        peer.close()
+    assert response.status_code == 200
+    assert peer.requests == 2
+
+
+def test_streams_do_not_reuse_connections(fake_client, httpserver):
+    httpserver.expect_request(CHAT, headers={"Connection": "close"}).respond_with_data(
+        "data: [DONE]\n\n", content_type="text/event-stream")
+    response = fake_client.post(CHAT, json={**CHAT_BODY, "stream": True})
+    assert response.get_data() == b"data: [DONE]\n\n"
+
+
+def test_session_pool_is_sized_to_threads():
+    upstream = Upstream("http://127.0.0.1:9", timeouts={"chat": (1, 1)}, pool_size=12)
+    adapter = upstream.session.get_adapter("http://127.0.0.1:9/v1/chat/completions")
+    assert adapter._pool_maxsize == 12
+    assert upstream.session.get_adapter("http://127.0.0.1:9/health").max_retries.total == 0
+    upstream.close()

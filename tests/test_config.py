@@ -57,3 +57,13 @@ def test_route_timeouts_pair_connect_and_read_per_group():
     timeouts = route_timeouts(load_settings({"CHAT_CONNECT_TIMEOUT_S": "3", "CHAT_READ_TIMEOUT_S": "90"}))
     assert timeouts["chat"] == (3.0, 90.0)
     assert set(timeouts) == {"chat", "completions", "embeddings", "models"}
+
+
+def test_env_example_lists_every_setting_with_its_default():
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".env.example")
+    with open(path) as example:
+        values = dict(line.strip().split("=", 1) for line in example if line.strip() and not line.startswith("#"))
+    assert set(values) == {setting.name for setting in SETTINGS}
+    assert load_settings(values) == load_settings({})

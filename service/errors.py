@@ -127,6 +127,9 @@ def register_error_handlers(app):
 
     @app.errorhandler(ApiError)
     def handle_api_error(error):
+        if error.status >= 500:
+            # Upstream trouble is the operator's business: say what failed (never a prompt or a key).
+            log.warning("%s %s answered %d: %s", request.method, request.path, error.status, error.message)
         return error.response()
 
     @app.errorhandler(HTTPException)

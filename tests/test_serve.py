@@ -20,10 +20,10 @@ SERVE = os.path.join(ROOT, "bin", "serve")
 class ServeProcess:
     """bin/serve running as a child of the test, with its stderr lines collected as they come."""
 
-    def __init__(self, **env):
+    def __init__(self, script=SERVE, **env):
         self.port = free_port()
         environment = {**os.environ, "API_PORT": str(self.port), "PYTHONUNBUFFERED": "1", **env}
-        self.process = subprocess.Popen([sys.executable, SERVE], env=environment, stdin=subprocess.DEVNULL,
+        self.process = subprocess.Popen([sys.executable, script], env=environment, stdin=subprocess.DEVNULL,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines = queue.Queue()
         self.seen = []
@@ -120,6 +120,25 @@ def test_external_upstream_only_proxies(llama):
         assert requests.get(serve.url + "/v1/models", timeout=10).json()["data"][0]["id"] == "demo"
     finally:
         assert serve.stop() == 0
+
+
+@posix_only
+@pytest.mark.llama
+def test_serve_llama_starts_only_llama(demo_model_path):
+    port = free_port()
+    serve = ServeProcess(os.path.join(ROOT, "bin", "serve-llama"), LLAMA_MODEL=demo_model_path, LLAMA_PORT=str(port),
+                         LLAMA_CTX="512", LLAMA_THREADS="1", LLAMA_EMBEDDINGS="0")
+    try:
+        serve.wait_for(r"llama.cpp ready on http://127.0.0.1:%d" % port)
+        serve.wait_for(r"LLAMA_SERVER_URL=http://127.0.0.1:%d python bin/serve" % port)
+        assert requests.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200
+        # Embeddings were switched off by LLAMA_EMBEDDINGS=0: llama.cpp itself says so.
+        assert requests.post(f"http://127.0.0.1:{port}/v1/embeddings", json={"input": "x"}, timeout=10).status_code \
+            == 501
+    finally:
+        assert serve.stop() == 0
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
 @pytest.mark.parametrize("env, words", [

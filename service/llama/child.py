@@ -1,8 +1,8 @@
 """Run llama.cpp's own HTTP server from the xllamacpp package: `python -m service.llama.child --model M ...`.
 
 It takes the same long flags as the llama-server binary, so the supervisor builds one command line for both.
-It exits when told to (SIGTERM, Ctrl-C) or when its parent goes away (its stdin pipe closes), so a killed
-gateway never leaves it behind.
+It exits when told to (SIGTERM, Ctrl-C) or, with --exit-with-stdin, when its parent goes away (the stdin pipe
+closes), so a killed gateway never leaves it behind, on Windows too.
 """
 import argparse
 import os
@@ -26,6 +26,8 @@ def parse_args(argv):
     parser.add_argument("--pooling", choices=["mean"])
     parser.add_argument("--metrics", action="store_true")
     parser.add_argument("--alias")
+    parser.add_argument("--exit-with-stdin", action="store_true",
+                        help="exit when stdin closes (the supervisor's pipe: its end closes when it dies)")
     return parser.parse_args(argv)
 
 
@@ -73,7 +75,8 @@ def main(argv=None):
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    threading.Thread(target=_exit_when_parent_goes, args=(stop,), daemon=True).start()
+    if args.exit_with_stdin:
+        threading.Thread(target=_exit_when_parent_goes, args=(stop,), daemon=True).start()
     server = xllamacpp.Server(server_params(args))  # noqa: F841 (serves while referenced)
     while not stop.wait(0.5):
         pass

@@ -99,7 +99,7 @@ class LlamaSupervisor:
         """The child's command line."""
         if self.binary:
             return [self.binary, *self.flags]
-        return [sys.executable, "-m", "service.llama.child", *self.flags]
+        return [sys.executable, "-m", "service.llama.child", *self.flags, "--exit-with-stdin"]
 
     def start(self):
         """Start llama.cpp, wait until its /health answers 200, then watch it; raise LlamaStartError on failure."""

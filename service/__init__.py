@@ -5,6 +5,7 @@ from .api import register_blueprints
 from .config import SETTINGS_BY_NAME, ConfigError, load_settings, route_timeouts
 from .errors import register_error_handlers
 from .metrics import init_metrics
+from .policy import init_policy
 from .upstream import Upstream
 
 
@@ -30,6 +31,7 @@ def create_app(config=None) -> Flask:
         api_key=settings["LLAMA_API_KEY"],
     )
     register_error_handlers(app)
+    init_policy(app, settings)
     register_blueprints(app)
     init_metrics(app)
     return app

@@ -1,5 +1,6 @@
 """Settings: one declarative table, read from the environment once, with clear errors for bad values."""
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -90,6 +91,71 @@ def _model_file(value):
     return path
 
 
+# Client ids and limit names: what may appear in logs and metric labels.
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+LIMIT_NAMES = ("rpm", "tpm", "concurrent")
+
+
+def _api_key(value):
+    key = str(value)
+    if not key or any(c.isspace() or not c.isprintable() for c in key):
+        raise ValueError("must be one key with no spaces or control characters")
+    return key
+
+
+def _api_key_list(value):
+    """key_a:team_a,key_b:team_b,key_c -> ((key_a, team_a), (key_b, team_b), (key_c, None)); never echoes a key."""
+    pairs, seen = [], set()
+    for position, entry in enumerate(str(value).split(","), start=1):
+        key, has_client, client = entry.partition(":")
+        if not key:
+            raise ValueError(f"entry {position} has an empty key (the format is key:client_id,key,...)")
+        _api_key(key)
+        if ":" in client:
+            raise ValueError(f"entry {position} has more than one ':' (keys and client ids may not contain ':')")
+        if has_client:
+            if not _CLIENT_ID.fullmatch(client):
+                raise ValueError(f"entry {position} has a bad client id: 1-64 of A-Z a-z 0-9 . _ -")
+        if key in seen:
+            raise ValueError(f"entry {position} repeats an earlier key")
+        seen.add(key)
+        pairs.append((key, client or None))
+    return tuple(pairs)
+
+
+def _rate_limits(value):
+    """team_a:rpm=600:tpm=200000,team_b:rpm=30 -> {"team_a": {"rpm": 600, "tpm": 200000}, "team_b": {"rpm": 30}}"""
+    overrides = {}
+    for entry in str(value).split(","):
+        client, *limits = entry.strip().split(":")
+        if not _CLIENT_ID.fullmatch(client) or not limits:
+            raise ValueError(f"bad entry {entry!r}: the format is client:rpm=N:tpm=N:concurrent=N,...")
+        if client in overrides:
+            raise ValueError(f"client {client} is listed twice")
+        overrides[client] = {}
+        for limit in limits:
+            name, _, number = limit.partition("=")
+            if name not in LIMIT_NAMES or not number.isdigit():
+                raise ValueError(f"bad limit {limit!r} for {client}: use rpm=N, tpm=N or concurrent=N")
+            overrides[client][name] = int(number)
+    return overrides
+
+
+def _origins(value):
+    origins = tuple(origin.strip().rstrip("/") for origin in str(value).split(",") if origin.strip())
+    for origin in origins:
+        if origin != "*" and urlsplit(origin).scheme not in ("http", "https"):
+            raise ValueError(f"{origin!r} is not an origin such as https://app.example.com")
+    return origins
+
+
+def _log_format(value):
+    text = str(value).strip().lower()
+    if text not in ("auto", "json", "text"):
+        raise ValueError("must be json, text or auto (json unless stderr is a terminal)")
+    return text
+
+
 def _log_level(value):
     level = str(value).strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
@@ -105,6 +171,7 @@ class Setting:
     convert: Callable[[Any], Any]
     default: Any
     help: str
+    secret: bool = False  # never logged or shown
 
 
 SETTINGS = (
@@ -114,6 +181,18 @@ SETTINGS = (
     Setting("WAITRESS_THREADS", _positive_count, 8, "worker threads; each open stream holds one for its life"),
     Setting("MAX_BODY_BYTES", _positive_count, 8 * 1024 * 1024, "largest request body accepted (413 above it)"),
     Setting("LOG_LEVEL", _log_level, "INFO", "DEBUG also shows llama.cpp's own log lines"),
+    Setting("LOG_FORMAT", _log_format, "auto", "json (one object per line), text, or auto: text on a terminal"),
+    # Access policy.
+    Setting("OPENAI_API_KEY", _api_key, None, "one API key, for client id 'default'; no key at all = open access",
+            secret=True),
+    Setting("OPENAI_API_KEYS", _api_key_list, None, "several keys: key_a:team_a,key_b:team_b,key_c (id from a hash)",
+            secret=True),
+    Setting("METRICS_REQUIRE_KEY", _flag, False, "make /metrics ask for an API key like /v1 does"),
+    Setting("RATE_LIMIT_RPM", _count, 0, "requests per rolling 60 s per client; 0 = no limit"),
+    Setting("RATE_LIMIT_TPM", _count, 0, "tokens (prompt + completion) per rolling 60 s per client; 0 = no limit"),
+    Setting("RATE_LIMIT_CONCURRENT", _count, 0, "requests in flight per client, streams included; 0 = no limit"),
+    Setting("RATE_LIMITS", _rate_limits, None, "per-client overrides: team_a:rpm=600:tpm=200000,team_b:concurrent=2"),
+    Setting("CORS_ORIGINS", _origins, None, "browser origins allowed to call the API, comma-separated; empty = none"),
     # The upstream llama-server.
     Setting("LLAMA_SERVER_URL", _url, None, "an existing llama-server to proxy; unset starts an embedded one"),
     Setting("LLAMA_API_KEY", _text, None, "key the gateway sends to a llama-server started with --api-key"),
@@ -150,7 +229,10 @@ ROUTE_GROUPS = ("chat", "completions", "embeddings", "models")
 
 
 def load_settings(source: Mapping[str, Any] = None) -> dict:
-    """Return every setting converted from source (the environment by default); raise ConfigError on a bad one."""
+    """Return every setting converted from source (the environment by default); raise ConfigError on a bad one.
+
+    Strings are converted and checked; other values are taken as already converted.
+    """
     source = os.environ if source is None else source
     settings = {}
     for setting in SETTINGS:
@@ -158,11 +240,29 @@ def load_settings(source: Mapping[str, Any] = None) -> dict:
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             settings[setting.name] = setting.default
             continue
+        if not isinstance(raw, str):
+            # Values given by code (a test, or bin/serve passing settings on) are taken as already converted.
+            settings[setting.name] = raw
+            continue
         try:
             settings[setting.name] = setting.convert(raw)
         except ValueError as error:
             raise ConfigError(f"{setting.name}: {error}") from None
+    keys = [key for key, _ in settings["OPENAI_API_KEYS"] or ()]
+    if settings["OPENAI_API_KEY"] in keys:
+        raise ConfigError("OPENAI_API_KEYS: repeats the key of OPENAI_API_KEY")
     return settings
+
+
+def settings_summary(settings: Mapping[str, Any]) -> dict:
+    """The settings as they may be logged: secrets show only whether they are set, and how many keys."""
+    summary = {}
+    for setting in SETTINGS:
+        value = settings.get(setting.name)
+        if setting.secret:
+            value = len(value) if isinstance(value, tuple) else bool(value)
+        summary[setting.name] = list(value) if isinstance(value, tuple) else value
+    return summary
 
 
 def route_timeouts(settings: Mapping[str, Any]) -> dict:

@@ -6,7 +6,7 @@ error_body(); views raise ApiError subclasses and never build error JSON themsel
 import json
 import logging
 
-from flask import Response, request
+from flask import Response, g, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -125,8 +125,14 @@ def _http_message(error: HTTPException) -> str:
 def register_error_handlers(app):
     """Make every error the app can produce, from any layer, answer in the OpenAI envelope."""
 
+    def note_error(kind):
+        record = g.get("record")
+        if record is not None:
+            record.error = kind
+
     @app.errorhandler(ApiError)
     def handle_api_error(error):
+        note_error(error.code or error_type(error.status))
         if error.status >= 500:
             # Upstream trouble is the operator's business: say what failed (never a prompt or a key).
             log.warning("%s %s answered %d: %s", request.method, request.path, error.status, error.message)
@@ -134,11 +140,13 @@ def register_error_handlers(app):
 
     @app.errorhandler(HTTPException)
     def handle_http_exception(error):
+        note_error(error_type(error.code))
         headers = {"Allow": ", ".join(error.valid_methods)} if getattr(error, "valid_methods", None) else None
         return error_response(error.code, _http_message(error), headers=headers)
 
     @app.errorhandler(Exception)
     def handle_unexpected(error):
+        note_error("internal_error")
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(500, "The gateway hit an internal error; see its log for details.",
                               code="internal_error")

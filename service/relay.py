@@ -1,12 +1,16 @@
-"""Relay llama-server's answers to the client: whole JSON bodies as they came, SSE streams event by event."""
+"""Relay llama-server's answers to the client: whole JSON bodies as they came, SSE streams event by event.
+
+Token usage is read from what passes through (for the token limit and the log line); the only body the gateway
+ever rewrites is a chat stream's request, to ask for the usage chunk the client did not ask for, and that
+chunk is then taken out again so that the client gets exactly the stream it asked for.
+"""
 import json
 
-from flask import Response, current_app
+from flask import Response, current_app, g
 
 from .errors import UpstreamError
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
 
 
 def get_upstream():
@@ -14,24 +18,40 @@ def get_upstream():
     return current_app.extensions["upstream"]
 
 
+def _upstream_headers(record) -> dict:
+    return {"X-Request-Id": record.request_id}
+
+
 def proxy_json_post(path: str, group: str, raw: bytes) -> Response:
     """POST the client's bytes to llama-server and answer with its JSON body, unchanged."""
-    upstream = get_upstream()
-    response = upstream.request("POST", path, group=group, body=raw)
-    return Response(upstream.read_json(response, path), status=response.status_code, mimetype="application/json")
+    upstream, record = get_upstream(), g.record
+    response = upstream.request("POST", path, group=group, body=raw, headers=_upstream_headers(record), record=record)
+    body, parsed = upstream.read_json(response, path)
+    record.add_usage(parsed.get("usage"))
+    return Response(body, status=response.status_code, mimetype="application/json")
 
 
 def proxy_generation(path: str, group: str, raw: bytes, body: dict) -> Response:
     """POST a chat or text completion; relay it as SSE when the client asked for a stream."""
     if body.get("stream") is not True:
         return proxy_json_post(path, group, raw)
-    upstream = get_upstream()
-    response = upstream.request("POST", path, group=group, body=raw, stream=True)
-    return Response(relay_events(upstream, response, group), status=200, mimetype="text/event-stream",
-                    headers=SSE_HEADERS)
+    upstream, record = get_upstream(), g.record
+    # Text completion streams always end with usage; chat streams only when asked.
+    strip_usage = group == "chat" and not _asks_for_usage(body)
+    if strip_usage:
+        raw = json.dumps({**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}})
+    response = upstream.request("POST", path, group=group, body=raw, stream=True, headers=_upstream_headers(record),
+                                record=record)
+    return Response(relay_events(upstream, response, group, record, strip_usage), status=200,
+                    mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
-def relay_events(upstream, response, group):
+def _asks_for_usage(body: dict) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def relay_events(upstream, response, group, record, strip_usage=False):
     """Yield whole SSE events as soon as each arrives; end with an error event if the upstream breaks.
 
     Whole events only, so that an error event never lands in the middle of a half-sent one. The upstream
@@ -44,18 +64,41 @@ def relay_events(upstream, response, group):
             pending += data
             cut = _end_of_last_event(pending)
             if cut:
-                yield pending[:cut]
-                pending = pending[cut:]
+                events, pending = pending[:cut], pending[cut:]
+                if b'"usage"' in events:
+                    events = _take_usage(events, record, strip_usage)
+                if events:
+                    if record.ttft_ms is None:
+                        record.ttft_ms = record.elapsed_ms()
+                    yield events
         if pending:
             yield pending
     except UpstreamError as error:
+        record.error = error.code
         yield sse_error_event(error)
     finally:
         response.close()
 
 
+def _take_usage(events: bytes, record, strip_usage: bool) -> bytes:
+    """Record the usage these events carry; drop the usage-only chunk the gateway asked for on its own."""
+    kept = []
+    for event in events.split(b"\n\n"):
+        if b'"usage"' in event and event.startswith(b"data: "):
+            try:
+                chunk = json.loads(event[len(b"data: "):])
+            except ValueError:
+                chunk = None
+            if isinstance(chunk, dict):
+                record.add_usage(chunk.get("usage"))
+                if strip_usage and chunk.get("choices") == []:
+                    continue
+        kept.append(event)
+    return b"\n\n".join(kept)
+
+
 def _end_of_last_event(buffer: bytes) -> int:
-    """Index just past the last complete SSE event (a blank line: "\n\n", or "\r\n\r\n"), 0 if none."""
+    """Index just past the last complete SSE event (a blank line: "\\n\\n", or "\\r\\n\\r\\n"), 0 if none."""
     lf = buffer.rfind(b"\n\n")
     crlf = buffer.rfind(b"\r\n\r\n")
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)

@@ -4,13 +4,12 @@ import os
 import signal
 import sys
 
-import waitress
-
 from . import create_app
-from .config import ConfigError, exit_on_config_error, load_settings
+from .config import ConfigError, exit_on_config_error, load_settings, settings_summary
 from .llama.model_file import choose_model
 from .llama.supervisor import PROJECT_ROOT, LlamaStartError, LlamaSupervisor
-from .logs import configure_logging
+from .logs import configure_logging, uses_json
+from .wsgi_server import make_server
 
 log = logging.getLogger("service")
 
@@ -36,22 +35,48 @@ def make_supervisor(settings) -> tuple:
         raise SystemExit(1) from None
 
 
-def banner(settings, supervisor=None, model=None) -> str:
-    """The startup lines: where to point a client, and what answers behind the gateway."""
+def startup_facts(settings, supervisor=None, model=None) -> dict:
+    """What the gateway tells at startup: where to point a client and what answers behind it (no secrets)."""
     host = settings["API_HOST"]
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    lines = [f"llama.cpp gateway ready on http://{shown_host}:{settings['API_PORT']}",
-             f"  OpenAI base URL: http://{shown_host}:{settings['API_PORT']}/v1"]
+    facts = {"base_url": f"http://{shown_host}:{settings['API_PORT']}/v1", "upstream": settings["LLAMA_SERVER_URL"]}
     if supervisor:
-        lines.append(f"  upstream:        {supervisor.url} (embedded llama.cpp via {supervisor.backend}, "
-                     f"pid {supervisor.process.pid})")
-        lines.append(f"  model:           {model.path} (from {model.source})")
-        if model.is_demo:
-            lines += ["  NOTE: this is the demo model: random weights, so its answers are noise.",
-                      "        For real answers put a GGUF file in models/ or set LLAMA_MODEL=/path/to/model.gguf."]
+        facts.update(upstream_kind=f"embedded llama.cpp via {supervisor.backend}", upstream_pid=supervisor.process.pid,
+                     model=model.path, model_source=model.source, demo_model=model.is_demo)
     else:
-        lines.append(f"  upstream:        {settings['LLAMA_SERVER_URL']} (external llama-server)")
+        facts["upstream_kind"] = "external llama-server"
+    facts["open_access"] = not (settings["OPENAI_API_KEY"] or settings["OPENAI_API_KEYS"])
+    return facts
+
+
+def banner(facts) -> str:
+    """The startup lines for a person at a terminal."""
+    lines = [f"llama.cpp gateway ready on {facts['base_url'][:-len('/v1')]}",
+             f"  OpenAI base URL: {facts['base_url']}"]
+    pid = f", pid {facts['upstream_pid']}" if "upstream_pid" in facts else ""
+    lines.append(f"  upstream:        {facts['upstream']} ({facts['upstream_kind']}{pid})")
+    if "model" in facts:
+        lines.append(f"  model:           {facts['model']} (from {facts['model_source']})")
+    if facts.get("demo_model"):
+        lines += ["  NOTE: this is the demo model: random weights, so its answers are noise.",
+                  "        For real answers put a GGUF file in models/ or set LLAMA_MODEL=/path/to/model.gguf."]
+    if facts["open_access"]:
+        lines += ["  WARNING: no API key is configured, so anyone who can reach this port can use it.",
+                  "           Set OPENAI_API_KEY (or OPENAI_API_KEYS) to require one."]
     return "\n".join(lines)
+
+
+def announce(settings, supervisor, model):
+    """Say the gateway is ready: a banner on a terminal, JSON events otherwise."""
+    facts = startup_facts(settings, supervisor, model)
+    if uses_json(settings["LOG_FORMAT"]):
+        log.info("ready", extra={"fields": facts})
+        if facts.get("demo_model"):
+            log.warning("demo model: random weights, answers are noise; put a GGUF in models/ or set LLAMA_MODEL")
+    else:
+        print(banner(facts), file=sys.stderr, flush=True)
+    if facts["open_access"]:
+        log.warning("open access: no API key is configured (set OPENAI_API_KEY or OPENAI_API_KEYS)")
 
 
 def _stop_on_sigterm(signum, frame):
@@ -62,7 +87,8 @@ def _stop_on_sigterm(signum, frame):
 def main() -> int:
     """Run the gateway until Ctrl-C or SIGTERM; return the exit code."""
     settings = load_environment()
-    configure_logging(settings["LOG_LEVEL"])
+    configure_logging(settings["LOG_LEVEL"], settings["LOG_FORMAT"])
+    log.info("config", extra={"fields": settings_summary(settings)})
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     supervisor = model = None
     if not settings["LLAMA_SERVER_URL"]:
@@ -72,9 +98,9 @@ def main() -> int:
         if supervisor:
             supervisor.start()
         app = create_app(settings)
-        server = waitress.create_server(app, host=settings["API_HOST"], port=settings["API_PORT"],
-                                        threads=settings["WAITRESS_THREADS"], ident="llama-gateway")
-        print(banner(settings, supervisor, model), file=sys.stderr, flush=True)
+        server = make_server(app, host=settings["API_HOST"], port=settings["API_PORT"],
+                             threads=settings["WAITRESS_THREADS"], max_body_bytes=settings["MAX_BODY_BYTES"])
+        announce(settings, supervisor, model)
         server.run()  # returns on SIGTERM or Ctrl-C, after waitress stops its threads
         server.close()
     except LlamaStartError as error:
@@ -89,7 +115,7 @@ def main() -> int:
     finally:
         if supervisor:
             supervisor.stop()
-    log.info("gateway stopped")
+    log.info("stopped")
     return 0
 
 

@@ -4,6 +4,7 @@ Every failure of the upstream is translated into the gateway's own exceptions he
 """
 import http.client
 import json
+import time
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -69,6 +70,7 @@ class Upstream:
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, pool_block=False,
                               max_retries=make_retry(retries, backoff, backoff_max))
         self.session.mount(self.base_url, adapter)
+        self.max_retries = retries
         # Health is polled often and must say at once what is wrong, so it gets no retries.
         self.session.mount(self.base_url + "/health", HTTPAdapter(pool_maxsize=2, max_retries=0))
 
@@ -76,30 +78,45 @@ class Upstream:
         """Close every pooled connection."""
         self.session.close()
 
-    def request(self, method, path, *, group, body=None, stream=False, headers=None) -> requests.Response:
-        """Send one request; return a response with a status below 400 or raise an UpstreamError."""
+    def request(self, method, path, *, group, body=None, stream=False, headers=None, record=None):
+        """Send one request; return a response with a status below 400 or raise an UpstreamError.
+
+        record, if given, gets the time to the upstream's answer (upstream_ms) and the retries it took.
+        """
         url = self.base_url + path
         connect_timeout, read_timeout = self.timeouts[group]
         if stream:
             # llama.cpp tends to drop a connection after a stream; never put one back in the pool.
             headers = {**(headers or {}), "Connection": "close"}
+        started = time.perf_counter()
         try:
             response = self.session.request(method, url, data=body, stream=stream, headers=headers,
                                             timeout=(connect_timeout, read_timeout))
-        except requests.ConnectTimeout:
-            raise UpstreamUnavailable(
-                f"llama-server at {self.base_url} did not accept a connection within {connect_timeout:g} s") from None
-        except requests.ReadTimeout:
-            raise UpstreamTimeout(f"llama-server did not answer {path} within {read_timeout:g} s") from None
-        except requests.ConnectionError as error:
-            raise UpstreamUnavailable(
-                f"could not reach llama-server at {self.base_url}: {describe_connection_error(error)}") from None
         except requests.RequestException as error:
-            raise UpstreamBadResponse(f"llama-server's answer to {path} was cut off or malformed: "
-                                      f"{type(error).__name__}") from None
+            if record is not None:
+                # Only connection failures are retried, and they surface only once every retry has failed.
+                record.retries = self.max_retries if isinstance(error, requests.ConnectionError) else 0
+            raise self._translate(error, path, connect_timeout, read_timeout) from None
+        finally:
+            if record is not None:
+                record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
+        if record is not None:
+            record.retries = len(response.raw.retries.history) if response.raw.retries else 0
         if response.status_code >= 400:
             raise self._status_error(response, path)
         return response
+
+    def _translate(self, error, path, connect_timeout, read_timeout) -> UpstreamError:
+        """Translate a requests exception into the gateway's own."""
+        if isinstance(error, requests.ConnectTimeout):
+            return UpstreamUnavailable(
+                f"llama-server at {self.base_url} did not accept a connection within {connect_timeout:g} s")
+        if isinstance(error, requests.ReadTimeout):
+            return UpstreamTimeout(f"llama-server did not answer {path} within {read_timeout:g} s")
+        if isinstance(error, requests.ConnectionError):
+            return UpstreamUnavailable(
+                f"could not reach llama-server at {self.base_url}: {describe_connection_error(error)}")
+        return UpstreamBadResponse(f"llama-server's answer to {path} was cut off or malformed: {type(error).__name__}")
 
     def _status_error(self, response, path) -> UpstreamError:
         """Translate an upstream error answer into the exception the client should see."""
@@ -115,8 +132,8 @@ class Upstream:
                                     code=UPSTREAM_ERROR_CODES.get(upstream_type))
         return UpstreamBadResponse(f"llama-server answered {path} with HTTP {status}: {message}")
 
-    def read_json(self, response, path) -> bytes:
-        """Return the whole body of a non-streamed answer, after checking that it is one JSON object."""
+    def read_json(self, response, path) -> tuple:
+        """Return the whole body of a non-streamed answer and its parsed object, checked to be a JSON object."""
         body = response.content  # already read: the Session read it inside request()
         try:
             parsed = json.loads(body)
@@ -124,7 +141,7 @@ class Upstream:
             parsed = None
         if not isinstance(parsed, dict):
             raise UpstreamBadResponse(f"llama-server's answer to {path} is not a JSON object")
-        return body
+        return body, parsed
 
     def iter_stream(self, response, group):
         """Yield the raw bytes of a streamed answer as they arrive; raise an UpstreamError if it breaks."""

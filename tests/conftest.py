@@ -3,11 +3,11 @@ import contextlib
 import threading
 
 import pytest
-import waitress
 
 from service import create_app
 from service.llama.demo_model import write_demo_model
 from service.llama.supervisor import LlamaSupervisor
+from service.wsgi_server import make_server, stop_server
 
 # Short timeouts and fast backoff so that fault tests finish in milliseconds.
 FAST_SETTINGS = {"UPSTREAM_BACKOFF_S": "0.01", "UPSTREAM_BACKOFF_MAX_S": "0.05"}
@@ -70,16 +70,15 @@ def fake_client(fake_app):
 @contextlib.contextmanager
 def serving(app, threads=4):
     """Serve app with waitress on a free loopback port in a thread; yield its base URL."""
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=threads)
+    server = make_server(app, host="127.0.0.1", port=0, threads=threads, max_body_bytes=app.config["MAX_BODY_BYTES"])
     thread = threading.Thread(target=server.run, name="waitress-under-test", daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.effective_port}"
     finally:
-        server.task_dispatcher.shutdown(timeout=2)
-        for channel in list(server._map.values()):
-            channel.close()
+        stop_server(server)
         thread.join(5)
+        assert not thread.is_alive(), "waitress did not stop"
 
 
 @pytest.fixture

@@ -17,7 +17,12 @@ def test_every_setting_has_a_help_line_and_a_default_that_converts():
     for setting in SETTINGS:
         assert setting.help, setting.name
         if setting.default is not None:
-            assert setting.convert(setting.default) == setting.default, setting.name
+            assert setting.convert(str(setting.default)) == setting.default, setting.name
+
+
+def test_converted_values_pass_through_unchanged():
+    settings = load_settings({"OPENAI_API_KEYS": "a:team_a,b", "RATE_LIMITS": "team_a:rpm=5", "API_PORT": "9000"})
+    assert load_settings(settings) == settings
 
 
 def test_values_are_converted():

@@ -11,6 +11,7 @@ from tests.fakes import SSE_HEAD, BrokenPeer, chunk
 
 CHAT = "/v1/chat/completions"
 STREAM_BODY = json.dumps({"model": "llama", "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+STREAM_WITH_USAGE = json.dumps({**json.loads(STREAM_BODY), "stream_options": {"include_usage": True}})
 
 EVENT_1 = b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":"Hel"}}]}\n\n'
 EVENT_2 = b'data: {"choices":[{"index":0,"delta":{"content":"lo"},"finish_reason":"stop"}]}\n\n'
@@ -68,13 +69,32 @@ def test_each_event_reaches_the_client_before_the_next_is_produced(fake_app, htt
 def test_stream_is_byte_faithful_with_pings_and_usage(fake_app, httpserver, live_gateway):
     body = b": ping\n\n" + EVENT_1 + b": keep-alive comment\n\n" + EVENT_2 + USAGE + DONE
     sse_upstream(httpserver, body[:7], body[7:50], body[50:])
-    conn, response = open_stream(live_gateway(fake_app))
+    conn, response = open_stream(live_gateway(fake_app), STREAM_WITH_USAGE)
     assert response.status == 200
     assert response.getheader("Content-Type").startswith("text/event-stream")
     assert response.getheader("Cache-Control") == "no-cache"
     assert response.getheader("X-Accel-Buffering") == "no"
     assert read_all(response) == body
     conn.close()
+
+
+def test_usage_chunk_asked_for_by_the_gateway_is_taken_out(fake_app, httpserver, live_gateway):
+    # The client did not ask for usage: the gateway asks llama.cpp for it (to count tokens) and strips it.
+    sse_upstream(httpserver, EVENT_1, EVENT_2 + USAGE, DONE)
+    conn, response = open_stream(live_gateway(fake_app))
+    assert read_all(response) == EVENT_1 + EVENT_2 + DONE
+    conn.close()
+    sent = json.loads(httpserver.log[0][0].get_data())
+    assert sent["stream_options"] == {"include_usage": True}
+    assert sent["messages"] == json.loads(STREAM_BODY)["messages"]
+
+
+def test_text_completion_streams_are_not_rewritten(fake_app, httpserver, live_gateway):
+    raw = b'{"prompt": "hi", "stream": true}'
+    httpserver.expect_request("/v1/completions", data=raw).respond_with_data(
+        EVENT_1 + USAGE + DONE, content_type="text/event-stream")
+    response = fake_app.test_client().post("/v1/completions", data=raw, content_type="application/json")
+    assert response.get_data() == EVENT_1 + USAGE + DONE
 
 
 def test_error_before_the_first_byte_is_a_normal_http_error(fake_app, httpserver, live_gateway):

@@ -1,4 +1,5 @@
 """bin/serve itself: starts (embedded and external), reports ready, answers, and leaves no process behind."""
+import json
 import os
 import queue
 import re
@@ -33,6 +34,22 @@ class ServeProcess:
         for line in self.process.stderr:
             self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
+
+    def wait_for_event(self, event, timeout=60) -> dict:
+        """Return the first JSON log line whose event is event; every line before it must be JSON too."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.seen.append(line)
+            entry = json.loads(line)  # every line bin/serve writes to a pipe is a JSON object
+            if entry["event"] == event:
+                return entry
+        pytest.fail(f"bin/serve never logged {event!r}; it printed:\n" + "\n".join(self.seen))
 
     def wait_for(self, pattern, timeout=60) -> re.Match:
         """Return the first stderr line matching pattern; fail if the process ends or time runs out first."""
@@ -87,25 +104,31 @@ posix_only = pytest.mark.skipif(os.name != "posix", reason="uses POSIX signals a
 def test_embedded_start_answers_and_sigterm_leaves_no_child(demo_model_path):
     serve = ServeProcess(LLAMA_MODEL=demo_model_path, LLAMA_CTX="1024", LLAMA_THREADS="1")
     try:
-        serve.wait_for(r"gateway ready on")
-        child_pid = int(serve.wait_for(r"embedded llama.cpp via xllamacpp, pid (\d+)").group(1))
+        ready = serve.wait_for_event("ready")
+        assert ready["base_url"] == serve.url + "/v1"
+        assert ready["upstream_kind"] == "embedded llama.cpp via xllamacpp"
+        assert ready["model_source"] == "LLAMA_MODEL" and ready["open_access"] is True
+        child_pid = ready["upstream_pid"]
         assert requests.get(serve.url + "/health", timeout=10).status_code == 200
         chat = requests.post(serve.url + "/v1/chat/completions", timeout=30, json={
-            "model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+            "model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "ignore_eos": True})
         assert chat.status_code == 200 and chat.json()["usage"]["completion_tokens"] == 3
         assert pid_alive(child_pid)
     finally:
         code = serve.stop()
     assert code == 0
+    assert serve.wait_for_event("llama.cpp stopped")["pid"] == child_pid
+    serve.wait_for_event("stopped")
     assert wait_gone(child_pid), "llama.cpp outlived the gateway"
 
 
 @posix_only
 @pytest.mark.llama
 def test_killed_gateway_takes_its_child_along(demo_model_path):
-    serve = ServeProcess(LLAMA_MODEL=demo_model_path, LLAMA_CTX="512", LLAMA_THREADS="1")
+    serve = ServeProcess(LLAMA_MODEL=demo_model_path, LLAMA_CTX="512", LLAMA_THREADS="1", LOG_FORMAT="text")
     try:
         child_pid = int(serve.wait_for(r"embedded llama.cpp via xllamacpp, pid (\d+)").group(1))
+        serve.wait_for(r"WARNING: no API key is configured")
     finally:
         serve.stop(signal.SIGKILL)
     assert wait_gone(child_pid), "llama.cpp was orphaned by a SIGKILLed gateway"
@@ -114,7 +137,7 @@ def test_killed_gateway_takes_its_child_along(demo_model_path):
 @posix_only
 @pytest.mark.llama
 def test_external_upstream_only_proxies(llama):
-    serve = ServeProcess(LLAMA_SERVER_URL=llama.url)
+    serve = ServeProcess(LLAMA_SERVER_URL=llama.url, LOG_FORMAT="text")
     try:
         serve.wait_for(r"upstream: +%s \(external llama-server\)" % re.escape(llama.url))
         assert requests.get(serve.url + "/v1/models", timeout=10).json()["data"][0]["id"] == "demo"
@@ -127,7 +150,7 @@ def test_external_upstream_only_proxies(llama):
 def test_serve_llama_starts_only_llama(demo_model_path):
     port = free_port()
     serve = ServeProcess(os.path.join(ROOT, "bin", "serve-llama"), LLAMA_MODEL=demo_model_path, LLAMA_PORT=str(port),
-                         LLAMA_CTX="512", LLAMA_THREADS="1", LLAMA_EMBEDDINGS="0")
+                         LLAMA_CTX="512", LLAMA_THREADS="1", LLAMA_EMBEDDINGS="0", LOG_FORMAT="text")
     try:
         serve.wait_for(r"llama.cpp ready on http://127.0.0.1:%d" % port)
         serve.wait_for(r"LLAMA_SERVER_URL=http://127.0.0.1:%d python bin/serve" % port)

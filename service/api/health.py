@@ -1,7 +1,7 @@
 """GET /health."""
 import time
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, g, jsonify
 
 from ..errors import UpstreamError, UpstreamUnavailable
 from ..relay import get_upstream
@@ -15,7 +15,7 @@ def health():
     upstream = get_upstream()
     started = time.perf_counter()
     try:
-        upstream.request("GET", "/health", group="models").close()
+        upstream.request("GET", "/health", group="models", record=g.record).close()
     except UpstreamError as error:
         raise UpstreamUnavailable(error.message, status=503,
                                   headers={"Retry-After": "1"}) from None

@@ -1,7 +1,5 @@
 """GET /v1/models."""
-import json
-
-from flask import Blueprint, jsonify
+from flask import Blueprint, g, jsonify
 
 from ..errors import UpstreamBadResponse
 from ..relay import get_upstream
@@ -14,8 +12,8 @@ bp = Blueprint("models", __name__)
 def list_models():
     """List llama-server's models in OpenAI's shape: {object: list, data: [{id, object, created, owned_by}]}."""
     upstream = get_upstream()
-    response = upstream.request("GET", "/v1/models", group="models")
-    listing = json.loads(upstream.read_json(response, "/v1/models"))
+    response = upstream.request("GET", "/v1/models", group="models", record=g.record)
+    _, listing = upstream.read_json(response, "/v1/models")
     entries = listing.get("data")
     if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("id") for e in entries):
         raise UpstreamBadResponse("llama-server's /v1/models answer has no list of models with ids")

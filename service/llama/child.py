@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 
 def parse_args(argv):
@@ -57,14 +58,21 @@ def server_params(args):
     return params
 
 
-def _exit_when_parent_goes(stop: threading.Event):
+def _leave(*_):
+    # No cleanup is owed, and a normal interpreter exit can hang on llama.cpp's non-daemon threads (or on
+    # flushing into the pipe of a supervisor that has died). Nothing here takes a lock: a signal handler
+    # that did could deadlock with the code it interrupted.
+    os._exit(0)
+
+
+def _leave_when_parent_goes():
     # The supervisor holds the other end of our stdin; EOF means it is gone, however it died.
     try:
         while sys.stdin.buffer.read(1024):
             pass
     except (OSError, ValueError):
         pass
-    stop.set()
+    _leave()
 
 
 def main(argv=None):
@@ -72,18 +80,16 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     import xllamacpp
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, _leave)
+    signal.signal(signal.SIGINT, _leave)
     if args.exit_with_stdin:
-        threading.Thread(target=_exit_when_parent_goes, args=(stop,), daemon=True).start()
-    server = xllamacpp.Server(server_params(args))  # noqa: F841 (serves while referenced)
-    while not stop.wait(0.5):
-        pass
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # llama.cpp's server threads are not daemons; leave without waiting for them.
-    os._exit(0)
+        threading.Thread(target=_leave_when_parent_goes, daemon=True).start()
+    try:
+        server = xllamacpp.Server(server_params(args))  # noqa: F841 (serves while referenced)
+        while True:
+            time.sleep(3600)
+    finally:
+        _leave()
 
 
 if __name__ == "__main__":

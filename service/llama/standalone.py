@@ -11,7 +11,7 @@ from .supervisor import LlamaStartError
 def main() -> int:
     """Start llama.cpp with the LLAMA_* settings and keep it running (restarting it if it dies)."""
     settings = load_environment()
-    configure_logging(settings["LOG_LEVEL"])
+    configure_logging(settings["LOG_LEVEL"], settings["LOG_FORMAT"])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     supervisor, model = make_supervisor(settings)

@@ -123,14 +123,15 @@ class LlamaSupervisor:
             self.command(), env=env, stdin=subprocess.DEVNULL if self.binary else subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **options)
         threading.Thread(target=self._read_output, args=(self.process,), daemon=True).start()
-        log.info("llama.cpp starting: pid %s, %s, port %s", self.process.pid, self.backend, self.port)
+        log.info("llama.cpp starting", extra={"fields": {"pid": self.process.pid, "backend": self.backend,
+                                                         "port": self.port}})
 
     def _read_output(self, process):
         # Keep the last lines for error reports; show them all only at DEBUG (they can be many).
         for line in iter(process.stdout.readline, b""):
             text = line.decode("utf-8", "replace").rstrip()
             self.output.append(text)
-            log.debug("llama.cpp: %s", text)
+            log.debug("llama.cpp output", extra={"fields": {"line": text}})
 
     def wait_ready(self, timeout=None):
         """Poll llama.cpp's /health until it answers 200 (it answers 503 while loading the model)."""
@@ -160,7 +161,7 @@ class LlamaSupervisor:
                 return
             if time.monotonic() - started > HEALTHY_RUN_S:
                 delay = RESTART_DELAY_S
-            log.warning("llama.cpp exited with code %s; restarting in %.0f s", code, delay)
+            log.warning("llama.cpp exited; restarting", extra={"fields": {"exit_code": code, "restart_in_s": delay}})
             if self._stopping.wait(delay):
                 return
             delay = min(delay * 2, RESTART_DELAY_MAX_S)
@@ -168,9 +169,10 @@ class LlamaSupervisor:
             try:
                 self._spawn()
                 self.wait_ready()
-                log.info("llama.cpp is serving again after restart %d", self.restarts)
+                log.info("llama.cpp serving again", extra={"fields": {"restarts": self.restarts,
+                                                                      "pid": self.process.pid}})
             except LlamaStartError as error:
-                log.error("llama.cpp restart failed: %s", str(error).splitlines()[0])
+                log.error("llama.cpp restart failed", extra={"fields": {"reason": str(error).splitlines()[0]}})
 
     def stop(self, timeout=10.0):
         """Stop watching and end the child: terminate, then kill if it does not leave within timeout."""
@@ -186,4 +188,4 @@ class LlamaSupervisor:
             process.wait()
         if process.stdin:
             process.stdin.close()
-        log.info("llama.cpp stopped (pid %s)", process.pid)
+        log.info("llama.cpp stopped", extra={"fields": {"pid": process.pid}})

@@ -1,0 +1,179 @@
+"""Per-client limits: requests and tokens per rolling window (deques of timestamps), and requests in flight.
+
+One lock guards every client's state: the work under it is a few deque operations, far below the cost of a
+request, and it keeps the check-then-count of each request atomic.
+"""
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from .errors import ApiError
+
+WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """A client's limits; 0 means no limit."""
+
+    rpm: int = 0
+    tpm: int = 0
+    concurrent: int = 0
+
+    @property
+    def any(self) -> bool:
+        """True when at least one limit is on."""
+        return bool(self.rpm or self.tpm or self.concurrent)
+
+
+class RateLimited(ApiError):
+    """A client went over one of its limits; Retry-After says when it may try again."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message, retry_after_s, headers=None):
+        super().__init__(message, headers={**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after_s)))})
+
+
+class _ClientState:
+    __slots__ = ("requests", "tokens", "token_total", "in_flight")
+
+    def __init__(self):
+        self.requests = deque()  # monotonic times of admitted requests
+        self.tokens = deque()  # (monotonic time, tokens) of finished requests
+        self.token_total = 0
+        self.in_flight = 0
+
+    def prune(self, now, window):
+        cutoff = now - window
+        while self.requests and self.requests[0] <= cutoff:
+            self.requests.popleft()
+        while self.tokens and self.tokens[0][0] <= cutoff:
+            self.token_total -= self.tokens.popleft()[1]
+
+    @property
+    def idle(self):
+        return not (self.requests or self.tokens or self.in_flight)
+
+
+@dataclass
+class Lease:
+    """One admitted request: its client, and the rate-limit headers to answer with."""
+
+    client: str
+    headers: dict
+    holds_slot: bool = False
+
+
+class RateLimiter:
+    """Checks and counts every client's requests, tokens and in-flight requests."""
+
+    def __init__(self, default: Limits, overrides=None, window_s=WINDOW_S, clock=time.monotonic):
+        self.default = default
+        self.overrides = {client: Limits(**{**default.__dict__, **limits})
+                          for client, limits in (overrides or {}).items()}
+        self.window = window_s
+        self.clock = clock
+        self._clients = {}
+        self._lock = threading.Lock()
+        self._next_sweep = 0.0
+
+    def limits_for(self, client: str) -> Limits:
+        """The limits that apply to client."""
+        return self.overrides.get(client, self.default)
+
+    @property
+    def active(self) -> bool:
+        """True when any client has any limit."""
+        return self.default.any or any(limits.any for limits in self.overrides.values())
+
+    def acquire(self, client: str) -> Lease:
+        """Admit one request of client and count it, or raise RateLimited saying which limit it hit."""
+        limits = self.limits_for(client)
+        with self._lock:
+            now = self.clock()
+            self._sweep(now)
+            state = self._clients.get(client)
+            if state is None:
+                state = self._clients[client] = _ClientState()
+            state.prune(now, self.window)
+            if limits.concurrent and state.in_flight >= limits.concurrent:
+                raise RateLimited(f"Rate limit reached for {client}: {limits.concurrent} requests in flight at once "
+                                  "(RATE_LIMIT_CONCURRENT)", 1, self._headers(limits, state, now))
+            if limits.rpm and len(state.requests) >= limits.rpm:
+                raise RateLimited(f"Rate limit reached for {client}: {limits.rpm} requests per minute "
+                                  "(RATE_LIMIT_RPM)", state.requests[0] + self.window - now,
+                                  self._headers(limits, state, now))
+            if limits.tpm and state.token_total >= limits.tpm:
+                raise RateLimited(f"Rate limit reached for {client}: {limits.tpm} tokens per minute "
+                                  "(RATE_LIMIT_TPM)", self._token_wait(state, limits.tpm, now),
+                                  self._headers(limits, state, now))
+            state.requests.append(now)
+            if limits.concurrent:
+                state.in_flight += 1
+            return Lease(client, self._headers(limits, state, now), holds_slot=bool(limits.concurrent))
+
+    def release(self, lease: Lease, tokens: int = 0):
+        """End an admitted request: free its in-flight slot and count the tokens it used."""
+        with self._lock:
+            state = self._clients.get(lease.client)
+            if state is None:
+                return
+            if lease.holds_slot:
+                state.in_flight -= 1
+            if tokens and self.limits_for(lease.client).tpm:
+                state.tokens.append((self.clock(), tokens))
+                state.token_total += tokens
+
+    def _token_wait(self, state, tpm, now):
+        # The moment enough of the oldest tokens leave the window to bring the total under the limit.
+        total = state.token_total
+        for stamp, tokens in state.tokens:
+            total -= tokens
+            if total < tpm:
+                return stamp + self.window - now
+        return self.window
+
+    def _headers(self, limits, state, now):
+        headers = {}
+        if limits.rpm:
+            headers["x-ratelimit-limit-requests"] = str(limits.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(max(0, limits.rpm - len(state.requests)))
+            oldest = state.requests[0] if state.requests else now
+            headers["x-ratelimit-reset-requests"] = duration(oldest + self.window - now)
+        if limits.tpm:
+            headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(max(0, limits.tpm - state.token_total))
+            oldest = state.tokens[0][0] if state.tokens else now - self.window
+            headers["x-ratelimit-reset-tokens"] = duration(max(0.0, oldest + self.window - now))
+        return headers
+
+    def _sweep(self, now):
+        # Drop idle clients now and then so that memory stays bounded.
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self.window
+        idle = []
+        for client, state in self._clients.items():
+            state.prune(now, self.window)
+            if state.idle:
+                idle.append(client)
+        for client in idle:
+            del self._clients[client]
+
+    def tracked_clients(self) -> int:
+        """How many clients have state in memory (for tests of eviction)."""
+        return len(self._clients)
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's (Go's) duration format: 20ms, 1s, 1.5s, 6m0s."""
+    milliseconds = max(0, round(seconds * 1000))
+    if milliseconds < 1000:
+        return f"{milliseconds}ms"
+    minutes, rest = divmod(milliseconds, 60000)
+    rest = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"

@@ -1,0 +1,71 @@
+"""The access policy around every request: request id, API key, per-client limits, CORS, and the log line."""
+import time
+
+from flask import current_app, g, request
+from flask_cors import CORS
+
+from .auth import KeyRing, authenticate
+from .limits import WINDOW_S, Limits, RateLimiter
+from .request_log import RequestRecord, request_id_from
+
+# Reachable without a key: load balancers and probes poll it.
+PUBLIC_PATHS = ("/health",)
+
+RATE_LIMIT_HEADERS = [f"x-ratelimit-{kind}-{unit}" for unit in ("requests", "tokens")
+                      for kind in ("limit", "remaining", "reset")]
+
+
+def init_policy(app, settings):
+    """Set up keys, limits and CORS for app, and the hooks that apply them to every request."""
+    app.extensions["keyring"] = KeyRing.from_settings(settings)
+    app.extensions["limiter"] = RateLimiter(
+        Limits(settings["RATE_LIMIT_RPM"], settings["RATE_LIMIT_TPM"], settings["RATE_LIMIT_CONCURRENT"]),
+        settings["RATE_LIMITS"],
+        # Not an environment setting: tests shorten the window so that waiting one out takes seconds.
+        window_s=app.config.get("RATE_LIMIT_WINDOW_S", WINDOW_S))
+    if settings["CORS_ORIGINS"]:
+        CORS(app, origins=list(settings["CORS_ORIGINS"]), methods=["GET", "POST", "OPTIONS"],
+             allow_headers=["Authorization", "Content-Type", "x-request-id", "x-api-key"],
+             expose_headers=["x-request-id", *RATE_LIMIT_HEADERS], max_age=600)
+    app.before_request(begin_request)
+    app.after_request(finish_request)
+
+
+def _needs_key() -> bool:
+    if request.method == "OPTIONS" or request.path in PUBLIC_PATHS:
+        return False
+    return request.path != "/metrics" or current_app.config["METRICS_REQUIRE_KEY"]
+
+
+def begin_request():
+    """Give the request its id and record, then check its key and its client's limits (before any upstream call)."""
+    g.record = RequestRecord(request_id_from(request.headers.get("x-request-id")), request.method, request.path,
+                             time.perf_counter())
+    if not _needs_key():
+        return
+    g.record.client_id = authenticate(current_app.extensions["keyring"])
+    limiter = current_app.extensions["limiter"]
+    if limiter.active:
+        g.lease = limiter.acquire(g.record.client_id)
+
+
+def finish_request(response):
+    """Echo the request id and rate-limit headers; free the client's slot and log once the body is sent."""
+    record = g.get("record")
+    if record is None:
+        return response
+    lease = g.get("lease")
+    response.headers["x-request-id"] = record.request_id
+    if lease is not None:
+        response.headers.update(lease.headers)
+    record.status = response.status_code
+    limiter = current_app.extensions["limiter"]
+
+    def on_close():
+        # Runs when the server closes the body: after the last byte of a stream, or when its client left.
+        if lease is not None:
+            limiter.release(lease, record.total_tokens)
+        record.log()
+
+    response.call_on_close(on_close)
+    return response

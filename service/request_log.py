@@ -1,0 +1,64 @@
+"""What the gateway records about each request, and the one log line it writes when the request completes."""
+import logging
+import re
+import time
+import uuid
+from dataclasses import dataclass
+
+access_log = logging.getLogger("service.access")
+
+# An incoming x-request-id is kept only if it is this: safe to echo, log and forward.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+# Polled often; their lines are DEBUG unless they fail.
+QUIET_PATHS = ("/health", "/metrics")
+
+
+def request_id_from(header) -> str:
+    """Keep a sane incoming x-request-id, else make a new one."""
+    if header and _SANE_REQUEST_ID.fullmatch(header):
+        return header
+    return uuid.uuid4().hex
+
+
+@dataclass
+class RequestRecord:
+    """One request's facts for its log line; never its prompt, its completion or its key."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float
+    client_id: str = None
+    status: int = None
+    upstream_ms: float = None
+    ttft_ms: float = None
+    prompt_tokens: int = None
+    completion_tokens: int = None
+    retries: int = None
+    error: str = None
+
+    def elapsed_ms(self) -> float:
+        """Milliseconds since the request arrived."""
+        return round((time.perf_counter() - self.started) * 1000, 2)
+
+    def add_usage(self, usage):
+        """Take the token counts from an OpenAI usage object, if it is one."""
+        if isinstance(usage, dict):
+            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+            self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens, as far as known."""
+        return sum(n for n in (self.prompt_tokens, self.completion_tokens) if isinstance(n, int))
+
+    def log(self):
+        """Write the request's one log line."""
+        quiet = self.path in QUIET_PATHS and (self.status or 500) < 400
+        fields = {"request_id": self.request_id, "client_id": self.client_id, "method": self.method,
+                  "path": self.path, "status": self.status, "duration_ms": self.elapsed_ms(),
+                  "upstream_ms": self.upstream_ms, "ttft_ms": self.ttft_ms, "prompt_tokens": self.prompt_tokens,
+                  "completion_tokens": self.completion_tokens, "retries": self.retries, "error": self.error}
+        access_log.log(logging.DEBUG if quiet else logging.INFO, "request",
+                       extra={"fields": {key: value for key, value in fields.items() if value is not None}})

@@ -1,0 +1,60 @@
+"""The waitress server the gateway runs in: its settings, its own errors in the OpenAI envelope, a clean stop."""
+import json
+
+import waitress
+from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask
+
+from .errors import error_body
+
+
+class EnvelopeErrorTask(ErrorTask):
+    """waitress's own answers (a body over the limit, refused before it is read; malformed HTTP) as JSON envelopes."""
+
+    def execute(self):
+        """Write the error in the OpenAI envelope, then close the connection as waitress does."""
+        error = self.request.error
+        if error.code == 413:
+            message = (f"Request body is too large; the limit is {self.channel.adj.max_request_body_size} bytes "
+                       "(MAX_BODY_BYTES)")
+        else:
+            message = f"{error.reason}: {error.body}"
+        body = json.dumps(error_body(error.code, message)).encode()
+        self.status = f"{error.code} {error.reason}"
+        self.response_headers.append(("Content-Type", "application/json"))
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+
+
+class EnvelopeChannel(HTTPChannel):
+    """waitress's connection handler, answering its own errors with EnvelopeErrorTask."""
+
+    error_task_class = EnvelopeErrorTask
+
+
+def _listeners(server) -> list:
+    """The listening servers: the server itself, or each one of a multi-socket server (IPv4 and IPv6, say)."""
+    listeners = [item for item in getattr(server, "map", {}).values() if hasattr(item, "channel_class")]
+    return listeners or [server]
+
+
+def make_server(app, *, host, port, threads, max_body_bytes):
+    """Create (not yet run) the waitress server for app."""
+    server = waitress.create_server(app, host=host, port=port, threads=threads, ident="llama-gateway",
+                                    max_request_body_size=max_body_bytes)
+    for listener in _listeners(server):
+        listener.channel_class = EnvelopeChannel
+    return server
+
+
+def stop_server(server):
+    """Stop a running server from another thread: close every socket in its own loop thread, so run() returns."""
+    listener = _listeners(server)[0]
+
+    def close_all():
+        for channel in list(listener._map.values()):
+            channel.close()
+
+    server.task_dispatcher.shutdown(timeout=5)
+    listener.trigger.pull_trigger(close_all)

@@ -1,0 +1,95 @@
+"""The one JSON log line per request: its fields, and never a key or a prompt."""
+import json
+import logging
+import time
+
+import pytest
+import requests
+
+from service.logs import JsonFormatter, TextFormatter, uses_json
+from service.request_log import RequestRecord, request_id_from
+
+pytestmark = pytest.mark.llama
+
+SECRET_KEY = "sk-very-secret-key-1234"
+SECRET_PROMPT = "my secret prompt about zebras"
+
+
+def logged_lines(caplog) -> list:
+    """Every captured log record as the JSON line the gateway would write; each must parse."""
+    formatter = JsonFormatter()
+    return [json.loads(formatter.format(record)) for record in caplog.records]
+
+
+@pytest.fixture
+def keyed_gateway(make_app, llama, live_gateway):
+    app = make_app(llama.url, OPENAI_API_KEYS=f"{SECRET_KEY}:team_a", RATE_LIMIT_TPM="100000")
+    return live_gateway(app)
+
+
+def test_one_line_per_request_with_its_fields(keyed_gateway, caplog):
+    caplog.set_level(logging.INFO)
+    headers = {"Authorization": f"Bearer {SECRET_KEY}", "x-request-id": "log-test-1"}
+    body = {"messages": [{"role": "user", "content": SECRET_PROMPT}], "max_tokens": 3, "ignore_eos": True}
+    assert requests.post(keyed_gateway + "/v1/chat/completions", json=body, headers=headers, timeout=30).ok
+    stream = requests.post(keyed_gateway + "/v1/chat/completions", json={**body, "stream": True},
+                           headers={**headers, "x-request-id": "log-test-2"}, timeout=30)
+    assert stream.ok and stream.content.endswith(b"data: [DONE]\n\n")
+    requests.post(keyed_gateway + "/v1/chat/completions", json={"messages": "nope"},
+                  headers={**headers, "x-request-id": "log-test-3"}, timeout=30)
+    requests.get(keyed_gateway + "/v1/models", headers={"Authorization": "Bearer wrong-key"}, timeout=30)
+
+    # Each line is written when waitress closes its response, just after the client has it: wait for all four.
+    deadline = time.monotonic() + 5
+    while len([line for line in logged_lines(caplog) if line["event"] == "request"]) < 4:
+        assert time.monotonic() < deadline, "the request lines were never logged"
+        time.sleep(0.01)
+    lines = logged_lines(caplog)
+    access = {line.get("request_id"): line for line in lines if line["event"] == "request"}
+    plain = access["log-test-1"]
+    assert plain["client_id"] == "team_a" and plain["method"] == "POST"
+    assert plain["path"] == "/v1/chat/completions" and plain["status"] == 200
+    assert plain["duration_ms"] >= plain["upstream_ms"] > 0
+    assert (plain["prompt_tokens"] > 0, plain["completion_tokens"]) == (True, 3)
+    assert plain["retries"] == 0 and "error" not in plain and "ttft_ms" not in plain
+    streamed = access["log-test-2"]
+    assert streamed["completion_tokens"] == 3  # counted from the usage chunk the client never saw
+    assert 0 < streamed["ttft_ms"] <= streamed["duration_ms"]
+    assert access["log-test-3"]["status"] == 400 and access["log-test-3"]["error"] == "invalid_request_error"
+    refused = [line for line in access.values() if line["status"] == 401]
+    assert refused and refused[0]["error"] == "invalid_api_key" and "client_id" not in refused[0]
+    for line in lines:
+        assert {"ts", "level", "event"} <= set(line)
+    everything = "\n".join(JsonFormatter().format(r) + TextFormatter().format(r) for r in caplog.records)
+    assert SECRET_KEY not in everything and "wrong-key" not in everything
+    assert "zebras" not in everything
+
+
+def test_formats():
+    record = logging.LogRecord("service.access", logging.INFO, __file__, 1, "request", None, None)
+    record.fields = {"request_id": "r1", "status": 200}
+    line = json.loads(JsonFormatter().format(record))
+    assert line["event"] == "request" and line["request_id"] == "r1" and line["ts"].endswith("Z")
+    assert TextFormatter().format(record).endswith("INFO    request request_id=r1 status=200")
+
+
+def test_auto_format_is_text_on_a_terminal():
+    class Terminal:
+        def isatty(self):
+            return True
+
+    assert uses_json("auto", Terminal()) is False
+    assert uses_json("json", Terminal()) is True
+    assert uses_json("text") is False
+
+
+def test_request_ids():
+    assert request_id_from("ok-1") == "ok-1"
+    assert request_id_from(None) != request_id_from(None)
+
+
+def test_record_takes_usage():
+    record = RequestRecord("r", "POST", "/", 0.0)
+    record.add_usage({"prompt_tokens": 7, "completion_tokens": 5})
+    record.add_usage("not a usage object")
+    assert record.total_tokens == 12

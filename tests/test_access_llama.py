@@ -77,6 +77,7 @@ def test_tokens_counted_on_streams_and_the_stream_left_as_asked(gateway, llama):
     start = remaining_tokens(base, "key-a-111")
 
     response, events = stream_events(base, "key-a-111")
+    assert response.headers["x-ratelimit-limit-tokens"] == "100000"  # streams carry the headers too
     assert events[-1] == b"[DONE]"
     chunks = [json.loads(event) for event in events[:-1]]
     assert all(chunk["choices"] and "usage" not in chunk for chunk in chunks)  # no usage chunk: not asked for

@@ -35,8 +35,8 @@ class ServeProcess:
             self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
 
-    def wait_for_event(self, event, timeout=60) -> dict:
-        """Return the first JSON log line whose event is event; every line before it must be JSON too."""
+    def _lines(self, timeout):
+        """Yield stderr lines as they come, until the process ends or timeout passes."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -44,8 +44,13 @@ class ServeProcess:
             except queue.Empty:
                 continue
             if line is None:
-                break
+                return
             self.seen.append(line)
+            yield line
+
+    def wait_for_event(self, event, timeout=60) -> dict:
+        """Return the first JSON log line whose event is event; every line before it must be JSON too."""
+        for line in self._lines(timeout):
             entry = json.loads(line)  # every line bin/serve writes to a pipe is a JSON object
             if entry["event"] == event:
                 return entry
@@ -53,15 +58,7 @@ class ServeProcess:
 
     def wait_for(self, pattern, timeout=60) -> re.Match:
         """Return the first stderr line matching pattern; fail if the process ends or time runs out first."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            self.seen.append(line)
+        for line in self._lines(timeout):
             match = re.search(pattern, line)
             if match:
                 return match

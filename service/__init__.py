@@ -1,4 +1,6 @@
 """An OpenAI-compatible gateway for llama.cpp's llama-server."""
+__version__ = "0.3.0"
+
 from flask import Flask
 
 from .api import register_blueprints
@@ -31,7 +33,7 @@ def create_app(config=None) -> Flask:
         api_key=settings["LLAMA_API_KEY"],
     )
     register_error_handlers(app)
+    init_metrics(app, include_upstream=settings["METRICS_INCLUDE_UPSTREAM"])
     init_policy(app, settings)
     register_blueprints(app)
-    init_metrics(app)
     return app

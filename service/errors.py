@@ -79,16 +79,22 @@ class UnsupportedMediaType(ApiError):
 
 
 class UpstreamError(ApiError):
-    """llama-server could not give a usable answer."""
+    """llama-server could not give a usable answer; kind names the failure for metrics."""
 
     status = 502
     code = "upstream_error"
+    kind = "bad_answer"
+
+    def __init__(self, message, *, kind=None, **fields):
+        super().__init__(message, **fields)
+        self.kind = kind or self.kind
 
 
 class UpstreamUnavailable(UpstreamError):
     """llama-server could not be reached, or said it cannot serve yet (503 with Retry-After)."""
 
     code = "upstream_unavailable"
+    kind = "refused"
 
 
 class UpstreamTimeout(UpstreamError):
@@ -96,6 +102,7 @@ class UpstreamTimeout(UpstreamError):
 
     status = 504
     code = "upstream_timeout"
+    kind = "timeout"
 
 
 class UpstreamBadResponse(UpstreamError):
@@ -108,6 +115,7 @@ class UpstreamRejected(UpstreamError):
     """llama-server refused the request (a 4xx, or 501); its status and message are passed on."""
 
     code = None
+    kind = None  # the client's mistake, not an upstream failure
 
 
 def _http_message(error: HTTPException) -> str:
@@ -125,14 +133,15 @@ def _http_message(error: HTTPException) -> str:
 def register_error_handlers(app):
     """Make every error the app can produce, from any layer, answer in the OpenAI envelope."""
 
-    def note_error(kind):
+    def note_error(kind, upstream_kind=None):
         record = g.get("record")
         if record is not None:
             record.error = kind
+            record.upstream_error = upstream_kind
 
     @app.errorhandler(ApiError)
     def handle_api_error(error):
-        note_error(error.code or error_type(error.status))
+        note_error(error.code or error_type(error.status), getattr(error, "kind", None))
         if error.status >= 500:
             # Upstream trouble is the operator's business: say what failed (never a prompt or a key).
             log.warning("%s %s answered %d: %s", request.method, request.path, error.status, error.message)

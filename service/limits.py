@@ -34,8 +34,9 @@ class RateLimited(ApiError):
     status = 429
     code = "rate_limit_exceeded"
 
-    def __init__(self, message, retry_after_s, headers=None):
+    def __init__(self, message, limit, retry_after_s, headers=None):
         super().__init__(message, headers={**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after_s)))})
+        self.limit = limit
 
 
 class _ClientState:
@@ -102,14 +103,14 @@ class RateLimiter:
             state.prune(now, self.window)
             if limits.concurrent and state.in_flight >= limits.concurrent:
                 raise RateLimited(f"Rate limit reached for {client}: {limits.concurrent} requests in flight at once "
-                                  "(RATE_LIMIT_CONCURRENT)", 1, self._headers(limits, state, now))
+                                  "(RATE_LIMIT_CONCURRENT)", "concurrent", 1, self._headers(limits, state, now))
             if limits.rpm and len(state.requests) >= limits.rpm:
                 raise RateLimited(f"Rate limit reached for {client}: {limits.rpm} requests per minute "
-                                  "(RATE_LIMIT_RPM)", state.requests[0] + self.window - now,
+                                  "(RATE_LIMIT_RPM)", "rpm", state.requests[0] + self.window - now,
                                   self._headers(limits, state, now))
             if limits.tpm and state.token_total >= limits.tpm:
                 raise RateLimited(f"Rate limit reached for {client}: {limits.tpm} tokens per minute "
-                                  "(RATE_LIMIT_TPM)", self._token_wait(state, limits.tpm, now),
+                                  "(RATE_LIMIT_TPM)", "tpm", self._token_wait(state, limits.tpm, now),
                                   self._headers(limits, state, now))
             state.requests.append(now)
             if limits.concurrent:

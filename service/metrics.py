@@ -1,10 +1,104 @@
-"""GET /metrics: Prometheus text from prometheus-flask-exporter's default request metrics."""
-from prometheus_client import CollectorRegistry
+"""GET /metrics: Prometheus text. prometheus-flask-exporter serves it with its default request metrics; the
+gateway adds its own, observed once per request from its record, and optionally llama.cpp's own metrics.
+
+Label values are bounded: routes are URL rules (one "unmatched" for everything else), clients are configured
+ids, never raw URLs, request ids or keys.
+"""
+import logging
+import platform
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_flask_exporter import PrometheusMetrics
 
+log = logging.getLogger(__name__)
 
-def init_metrics(app) -> PrometheusMetrics:
-    """Serve /metrics for app, with a registry of its own so that several apps can live in one process."""
-    metrics = PrometheusMetrics(app, registry=CollectorRegistry(), group_by="url_rule", defaults_prefix="gateway")
-    app.extensions["metrics"] = metrics
-    return metrics
+# LLM latencies run from milliseconds (embeddings, cached prompts) to minutes (long generations on a CPU).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class GatewayMetrics:
+    """The gateway's own metrics in one registry."""
+
+    def __init__(self, registry):
+        self.requests = Counter("gateway_requests", "Requests answered, by route, status and client",
+                                ["route", "status", "client"], registry=registry)
+        self.duration = Histogram("gateway_request_duration_seconds", "Time from request to the last byte sent",
+                                  ["route"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.ttft = Histogram("gateway_time_to_first_token_seconds", "Time from request to the first streamed event",
+                              ["route"], buckets=TTFT_BUCKETS, registry=registry)
+        self.upstream_duration = Histogram("gateway_upstream_duration_seconds",
+                                           "Time for llama-server to answer (to its headers, for streams)",
+                                           ["route"], buckets=LATENCY_BUCKETS, registry=registry)
+        self.upstream_errors = Counter("gateway_upstream_errors", "llama-server failures by kind",
+                                       ["kind"], registry=registry)
+        self.retries = Counter("gateway_upstream_retries", "Retries of upstream calls", registry=registry)
+        self.rate_limited = Counter("gateway_rate_limited", "Requests refused by a limit, by client and limit",
+                                    ["client", "limit"], registry=registry)
+        self.in_flight = Gauge("gateway_in_flight_requests", "Requests being answered", registry=registry)
+        self.open_streams = Gauge("gateway_open_streams", "Streams being relayed", registry=registry)
+        self.tokens = Counter("gateway_tokens", "Tokens used, from llama.cpp's usage, by client and kind",
+                              ["client", "kind"], registry=registry)
+        self.upstream_up = Gauge("gateway_upstream_up", "1 when llama-server last answered, 0 when it could not",
+                                 registry=registry)
+        self.build_info = Gauge("gateway_build_info", "The gateway's build", ["version", "python"], registry=registry)
+        self.build_info.labels(version=__import__("service").__version__, python=platform.python_version()).set(1)
+
+    def observe(self, record):
+        """Count one finished request from its record."""
+        route = record.route
+        client = record.client_id or "none"
+        self.requests.labels(route, str(record.status), client).inc()
+        self.duration.labels(route).observe(record.elapsed_ms() / 1000)
+        if record.ttft_ms is not None:
+            self.ttft.labels(route).observe(record.ttft_ms / 1000)
+        if record.upstream_ms is not None:
+            self.upstream_duration.labels(route).observe(record.upstream_ms / 1000)
+        if record.upstream_error:
+            self.upstream_errors.labels(record.upstream_error).inc()
+        if record.retries:
+            self.retries.inc(record.retries)
+        if record.rate_limited:
+            self.rate_limited.labels(client, record.rate_limited).inc()
+        if isinstance(record.prompt_tokens, int):
+            self.tokens.labels(client, "prompt").inc(record.prompt_tokens)
+        if isinstance(record.completion_tokens, int):
+            self.tokens.labels(client, "completion").inc(record.completion_tokens)
+        if record.upstream_ms is not None:
+            self.upstream_up.set(0 if record.upstream_error in UNREACHABLE else 1)
+
+
+# Upstream failures that mean llama-server is not there to serve.
+UNREACHABLE = ("refused", "loading")
+
+
+class UpstreamMetricsCollector:
+    """Adds llama-server's own llamacpp:* metrics to the scrape, so that one target shows both."""
+
+    def __init__(self, upstream):
+        self.upstream = upstream
+
+    def collect(self):
+        """Fetch and re-export the upstream's metrics; nothing when it cannot be reached."""
+        try:
+            response = self.upstream.request("GET", "/metrics", group="models")
+            families = list(text_string_to_metric_families(response.text))
+        except Exception as error:  # a scrape must not fail because the upstream did
+            log.debug("llama-server metrics not included: %s", error)
+            return
+        yield from families
+
+
+def init_metrics(app, include_upstream=False) -> GatewayMetrics:
+    """Serve /metrics for app from a registry of its own (so that several apps can live in one process)."""
+    registry = CollectorRegistry()
+    exporter = PrometheusMetrics(app, registry=registry, group_by="url_rule", defaults_prefix="flask",
+                                 buckets=LATENCY_BUCKETS)
+    gateway = GatewayMetrics(registry)
+    if include_upstream:
+        registry.register(UpstreamMetricsCollector(app.extensions["upstream"]))
+    app.extensions["metrics"] = exporter
+    app.extensions["gateway_metrics"] = gateway
+    return gateway
+

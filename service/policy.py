@@ -5,7 +5,7 @@ from flask import current_app, g, request
 from flask_cors import CORS
 
 from .auth import KeyRing, authenticate
-from .limits import WINDOW_S, Limits, RateLimiter
+from .limits import WINDOW_S, Limits, RateLimited, RateLimiter
 from .request_log import RequestRecord, request_id_from
 
 # Reachable without a key: load balancers and probes poll it.
@@ -39,14 +39,20 @@ def _needs_key() -> bool:
 
 def begin_request():
     """Give the request its id and record, then check its key and its client's limits (before any upstream call)."""
-    g.record = RequestRecord(request_id_from(request.headers.get("x-request-id")), request.method, request.path,
-                             time.perf_counter())
+    g.record = record = RequestRecord(request_id_from(request.headers.get("x-request-id")), request.method,
+                                      request.path, time.perf_counter(),
+                                      route=request.url_rule.rule if request.url_rule else "unmatched")
+    current_app.extensions["gateway_metrics"].in_flight.inc()
     if not _needs_key():
         return
-    g.record.client_id = authenticate(current_app.extensions["keyring"])
+    record.client_id = authenticate(current_app.extensions["keyring"])
     limiter = current_app.extensions["limiter"]
     if limiter.active:
-        g.lease = limiter.acquire(g.record.client_id)
+        try:
+            g.lease = limiter.acquire(record.client_id)
+        except RateLimited as refused:
+            record.rate_limited = refused.limit
+            raise
 
 
 def finish_request(response):
@@ -60,11 +66,14 @@ def finish_request(response):
         response.headers.update(lease.headers)
     record.status = response.status_code
     limiter = current_app.extensions["limiter"]
+    metrics = current_app.extensions["gateway_metrics"]
 
     def on_close():
         # Runs when the server closes the body: after the last byte of a stream, or when its client left.
         if lease is not None:
             limiter.release(lease, record.total_tokens)
+        metrics.in_flight.dec()
+        metrics.observe(record)
         record.log()
 
     response.call_on_close(on_close)

@@ -42,8 +42,9 @@ def proxy_generation(path: str, group: str, raw: bytes, body: dict) -> Response:
         raw = json.dumps({**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}})
     response = upstream.request("POST", path, group=group, body=raw, stream=True, headers=_upstream_headers(record),
                                 record=record)
-    return Response(relay_events(upstream, response, group, record, strip_usage), status=200,
-                    mimetype="text/event-stream", headers=SSE_HEADERS)
+    events = relay_events(upstream, response, group, record, current_app.extensions["gateway_metrics"].open_streams,
+                          strip_usage)
+    return Response(events, status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
 def _asks_for_usage(body: dict) -> bool:
@@ -51,7 +52,7 @@ def _asks_for_usage(body: dict) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def relay_events(upstream, response, group, record, strip_usage=False):
+def relay_events(upstream, response, group, record, open_streams, strip_usage=False):
     """Yield whole SSE events as soon as each arrives; end with an error event if the upstream breaks.
 
     Whole events only, so that an error event never lands in the middle of a half-sent one. The upstream
@@ -59,6 +60,7 @@ def relay_events(upstream, response, group, record, strip_usage=False):
     sees its connection close and stops generating.
     """
     pending = b""
+    open_streams.inc()
     try:
         for data in upstream.iter_stream(response, group):
             pending += data
@@ -74,9 +76,10 @@ def relay_events(upstream, response, group, record, strip_usage=False):
         if pending:
             yield pending
     except UpstreamError as error:
-        record.error = error.code
+        record.error, record.upstream_error = error.code, error.kind
         yield sse_error_event(error)
     finally:
+        open_streams.dec()
         response.close()
 
 

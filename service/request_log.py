@@ -29,6 +29,7 @@ class RequestRecord:
     method: str
     path: str
     started: float
+    route: str = "unmatched"  # the URL rule: a bounded label for metrics
     client_id: str = None
     status: int = None
     upstream_ms: float = None
@@ -37,6 +38,8 @@ class RequestRecord:
     completion_tokens: int = None
     retries: int = None
     error: str = None
+    upstream_error: str = None  # the kind of upstream failure, for metrics
+    rate_limited: str = None  # the limit that refused the request
 
     def elapsed_ms(self) -> float:
         """Milliseconds since the request arrived."""

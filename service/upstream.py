@@ -110,7 +110,8 @@ class Upstream:
         """Translate a requests exception into the gateway's own."""
         if isinstance(error, requests.ConnectTimeout):
             return UpstreamUnavailable(
-                f"llama-server at {self.base_url} did not accept a connection within {connect_timeout:g} s")
+                f"llama-server at {self.base_url} did not accept a connection within {connect_timeout:g} s",
+                kind="connect_timeout")
         if isinstance(error, requests.ReadTimeout):
             return UpstreamTimeout(f"llama-server did not answer {path} within {read_timeout:g} s")
         if isinstance(error, requests.ConnectionError):
@@ -125,12 +126,12 @@ class Upstream:
         response.close()
         if status == 503:
             retry_after = response.headers.get("Retry-After") or "1"
-            return UpstreamUnavailable(f"llama-server cannot serve yet: {message}", status=503,
+            return UpstreamUnavailable(f"llama-server cannot serve yet: {message}", status=503, kind="loading",
                                        headers={"Retry-After": retry_after})
         if 400 <= status < 500 or status == 501:
             return UpstreamRejected(message, status=status, type=_client_error_type(upstream_type),
                                     code=UPSTREAM_ERROR_CODES.get(upstream_type))
-        return UpstreamBadResponse(f"llama-server answered {path} with HTTP {status}: {message}")
+        return UpstreamBadResponse(f"llama-server answered {path} with HTTP {status}: {message}", kind="5xx")
 
     def read_json(self, response, path) -> tuple:
         """Return the whole body of a non-streamed answer and its parsed object, checked to be a JSON object."""

@@ -64,11 +64,17 @@ def test_route_timeouts_pair_connect_and_read_per_group():
     assert set(timeouts) == {"chat", "completions", "embeddings", "models"}
 
 
-def test_env_example_lists_every_setting_with_its_default():
+def test_env_example_and_readme_table_are_generated_from_the_table():
     import os
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".env.example")
-    with open(path) as example:
-        values = dict(line.strip().split("=", 1) for line in example if line.strip() and not line.startswith("#"))
+    from service.config import render_env_example, render_settings_table
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, ".env.example")) as example:
+        text = example.read()
+    assert text == render_env_example(), "regenerate: python -m service.config > .env.example"
+    values = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
     assert set(values) == {setting.name for setting in SETTINGS}
     assert load_settings(values) == load_settings({})
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as readme:
+        assert render_settings_table() in readme.read()

@@ -1,5 +1,16 @@
-"""GET /metrics: Prometheus text with the exporter's default request metrics."""
+"""GET /metrics: every metric parses with prometheus_client's parser and moves when its cause happens."""
+import threading
+
+import pytest
+import requests
 from prometheus_client.parser import text_string_to_metric_families
+from werkzeug import Response
+
+from tests.test_upstream import LOADING, unused_port_url
+
+CHAT = "/v1/chat/completions"
+CHAT_BODY = {"messages": [{"role": "user", "content": "hi"}]}
+USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 
 
 def scrape(client) -> dict:
@@ -13,16 +24,141 @@ def scrape(client) -> dict:
     return samples
 
 
-def test_metrics_parse_and_count_requests(fake_client, httpserver):
-    httpserver.expect_request("/v1/models").respond_with_json({"data": [{"id": "m"}]})
-    fake_client.get("/v1/models")
-    fake_client.get("/v1/models")
-    fake_client.get("/v1/no-such-route/abc")
+def value(samples, name, **labels) -> float:
+    """The value of the sample name whose labels include labels (0 when there is none)."""
+    return sum(v for sample_labels, v in samples.get(name, []) if labels.items() <= sample_labels.items())
+
+
+def call(client, method, path, **kwargs):
+    response = client.open(path, method=method, **kwargs)
+    response.close()  # as waitress does: the request's metrics are taken when its body is closed
+    return response
+
+
+@pytest.fixture
+def keyed(make_app, httpserver):
+    def build(**settings):
+        return make_app(httpserver.url_for("").rstrip("/"), OPENAI_API_KEYS="key-a:team_a,key-b:team_b",
+                        **settings).test_client()
+    return build
+
+
+TEAM_A = {"Authorization": "Bearer key-a"}
+
+
+def test_requests_latency_tokens_and_in_flight(keyed, httpserver):
+    client = keyed()
+    httpserver.expect_request(CHAT).respond_with_json({"object": "chat.completion", "usage": USAGE})
+    for _ in range(2):
+        assert call(client, "POST", CHAT, json=CHAT_BODY, headers=TEAM_A).status_code == 200
+    call(client, "GET", "/v1/no-such-route/abc", headers=TEAM_A)
+    call(client, "GET", "/v1/models")  # no key: 401
+    samples = scrape(client)
+    assert value(samples, "gateway_requests_total", route=CHAT, status="200", client="team_a") == 2
+    assert value(samples, "gateway_requests_total", route="unmatched", status="404", client="team_a") == 1
+    assert value(samples, "gateway_requests_total", route="/v1/models", status="401", client="none") == 1
+    assert value(samples, "gateway_request_duration_seconds_count", route=CHAT) == 2
+    assert value(samples, "gateway_upstream_duration_seconds_count", route=CHAT) == 2
+    assert value(samples, "gateway_tokens_total", client="team_a", kind="prompt") == 22
+    assert value(samples, "gateway_tokens_total", client="team_a", kind="completion") == 14
+    assert value(samples, "gateway_in_flight_requests") == 1  # the scrape itself
+    assert value(samples, "gateway_upstream_up") == 1
+    assert value(samples, "gateway_build_info") == 1
+    # The exporter's default metrics are there too, grouped by URL rule, never by raw path.
+    assert value(samples, "flask_http_request_total", status="200") == 2
+    routes = {labels["url_rule"] for labels, _ in samples["flask_http_request_duration_seconds_count"]}
+    assert "/v1/no-such-route/abc" not in routes
+
+
+@pytest.mark.parametrize("setup, kind", [
+    (lambda server: server.expect_request(CHAT).respond_with_json({"error": {"message": "x"}}, status=500), "5xx"),
+    (lambda server: server.expect_request(CHAT).respond_with_data("<html>", content_type="text/html"), "bad_answer"),
+    (lambda server: server.expect_request(CHAT).respond_with_json(LOADING, status=503), "loading"),
+])
+def test_upstream_errors_by_kind(fake_client, httpserver, setup, kind):
+    setup(httpserver)
+    call(fake_client, "POST", CHAT, json=CHAT_BODY)
     samples = scrape(fake_client)
-    totals = {labels["status"]: value for labels, value in samples["gateway_http_request_total"]}
-    assert totals == {"200": 2.0, "404": 1.0}
-    durations = {(labels["url_rule"], labels["status"]): value
-                 for labels, value in samples["gateway_http_request_duration_seconds_count"]}
-    assert durations[("/v1/models", "200")] == 2
-    # Unknown paths share one label instead of one series per raw URL.
-    assert [key for key in durations if key[1] == "404"] == [("None", "404")]
+    assert value(samples, "gateway_upstream_errors_total", kind=kind) == 1
+    assert value(samples, "gateway_upstream_errors_total") == 1
+
+
+def test_refused_upstream_counts_and_goes_down(make_app):
+    client = make_app(unused_port_url()).test_client()
+    call(client, "POST", CHAT, json=CHAT_BODY)
+    samples = scrape(client)
+    assert value(samples, "gateway_upstream_errors_total", kind="refused") == 1
+    assert value(samples, "gateway_upstream_retries_total") == 2
+    assert value(samples, "gateway_upstream_up") == 0
+
+
+def test_timeouts_and_retries(make_app, httpserver):
+    release = threading.Event()
+    httpserver.expect_oneshot_request(CHAT).respond_with_json(LOADING, status=503)
+    httpserver.expect_oneshot_request(CHAT).respond_with_json({"object": "chat.completion"})
+    httpserver.expect_request(CHAT).respond_with_handler(lambda request: release.wait(3) and Response("{}"))
+    client = make_app(httpserver.url_for("").rstrip("/"), CHAT_READ_TIMEOUT_S="0.2").test_client()
+    try:
+        assert call(client, "POST", CHAT, json=CHAT_BODY).status_code == 200
+        assert call(client, "POST", CHAT, json=CHAT_BODY).status_code == 504
+    finally:
+        release.set()
+    samples = scrape(client)
+    assert value(samples, "gateway_upstream_retries_total") == 1
+    assert value(samples, "gateway_upstream_errors_total", kind="timeout") == 1
+
+
+def test_rate_limit_rejections_by_client_and_limit(keyed, httpserver):
+    httpserver.expect_request("/v1/models").respond_with_json({"data": [{"id": "m"}]})
+    client = keyed(RATE_LIMIT_RPM="1")
+    call(client, "GET", "/v1/models", headers=TEAM_A)
+    call(client, "GET", "/v1/models", headers=TEAM_A)
+    call(client, "GET", "/v1/models", headers=TEAM_A)
+    samples = scrape(client)
+    assert value(samples, "gateway_rate_limited_total", client="team_a", limit="rpm") == 2
+    assert value(samples, "gateway_rate_limited_total", client="team_b") == 0
+
+
+def test_stream_gauges_and_time_to_first_token(make_app, httpserver, live_gateway):
+    release = threading.Event()
+
+    def stream(request):
+        def events():
+            yield b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
+            release.wait(5)
+            yield b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\ndata: [DONE]\n\n'
+        return Response(events(), content_type="text/event-stream")
+
+    httpserver.expect_request(CHAT).respond_with_handler(stream)
+    app = make_app(httpserver.url_for("").rstrip("/"))
+    base = live_gateway(app)
+    response = requests.post(base + CHAT, json={**CHAT_BODY, "stream": True}, stream=True, timeout=10)
+    chunks = response.iter_content(None)
+    try:
+        next(chunks)
+        during = scrape(app.test_client())
+        assert value(during, "gateway_open_streams") == 1
+        assert value(during, "gateway_in_flight_requests") == 2  # the stream and the scrape
+    finally:
+        release.set()
+    assert b"".join(chunks).endswith(b"[DONE]\n\n")
+    response.close()
+    for _ in range(100):
+        after = scrape(app.test_client())
+        if value(after, "gateway_time_to_first_token_seconds_count", route=CHAT) == 1:
+            break
+    assert value(after, "gateway_open_streams") == 0
+    assert value(after, "gateway_tokens_total", client="anonymous", kind="completion") == 1
+
+
+@pytest.mark.llama
+def test_upstream_llamacpp_metrics_can_be_included(make_app, llama):
+    included = scrape(make_app(llama.url, METRICS_INCLUDE_UPSTREAM="1").test_client())
+    assert "llamacpp:prompt_tokens_total" in included
+    assert "gateway_requests_total" in included or "gateway_build_info" in included
+    assert "llamacpp:prompt_tokens_total" not in scrape(make_app(llama.url).test_client())
+
+
+def test_unreachable_upstream_metrics_do_not_break_the_scrape(make_app):
+    samples = scrape(make_app(unused_port_url(), METRICS_INCLUDE_UPSTREAM="1").test_client())
+    assert value(samples, "gateway_build_info") == 1

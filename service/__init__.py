@@ -4,6 +4,7 @@ __version__ = "0.3.0"
 from flask import Flask
 
 from .api import register_blueprints
+from .api.health import init_health
 from .config import SETTINGS_BY_NAME, ConfigError, load_settings, route_timeouts
 from .errors import register_error_handlers
 from .metrics import init_metrics
@@ -35,5 +36,6 @@ def create_app(config=None) -> Flask:
     register_error_handlers(app)
     init_metrics(app, include_upstream=settings["METRICS_INCLUDE_UPSTREAM"])
     init_policy(app, settings)
+    init_health(app, settings["HEALTH_CACHE_S"])
     register_blueprints(app)
     return app

@@ -4,8 +4,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .converters import (api_key, api_key_list, backoff, count, flag, log_format, log_level, model_file, origins,
-                         port, positive_count, rate_limits, seconds, text, url)
+from .converters import (api_key, api_key_list, count, flag, log_format, log_level, model_file, nonnegative_seconds,
+                         origins, port, positive_count, rate_limits, seconds, text, url)
 
 
 class ConfigError(ValueError):
@@ -29,6 +29,7 @@ SETTINGS = (
     Setting("API_PORT", port, 8000, "port the gateway listens on"),
     Setting("WAITRESS_THREADS", positive_count, 8, "worker threads; each open stream holds one for its life"),
     Setting("MAX_BODY_BYTES", positive_count, 8 * 1024 * 1024, "largest request body accepted (413 above it)"),
+    Setting("HEALTH_CACHE_S", nonnegative_seconds, 1.0, "how long /health reuses its probe of llama-server; 0 = never"),
     Setting("LOG_LEVEL", log_level, "INFO", "DEBUG also shows llama.cpp's own log lines"),
     Setting("LOG_FORMAT", log_format, "auto", "json (one object per line), text, or auto: text on a terminal"),
     # Access policy.
@@ -47,7 +48,7 @@ SETTINGS = (
     Setting("LLAMA_SERVER_URL", url, None, "an existing llama-server to proxy; unset starts an embedded one"),
     Setting("LLAMA_API_KEY", text, None, "key the gateway sends to a llama-server started with --api-key"),
     Setting("UPSTREAM_RETRIES", count, 2, "retries on connect errors and 502/503/504 before any answer"),
-    Setting("UPSTREAM_BACKOFF_S", backoff, 0.25, "backoff factor: waits 0.25 s, 0.5 s, 1 s, ... between retries"),
+    Setting("UPSTREAM_BACKOFF_S", nonnegative_seconds, 0.25, "backoff factor: 0.25 s, 0.5 s, 1 s, ... between retries"),
     Setting("UPSTREAM_BACKOFF_MAX_S", seconds, 8.0, "longest wait between retries, Retry-After included"),
     # Timeouts per route group: connect is the TCP connect, read is the longest silence while answering.
     Setting("CHAT_CONNECT_TIMEOUT_S", seconds, 5.0, "connect timeout for /v1/chat/completions"),

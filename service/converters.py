@@ -48,7 +48,7 @@ def seconds(value):
     return number
 
 
-def backoff(value):
+def nonnegative_seconds(value):
     if value in ("0", 0, 0.0):
         return 0.0
     return seconds(value)

@@ -1,4 +1,4 @@
-"""GET /health: 200 when llama-server is ready; otherwise 503 in the envelope, saying why."""
+"""GET /health: ok or degraded (200) while llama-server can serve; down (503, saying why) otherwise; cached."""
 import threading
 
 import pytest
@@ -7,6 +7,8 @@ from werkzeug import Response
 from tests.test_errors import assert_envelope
 from tests.test_upstream import LOADING, unused_port_url
 
+LLAMA_METRICS = "llamacpp:requests_processing {busy}\nllamacpp:requests_deferred {queued}\n"
+
 
 @pytest.mark.llama
 def test_ok_against_real_llama(llama_client, llama):
@@ -14,30 +16,75 @@ def test_ok_against_real_llama(llama_client, llama):
     assert response.status_code == 200
     body = response.get_json()
     assert body["status"] == "ok"
-    assert body["upstream"]["url"] == llama.url
+    assert body["upstream"]["url"] == llama.url and body["upstream"]["status"] == "ok"
+    assert body["upstream"]["requests_processing"] == 0 and body["upstream"]["requests_deferred"] == 0
 
 
-def test_loading_is_503_and_not_retried(fake_client, httpserver):
+def test_loading_is_503_down_and_not_retried(fake_client, httpserver):
     httpserver.expect_request("/health").respond_with_json(LOADING, status=503)
     response = fake_client.get("/health")
-    error = assert_envelope(response, 503)
+    error = assert_envelope_with_status(response)
     assert "Loading model" in error["message"]
+    assert response.get_json()["upstream"]["status"] == "loading"
     assert response.headers["Retry-After"]
     assert len(httpserver.log) == 1  # health answers at once: no retries
 
 
+def assert_envelope_with_status(response):
+    body = response.get_json()
+    assert response.status_code == 503 and body["status"] == "down"
+    return assert_envelope(response, 503)
+
+
 def test_refused_is_503(make_app):
-    error = assert_envelope(make_app(unused_port_url()).test_client().get("/health"), 503)
-    assert "connection refused" in error["message"]
+    response = make_app(unused_port_url()).test_client().get("/health")
+    assert "connection refused" in assert_envelope_with_status(response)["message"]
+    assert response.get_json()["upstream"]["status"] == "unreachable"
 
 
 def test_timed_out_is_503(make_app, httpserver):
     release = threading.Event()
-    httpserver.expect_request("/health").respond_with_handler(
-        lambda request: release.wait(5) and Response("{}") or Response("{}"))
+    httpserver.expect_request("/health").respond_with_handler(lambda request: release.wait(5) and Response("{}"))
     client = make_app(httpserver.url_for("").rstrip("/"), MODELS_READ_TIMEOUT_S="0.2").test_client()
     try:
-        error = assert_envelope(client.get("/health"), 503)
+        response = client.get("/health")
     finally:
         release.set()
-    assert "did not answer" in error["message"]
+    assert "did not answer" in assert_envelope_with_status(response)["message"]
+
+
+def test_queued_requests_mean_degraded_but_serving(fake_client, httpserver):
+    httpserver.expect_request("/health").respond_with_json({"status": "ok"})
+    httpserver.expect_request("/metrics").respond_with_data(LLAMA_METRICS.format(busy=2, queued=3))
+    response = fake_client.get("/health")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "degraded"
+    assert body["upstream"]["requests_processing"] == 2 and body["upstream"]["requests_deferred"] == 3
+
+
+def test_upstream_without_metrics_is_plain_ok(fake_client, httpserver):
+    httpserver.expect_request("/health").respond_with_json({"status": "ok"})
+    httpserver.expect_request("/metrics").respond_with_json({"error": {"message": "no metrics"}}, status=501)
+    body = fake_client.get("/health").get_json()
+    assert body["status"] == "ok" and "requests_deferred" not in body["upstream"]
+
+
+def test_polling_is_served_from_the_cache(make_app, httpserver):
+    httpserver.expect_request("/health").respond_with_json({"status": "ok"})
+    httpserver.expect_request("/metrics").respond_with_data(LLAMA_METRICS.format(busy=0, queued=0))
+    cached = make_app(httpserver.url_for("").rstrip("/"), HEALTH_CACHE_S="60").test_client()
+    for _ in range(20):
+        assert cached.get("/health").status_code == 200
+    assert len([e for e in httpserver.log if e[0].path == "/health"]) == 1
+    uncached = make_app(httpserver.url_for("").rstrip("/"), HEALTH_CACHE_S="0").test_client()
+    for _ in range(3):
+        uncached.get("/health")
+    assert len([e for e in httpserver.log if e[0].path == "/health"]) == 4
+
+
+def test_health_needs_no_key_and_reports_no_secret(make_app, httpserver):
+    httpserver.expect_request("/health").respond_with_json({"status": "ok"})
+    client = make_app(httpserver.url_for("").rstrip("/"), OPENAI_API_KEY="sekrit-key").test_client()
+    response = client.get("/health")
+    assert response.status_code == 200 and "sekrit" not in response.get_data(as_text=True)

@@ -3,7 +3,6 @@ import os
 import signal
 
 import pytest
-import requests
 
 from service.llama.demo_model import DEMO_MODEL_NAME, write_demo_model
 from service.llama.model_file import choose_model
@@ -41,21 +40,25 @@ def test_child_that_cannot_load_fails_with_its_last_lines(tmp_path):
 
 
 @pytest.mark.llama
-def test_killed_child_is_restarted_and_stop_leaves_nothing(demo_model_path):
+def test_killed_child_is_restarted_health_shows_the_gap_and_requests_recover(demo_model_path, make_app):
     supervisor = LlamaSupervisor(demo_model_path, ctx=512, parallel=1, threads=1, embeddings=False,
                                  startup_timeout=30).start()
+    client = make_app(supervisor.url, HEALTH_CACHE_S="0").test_client()
     try:
+        assert client.get("/health").status_code == 200
         first = supervisor.process
         os.kill(first.pid, signal.SIGKILL)
         first.wait(5)
-        # The watcher restarts it on the same port after its backoff.
-        for _ in range(100):
-            if supervisor.process is not first and supervisor.restarts == 1:
-                supervisor.wait_ready(timeout=20)
+        statuses = []
+        for _ in range(200):  # the watcher restarts it on the same port after its 1 s backoff
+            statuses.append(client.get("/health").status_code)
+            if statuses[-1] == 200 and supervisor.process is not first:
                 break
-            supervisor._stopping.wait(0.1)
-        assert supervisor.process is not first
-        assert requests.get(supervisor.url + "/health", timeout=5).status_code == 200
+            supervisor._stopping.wait(0.05)
+        assert 503 in statuses, "/health never showed the gap"
+        assert statuses[-1] == 200 and supervisor.restarts == 1
+        completion = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "ignore_eos": True})
+        assert completion.status_code == 200
     finally:
         supervisor.stop()
     assert supervisor.process.poll() is not None

@@ -5,6 +5,7 @@ from flask import Flask
 
 from .api import register_blueprints
 from .api.health import init_health
+from .disconnect import DisconnectWatch
 from .config import SETTINGS_BY_NAME, ConfigError, load_settings, route_timeouts
 from .errors import register_error_handlers
 from .metrics import init_metrics
@@ -33,6 +34,7 @@ def create_app(config=None) -> Flask:
         backoff_max=settings["UPSTREAM_BACKOFF_MAX_S"],
         api_key=settings["LLAMA_API_KEY"],
     )
+    app.extensions["disconnect_watch"] = DisconnectWatch()
     register_error_handlers(app)
     init_metrics(app, include_upstream=settings["METRICS_INCLUDE_UPSTREAM"])
     init_policy(app, settings)

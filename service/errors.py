@@ -78,6 +78,16 @@ class UnsupportedMediaType(ApiError):
     code = "unsupported_media_type"
 
 
+class ClientClosedRequest(ApiError):
+    """The client went away before its answer was ready (nginx's 499); nobody reads this answer."""
+
+    status = 499
+    code = "client_closed_request"
+
+    def __init__(self, message="The client disconnected; its llama-server call was closed"):
+        super().__init__(message)
+
+
 class UpstreamError(ApiError):
     """llama-server could not give a usable answer; kind names the failure for metrics."""
 

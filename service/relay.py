@@ -5,10 +5,12 @@ ever rewrites is a chat stream's request, to ask for the usage chunk the client 
 chunk is then taken out again so that the client gets exactly the stream it asked for.
 """
 import json
+from dataclasses import dataclass
 
-from flask import Response, current_app, g
+from flask import Response, current_app, g, request
 
-from .errors import UpstreamError
+from .disconnect import UpstreamCall
+from .errors import ClientClosedRequest, UpstreamError
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -22,10 +24,24 @@ def _upstream_headers(record) -> dict:
     return {"X-Request-Id": record.request_id}
 
 
+def watched_call() -> UpstreamCall:
+    """An UpstreamCall that is cut if this request's client disconnects (where waitress can tell)."""
+    call = UpstreamCall()
+    client_gone = request.environ.get("waitress.client_disconnected")
+    if client_gone is not None:
+        current_app.extensions["disconnect_watch"].watch(call, client_gone)
+    return call
+
+
 def proxy_json_post(path: str, group: str, raw: bytes) -> Response:
     """POST the client's bytes to llama-server and answer with its JSON body, unchanged."""
     upstream, record = get_upstream(), g.record
-    response = upstream.request("POST", path, group=group, body=raw, headers=_upstream_headers(record), record=record)
+    call = watched_call()
+    try:
+        response = upstream.request("POST", path, group=group, body=raw, headers=_upstream_headers(record),
+                                    record=record, call=call)
+    finally:
+        current_app.extensions["disconnect_watch"].unwatch(call)
     body, parsed = upstream.read_json(response, path)
     record.add_usage(parsed.get("usage"))
     return Response(body, status=response.status_code, mimetype="application/json")
@@ -40,11 +56,31 @@ def proxy_generation(path: str, group: str, raw: bytes, body: dict) -> Response:
     strip_usage = group == "chat" and not _asks_for_usage(body)
     if strip_usage:
         raw = json.dumps({**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}})
-    response = upstream.request("POST", path, group=group, body=raw, stream=True, headers=_upstream_headers(record),
-                                record=record)
-    events = relay_events(upstream, response, group, record, current_app.extensions["gateway_metrics"].open_streams,
-                          strip_usage)
-    return Response(events, status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
+    call = watched_call()
+    watch = current_app.extensions["disconnect_watch"]
+    try:
+        response = upstream.request("POST", path, group=group, body=raw, stream=True,
+                                    headers=_upstream_headers(record), record=record, call=call)
+    except BaseException:
+        watch.unwatch(call)
+        raise
+    stream = Stream(upstream, response, group, record, call, watch,
+                    current_app.extensions["gateway_metrics"].open_streams, strip_usage)
+    return Response(relay_events(stream), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
+
+
+@dataclass
+class Stream:
+    """One relayed stream and everything its generator needs once the request context is gone."""
+
+    upstream: object
+    response: object
+    group: str
+    record: object
+    call: UpstreamCall
+    watch: object
+    open_streams: object
+    strip_usage: bool
 
 
 def _asks_for_usage(body: dict) -> bool:
@@ -52,35 +88,39 @@ def _asks_for_usage(body: dict) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
-def relay_events(upstream, response, group, record, open_streams, strip_usage=False):
+def relay_events(stream: Stream):
     """Yield whole SSE events as soon as each arrives; end with an error event if the upstream breaks.
 
     Whole events only, so that an error event never lands in the middle of a half-sent one. The upstream
-    response is closed in finally: when the client goes away, waitress closes this generator and llama.cpp
-    sees its connection close and stops generating.
+    response is closed in finally: when the client goes away, waitress closes this generator (or the
+    disconnect watch cuts the call) and llama.cpp sees its connection close and stops generating.
     """
+    record = stream.record
     pending = b""
-    open_streams.inc()
+    stream.open_streams.inc()
     try:
-        for data in upstream.iter_stream(response, group):
+        for data in stream.upstream.iter_stream(stream.response, stream.group, stream.call):
             pending += data
             cut = _end_of_last_event(pending)
             if cut:
                 events, pending = pending[:cut], pending[cut:]
                 if b'"usage"' in events:
-                    events = _take_usage(events, record, strip_usage)
+                    events = _take_usage(events, record, stream.strip_usage)
                 if events:
                     if record.ttft_ms is None:
                         record.ttft_ms = record.elapsed_ms()
                     yield events
         if pending:
             yield pending
+    except ClientClosedRequest as gone:
+        record.error = gone.code  # nobody is left to tell
     except UpstreamError as error:
         record.error, record.upstream_error = error.code, error.kind
         yield sse_error_event(error)
     finally:
-        open_streams.dec()
-        response.close()
+        stream.watch.unwatch(stream.call)
+        stream.open_streams.dec()
+        stream.response.close()
 
 
 def _take_usage(events: bytes, record, strip_usage: bool) -> bytes:

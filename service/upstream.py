@@ -8,11 +8,15 @@ import time
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection
+from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
-from .errors import UpstreamBadResponse, UpstreamError, UpstreamRejected, UpstreamTimeout, UpstreamUnavailable
+from .disconnect import ClientGone, UpstreamCall, current_call
+from .errors import (ClientClosedRequest, UpstreamBadResponse, UpstreamError, UpstreamRejected, UpstreamTimeout,
+                     UpstreamUnavailable)
 
 # What a relayed stream reads at most per socket read; read1 returns as soon as any bytes arrive.
 STREAM_READ_BYTES = 64 * 1024
@@ -28,6 +32,13 @@ class UpstreamRetry(Retry):
     counts as a connect failure, so it is retried: the server never took that request. And an upstream's
     Retry-After never waits longer than backoff_max.
     """
+
+    def increment(self, *args, **kwargs):
+        """Count a failure as urllib3 does, but never retry a call cut because its client left."""
+        call = current_call()
+        if call is not None and call.aborted:
+            raise ClientGone()
+        return super().increment(*args, **kwargs)
 
     def _is_connection_error(self, err):
         closed_unanswered = isinstance(err, ProtocolError) and any(
@@ -57,6 +68,26 @@ def make_retry(retries: int, backoff: float, backoff_max: float) -> Retry:
     )
 
 
+class TrackedConnection(HTTPConnection):
+    """A connection that hands the socket of each request it sends to the UpstreamCall made on this thread."""
+
+    def request(self, *args, **kwargs):
+        """Send a request, then tell the current UpstreamCall (if any) which socket carries it."""
+        result = super().request(*args, **kwargs)
+        call = current_call()
+        if call is not None:
+            # The socket object itself: http.client drops the connection's reference when a response
+            # takes the socket over (Connection: close), but the response keeps it open.
+            call.attach(self.sock)
+        return result
+
+
+class TrackedConnectionPool(HTTPConnectionPool):
+    """urllib3's pool of TrackedConnections."""
+
+    ConnectionCls = TrackedConnection
+
+
 class Upstream:
     """A llama-server at base_url, reached through one pooled Session."""
 
@@ -69,6 +100,8 @@ class Upstream:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, pool_block=False,
                               max_retries=make_retry(retries, backoff, backoff_max))
+        adapter.poolmanager.pool_classes_by_scheme = {**adapter.poolmanager.pool_classes_by_scheme,
+                                                      "http": TrackedConnectionPool}
         self.session.mount(self.base_url, adapter)
         self.max_retries = retries
         # Health is polled often and must say at once what is wrong, so it gets no retries.
@@ -78,10 +111,11 @@ class Upstream:
         """Close every pooled connection."""
         self.session.close()
 
-    def request(self, method, path, *, group, body=None, stream=False, headers=None, record=None):
+    def request(self, method, path, *, group, body=None, stream=False, headers=None, record=None, call=None):
         """Send one request; return a response with a status below 400 or raise an UpstreamError.
 
-        record, if given, gets the time to the upstream's answer (upstream_ms) and the retries it took.
+        record, if given, gets the time to the upstream's answer (upstream_ms) and the retries it took; call,
+        if given, is an UpstreamCall that another thread may cut (ClientClosedRequest then).
         """
         url = self.base_url + path
         connect_timeout, read_timeout = self.timeouts[group]
@@ -90,9 +124,14 @@ class Upstream:
             headers = {**(headers or {}), "Connection": "close"}
         started = time.perf_counter()
         try:
-            response = self.session.request(method, url, data=body, stream=stream, headers=headers,
-                                            timeout=(connect_timeout, read_timeout))
+            with call or UpstreamCall():
+                response = self.session.request(method, url, data=body, stream=stream, headers=headers,
+                                                timeout=(connect_timeout, read_timeout))
+        except ClientGone:
+            raise ClientClosedRequest() from None
         except requests.RequestException as error:
+            if call is not None and call.aborted:
+                raise ClientClosedRequest() from None
             if record is not None:
                 # Only connection failures are retried, and they surface only once every retry has failed.
                 record.retries = self.max_retries if isinstance(error, requests.ConnectionError) else 0
@@ -144,16 +183,21 @@ class Upstream:
             raise UpstreamBadResponse(f"llama-server's answer to {path} is not a JSON object")
         return body, parsed
 
-    def iter_stream(self, response, group):
-        """Yield the raw bytes of a streamed answer as they arrive; raise an UpstreamError if it breaks."""
+    def iter_stream(self, response, group, call=None):
+        """Yield the raw bytes of a streamed answer as they arrive; raise an UpstreamError if it breaks, or
+        ClientClosedRequest if call was cut because its client left."""
         read_timeout = self.timeouts[group][1]
         try:
             yield from _arriving_bytes(response.raw)
-        except ReadTimeoutError:
-            raise UpstreamTimeout(f"llama-server went silent mid-stream for {read_timeout:g} s") from None
         except (Urllib3Error, OSError) as error:
+            if call is not None and call.aborted:
+                raise ClientClosedRequest() from None
+            if isinstance(error, ReadTimeoutError):
+                raise UpstreamTimeout(f"llama-server went silent mid-stream for {read_timeout:g} s") from None
             raise UpstreamBadResponse(f"llama-server broke off the stream: {describe_connection_error(error)}") \
                 from None
+        if call is not None and call.aborted:
+            raise ClientClosedRequest()
 
 
 def _arriving_bytes(raw):

@@ -42,7 +42,10 @@ def _listeners(server) -> list:
 def make_server(app, *, host, port, threads, max_body_bytes):
     """Create (not yet run) the waitress server for app."""
     server = waitress.create_server(app, host=host, port=port, threads=threads, ident="llama-gateway",
-                                    max_request_body_size=max_body_bytes)
+                                    max_request_body_size=max_body_bytes,
+                                    # Keep reading while a request runs, so waitress can tell that its client
+                                    # has gone (waitress.client_disconnected) and llama.cpp can be cut off.
+                                    channel_request_lookahead=5)
     for listener in _listeners(server):
         listener.channel_class = EnvelopeChannel
     return server

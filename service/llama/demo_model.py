@@ -25,8 +25,12 @@ def _vocabulary():
     return tokens + pieces, types + [1] * len(pieces)
 
 
-def write_demo_model(path: str, seed: int = 0) -> str:
-    """Write the demo GGUF to path (atomically, so a crash never leaves half a model) and return path."""
+def write_demo_model(path: str, seed: int = 0, *, embedding_size: int = EMBEDDING_SIZE, layers: int = LAYERS,
+                     feed_forward_size: int = FEED_FORWARD_SIZE) -> str:
+    """Write the demo GGUF to path (atomically, so a crash never leaves half a model) and return path.
+
+    Bigger sizes give a slower model, for tests that need a generation to last a while.
+    """
     import gguf  # imported here: only the demo model needs it
 
     rng = np.random.default_rng(seed)
@@ -35,12 +39,12 @@ def write_demo_model(path: str, seed: int = 0) -> str:
     writer = gguf.GGUFWriter(partial, "llama")
     writer.add_name("demo random tiny llama")
     writer.add_context_length(CONTEXT_LENGTH)
-    writer.add_embedding_length(EMBEDDING_SIZE)
-    writer.add_block_count(LAYERS)
-    writer.add_feed_forward_length(FEED_FORWARD_SIZE)
+    writer.add_embedding_length(embedding_size)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(feed_forward_size)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(HEADS)
-    writer.add_rope_dimension_count(EMBEDDING_SIZE // HEADS)
+    writer.add_rope_dimension_count(embedding_size // HEADS)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")
@@ -57,18 +61,18 @@ def write_demo_model(path: str, seed: int = 0) -> str:
     def ones(size):
         return np.ones(size, dtype=np.float32)
 
-    writer.add_tensor("token_embd.weight", weights(len(tokens), EMBEDDING_SIZE))
-    writer.add_tensor("output_norm.weight", ones(EMBEDDING_SIZE))
-    writer.add_tensor("output.weight", weights(len(tokens), EMBEDDING_SIZE))
-    for layer in range(LAYERS):
+    writer.add_tensor("token_embd.weight", weights(len(tokens), embedding_size))
+    writer.add_tensor("output_norm.weight", ones(embedding_size))
+    writer.add_tensor("output.weight", weights(len(tokens), embedding_size))
+    for layer in range(layers):
         prefix = f"blk.{layer}."
-        writer.add_tensor(prefix + "attn_norm.weight", ones(EMBEDDING_SIZE))
+        writer.add_tensor(prefix + "attn_norm.weight", ones(embedding_size))
         for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            writer.add_tensor(f"{prefix}{name}.weight", weights(EMBEDDING_SIZE, EMBEDDING_SIZE))
-        writer.add_tensor(prefix + "ffn_norm.weight", ones(EMBEDDING_SIZE))
-        writer.add_tensor(prefix + "ffn_gate.weight", weights(FEED_FORWARD_SIZE, EMBEDDING_SIZE))
-        writer.add_tensor(prefix + "ffn_up.weight", weights(FEED_FORWARD_SIZE, EMBEDDING_SIZE))
-        writer.add_tensor(prefix + "ffn_down.weight", weights(EMBEDDING_SIZE, FEED_FORWARD_SIZE))
+            writer.add_tensor(f"{prefix}{name}.weight", weights(embedding_size, embedding_size))
+        writer.add_tensor(prefix + "ffn_norm.weight", ones(embedding_size))
+        writer.add_tensor(prefix + "ffn_gate.weight", weights(feed_forward_size, embedding_size))
+        writer.add_tensor(prefix + "ffn_up.weight", weights(feed_forward_size, embedding_size))
+        writer.add_tensor(prefix + "ffn_down.weight", weights(embedding_size, feed_forward_size))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -1,0 +1,93 @@
+"""Cut llama.cpp off when the client has gone: a generation nobody will read is wasted CPU.
+
+waitress notices a vanished client only when it next writes to it, which may be minutes away (a long prompt,
+a non-streamed answer). With waitress's channel_request_lookahead on, it puts waitress.client_disconnected
+into the environ; one watcher thread polls that for every upstream call in flight and, for a client that has
+gone, shuts the call's socket, so the blocked read ends at once and llama.cpp sees the connection close.
+"""
+import logging
+import socket
+import threading
+
+log = logging.getLogger(__name__)
+
+# The call each request thread is making, for the connection class in upstream.py to report its socket to.
+_current = threading.local()
+
+
+class ClientGone(Exception):
+    """The upstream call was cut because its client had disconnected."""
+
+
+class UpstreamCall:
+    """One upstream call, which the watcher can cut from its own thread."""
+
+    def __init__(self):
+        self.sock = None  # the socket carrying it, once the request is sent
+        self.aborted = False
+
+    def __enter__(self):
+        _current.call = self
+        return self
+
+    def __exit__(self, *exc):
+        _current.call = None
+
+    def attach(self, sock):
+        """Note the socket carrying the call; cut it at once if the client left while it was being sent."""
+        self.sock = sock
+        if self.aborted:
+            self._shut()
+
+    def abort(self):
+        """Mark the call cut and shut its socket, which wakes the thread blocked reading from it."""
+        self.aborted = True
+        self._shut()
+
+    def _shut(self):
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def current_call():
+    """The UpstreamCall this thread is making, if any."""
+    return getattr(_current, "call", None)
+
+
+class DisconnectWatch:
+    """Polls the clients of watched calls every interval seconds, and cuts the calls of those that have gone."""
+
+    def __init__(self, interval_s=0.25):
+        self.interval = interval_s
+        self._watched = {}
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def watch(self, call: UpstreamCall, client_gone) -> None:
+        """Cut call when client_gone() turns true, until unwatch(call)."""
+        with self._lock:
+            self._watched[call] = client_gone
+            if self._thread is None:
+                # Started on first use, not when the app is built: nothing runs until there is work.
+                self._thread = threading.Thread(target=self._run, name="disconnect-watch", daemon=True)
+                self._thread.start()
+
+    def unwatch(self, call: UpstreamCall) -> None:
+        """Stop watching call."""
+        with self._lock:
+            self._watched.pop(call, None)
+
+    def _run(self):
+        while True:
+            threading.Event().wait(self.interval)
+            with self._lock:
+                gone = [call for call, client_gone in self._watched.items() if client_gone()]
+                for call in gone:
+                    del self._watched[call]
+            for call in gone:
+                log.info("client disconnected; closing its llama-server call")
+                call.abort()

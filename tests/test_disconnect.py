@@ -1,0 +1,141 @@
+"""A client that goes away gets its llama-server call closed within a second, even while llama.cpp is silent."""
+import http.client
+import json
+import logging
+import socket
+import time
+from urllib.parse import urlsplit
+
+import pytest
+
+from service.disconnect import DisconnectWatch, UpstreamCall
+from tests.fakes import SSE_HEAD, BrokenPeer, chunk
+
+CHAT = "/v1/chat/completions"
+EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+
+
+def wait_for_close(peer, conn):
+    """Script: block until the gateway closes the upstream connection (recv returns nothing)."""
+    conn.settimeout(10)
+    try:
+        if conn.recv(1) == b"":
+            peer.closed_by_client.set()
+    except OSError:
+        peer.closed_by_client.set()
+
+
+def test_watch_cuts_only_calls_whose_client_left():
+    watch = DisconnectWatch(interval_s=0.01)
+    gone, staying = UpstreamCall(), UpstreamCall()
+    watch.watch(gone, lambda: True)
+    watch.watch(staying, lambda: False)
+    deadline = time.monotonic() + 2
+    while not gone.aborted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gone.aborted and not staying.aborted
+    watch.unwatch(staying)
+
+
+def test_silent_stream_is_closed_when_the_client_leaves(make_app, live_gateway, caplog):
+    def script(peer, conn):
+        conn.sendall(SSE_HEAD + chunk(EVENT))  # then nothing: llama.cpp busy with a long prompt, say
+        wait_for_close(peer, conn)
+
+    peer = BrokenPeer(script)
+    caplog.set_level(logging.INFO)
+    try:
+        parts = urlsplit(live_gateway(make_app(peer.url)))
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        conn.request("POST", CHAT, body=json.dumps({"stream": True, "messages": [{"role": "user", "content": "x"}]}),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        assert response.read1(65536).startswith(EVENT)
+        left = time.monotonic()
+        response.close()
+        conn.close()
+        assert peer.closed_by_client.wait(5), "the upstream stream stayed open after the client left"
+        assert time.monotonic() - left < 1.5
+    finally:
+        peer.close()
+    assert peer.requests == 1
+
+
+@pytest.mark.parametrize("path, body", [
+    (CHAT, {"messages": [{"role": "user", "content": "x"}]}),
+    ("/v1/embeddings", {"input": "x"}),
+])
+def test_unanswered_request_is_closed_when_the_client_leaves(make_app, live_gateway, caplog, path, body):
+    peer = BrokenPeer(wait_for_close)  # reads the request, then never answers
+    caplog.set_level(logging.INFO)
+    try:
+        parts = urlsplit(live_gateway(make_app(peer.url)))
+        payload = json.dumps(body).encode()
+        with socket.create_connection((parts.hostname, parts.port), timeout=5) as client:
+            client.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(payload), payload))
+            for _ in range(100):  # wait until the gateway has made its upstream call
+                if peer.requests:
+                    break
+                time.sleep(0.01)
+        left = time.monotonic()
+        assert peer.closed_by_client.wait(5), "the upstream call stayed open after the client left"
+        assert time.monotonic() - left < 1.5
+        time.sleep(0.3)
+    finally:
+        peer.close()
+    assert peer.requests == 1  # a call cut for a client that left is never retried
+    lines = [record for record in caplog.records if record.getMessage() == "request"]
+    assert lines and lines[-1].fields["status"] == 499 and lines[-1].fields["error"] == "client_closed_request"
+
+
+@pytest.fixture(scope="module")
+def slow_llama(tmp_path_factory):
+    """A real llama.cpp on a bigger random model: about 200 tokens/s here, so 4000 tokens take ~20 s."""
+    from service.llama.demo_model import write_demo_model
+    from service.llama.supervisor import LlamaSupervisor
+
+    path = write_demo_model(str(tmp_path_factory.mktemp("slow") / "slow.gguf"), embedding_size=512, layers=8,
+                            feed_forward_size=2048)
+    supervisor = LlamaSupervisor(path, ctx=8192, parallel=1, threads=1, embeddings=False, startup_timeout=60).start()
+    yield supervisor
+    supervisor.stop()
+
+
+def processing(llama) -> int:
+    """llamacpp:requests_processing from the upstream's own /metrics."""
+    import requests
+
+    for line in requests.get(llama.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith("llamacpp:requests_processing "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no llamacpp:requests_processing")
+
+
+def wait_processing(llama, expected, timeout) -> float:
+    """Seconds until requests_processing equals expected; fails after timeout."""
+    started = time.monotonic()
+    while processing(llama) != expected:
+        assert time.monotonic() - started < timeout, f"requests_processing never became {expected}"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+LONG = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True}
+
+
+@pytest.mark.llama
+def test_llama_stops_generating_when_the_stream_client_leaves(slow_llama, make_app, live_gateway):
+    # (A non-streamed generation is not cancelled by this llama.cpp build even when its connection closes:
+    # the gateway closes it at once, as the fake-upstream tests above show, but llama.cpp finishes the work.)
+    parts = urlsplit(live_gateway(make_app(slow_llama.url)))
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("POST", "/v1/completions", body=json.dumps({**LONG, "stream": True}),
+                 headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    assert response.read1(65536).startswith(b"data: ")  # a few events in
+    wait_processing(slow_llama, 1, timeout=10)
+    response.close()
+    conn.close()
+    # llama.cpp checks for a closed connection about once a second; the whole generation would take ~20 s.
+    assert wait_processing(slow_llama, 0, timeout=5) < 5

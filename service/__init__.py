@@ -8,6 +8,7 @@ from .api.health import init_health
 from .disconnect import DisconnectWatch
 from .config import SETTINGS_BY_NAME, ConfigError, load_settings, route_timeouts
 from .errors import register_error_handlers
+from .lifecycle import Lifecycle
 from .metrics import init_metrics
 from .policy import init_policy
 from .upstream import Upstream
@@ -34,7 +35,8 @@ def create_app(config=None) -> Flask:
         backoff_max=settings["UPSTREAM_BACKOFF_MAX_S"],
         api_key=settings["LLAMA_API_KEY"],
     )
-    app.extensions["disconnect_watch"] = DisconnectWatch()
+    app.extensions["disconnect_watch"] = watch = DisconnectWatch()
+    app.extensions["lifecycle"] = Lifecycle(watch)
     register_error_handlers(app)
     init_metrics(app, include_upstream=settings["METRICS_INCLUDE_UPSTREAM"])
     init_policy(app, settings)

@@ -16,15 +16,20 @@ _current = threading.local()
 
 
 class ClientGone(Exception):
-    """The upstream call was cut because its client had disconnected."""
+    """The upstream call was cut (its client disconnected, or the gateway is shutting down)."""
+
+
+# Why a call was cut.
+CLIENT_LEFT = "client_left"
+SHUTDOWN = "shutdown"
 
 
 class UpstreamCall:
-    """One upstream call, which the watcher can cut from its own thread."""
+    """One upstream call, which another thread can cut."""
 
     def __init__(self):
         self.sock = None  # the socket carrying it, once the request is sent
-        self.aborted = False
+        self.aborted = None  # why it was cut: CLIENT_LEFT or SHUTDOWN
 
     def __enter__(self):
         _current.call = self
@@ -39,9 +44,9 @@ class UpstreamCall:
         if self.aborted:
             self._shut()
 
-    def abort(self):
+    def abort(self, reason=CLIENT_LEFT):
         """Mark the call cut and shut its socket, which wakes the thread blocked reading from it."""
-        self.aborted = True
+        self.aborted = reason
         self._shut()
 
     def _shut(self):
@@ -59,7 +64,8 @@ def current_call():
 
 
 class DisconnectWatch:
-    """Polls the clients of watched calls every interval seconds, and cuts the calls of those that have gone."""
+    """Knows every upstream call in flight; polls the clients of those it can every interval seconds, and cuts
+    the calls of clients that have gone (or all calls, at shutdown)."""
 
     def __init__(self, interval_s=0.25):
         self.interval = interval_s
@@ -67,8 +73,8 @@ class DisconnectWatch:
         self._lock = threading.Lock()
         self._thread = None
 
-    def watch(self, call: UpstreamCall, client_gone) -> None:
-        """Cut call when client_gone() turns true, until unwatch(call)."""
+    def watch(self, call: UpstreamCall, client_gone=None) -> None:
+        """Track call until unwatch(call), and cut it when client_gone() (if given) turns true."""
         with self._lock:
             self._watched[call] = client_gone
             if self._thread is None:
@@ -85,9 +91,17 @@ class DisconnectWatch:
         while True:
             threading.Event().wait(self.interval)
             with self._lock:
-                gone = [call for call, client_gone in self._watched.items() if client_gone()]
+                gone = [call for call, client_gone in self._watched.items() if client_gone and client_gone()]
                 for call in gone:
                     del self._watched[call]
             for call in gone:
                 log.info("client disconnected; closing its llama-server call")
-                call.abort()
+                call.abort(CLIENT_LEFT)
+
+    def abort_all(self) -> int:
+        """Cut every call in flight (the shutdown grace is over); return how many."""
+        with self._lock:
+            calls = list(self._watched)
+        for call in calls:
+            call.abort(SHUTDOWN)
+        return len(calls)

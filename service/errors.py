@@ -88,6 +88,16 @@ class ClientClosedRequest(ApiError):
         super().__init__(message)
 
 
+class ShuttingDown(ApiError):
+    """The gateway is stopping: it takes no new requests, and ends the ones still running past the grace."""
+
+    status = 503
+    code = "server_shutting_down"
+
+    def __init__(self, message="The gateway is shutting down; retry on another instance or after its restart"):
+        super().__init__(message, headers={"Retry-After": "5", "Connection": "close"})
+
+
 class UpstreamError(ApiError):
     """llama-server could not give a usable answer; kind names the failure for metrics."""
 

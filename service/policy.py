@@ -43,6 +43,7 @@ def begin_request():
                                       request.path, time.perf_counter(),
                                       route=request.url_rule.rule if request.url_rule else "unmatched")
     current_app.extensions["gateway_metrics"].in_flight.inc()
+    current_app.extensions["lifecycle"].begin()
     if not _needs_key():
         return
     record.client_id = authenticate(current_app.extensions["keyring"])
@@ -67,6 +68,7 @@ def finish_request(response):
     record.status = response.status_code
     limiter = current_app.extensions["limiter"]
     metrics = current_app.extensions["gateway_metrics"]
+    lifecycle = current_app.extensions["lifecycle"]
 
     def on_close():
         # Runs when the server closes the body: after the last byte of a stream, or when its client left.
@@ -75,6 +77,7 @@ def finish_request(response):
         metrics.in_flight.dec()
         metrics.observe(record)
         record.log()
+        lifecycle.end()
 
     response.call_on_close(on_close)
     return response

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from flask import Response, current_app, g, request
 
 from .disconnect import UpstreamCall
-from .errors import ClientClosedRequest, UpstreamError
+from .errors import ClientClosedRequest, ShuttingDown, UpstreamError
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -25,11 +25,10 @@ def _upstream_headers(record) -> dict:
 
 
 def watched_call() -> UpstreamCall:
-    """An UpstreamCall that is cut if this request's client disconnects (where waitress can tell)."""
+    """An UpstreamCall that is cut if this request's client disconnects (where waitress can tell) or when the
+    gateway's shutdown grace runs out."""
     call = UpstreamCall()
-    client_gone = request.environ.get("waitress.client_disconnected")
-    if client_gone is not None:
-        current_app.extensions["disconnect_watch"].watch(call, client_gone)
+    current_app.extensions["disconnect_watch"].watch(call, request.environ.get("waitress.client_disconnected"))
     return call
 
 
@@ -114,6 +113,9 @@ def relay_events(stream: Stream):
             yield pending
     except ClientClosedRequest as gone:
         record.error = gone.code  # nobody is left to tell
+    except ShuttingDown as stopping:
+        record.error = stopping.code
+        yield sse_error_event(stopping)
     except UpstreamError as error:
         record.error, record.upstream_error = error.code, error.kind
         yield sse_error_event(error)
@@ -147,6 +149,6 @@ def _end_of_last_event(buffer: bytes) -> int:
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
-def sse_error_event(error: UpstreamError) -> bytes:
+def sse_error_event(error) -> bytes:
     """An OpenAI-style error event, which the openai SDK raises as an APIError."""
     return b"data: " + json.dumps(error.body()).encode() + b"\n\n"

@@ -3,13 +3,15 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 
 from . import create_app
 from .config import ConfigError, exit_on_config_error, load_settings, settings_summary
 from .llama.model_file import choose_model
 from .llama.supervisor import PROJECT_ROOT, LlamaStartError, LlamaSupervisor
 from .logs import configure_logging, uses_json
-from .wsgi_server import make_server
+from .wsgi_server import make_server, stop_listening, stop_server
 
 log = logging.getLogger("service")
 
@@ -79,9 +81,31 @@ def announce(settings, supervisor, model):
         log.warning("open access: no API key is configured (set OPENAI_API_KEY or OPENAI_API_KEYS)")
 
 
-def _stop_on_sigterm(signum, frame):
-    # waitress's loop ends on SystemExit; the finally blocks below then stop llama.cpp.
-    raise SystemExit(0)
+class StopRequest:
+    """Set by SIGTERM or Ctrl-C. A plain flag: a signal handler that took a lock could deadlock."""
+
+    requested = False
+
+    def __call__(self, signum, frame):
+        self.requested = True
+
+
+def run_until_stopped(app, server, settings, supervisor) -> None:
+    """Serve until SIGTERM or Ctrl-C, then shut down gracefully: refuse new work, drain, stop llama.cpp."""
+    stop = StopRequest()
+    signal.signal(signal.SIGTERM, stop)
+    loop = threading.Thread(target=server.run, name="waitress-loop", daemon=True)
+    loop.start()
+    try:
+        while not stop.requested and loop.is_alive():
+            time.sleep(0.1)
+    except KeyboardInterrupt:
+        pass
+    log.info("shutting down", extra={"fields": {"grace_s": settings["SHUTDOWN_GRACE_S"]}})
+    stop_listening(server)
+    app.extensions["lifecycle"].drain(settings["SHUTDOWN_GRACE_S"])
+    stop_server(server)
+    loop.join(5)
 
 
 def main() -> int:
@@ -89,7 +113,7 @@ def main() -> int:
     settings = load_environment()
     configure_logging(settings["LOG_LEVEL"], settings["LOG_FORMAT"])
     log.info("config", extra={"fields": settings_summary(settings)})
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # while llama.cpp loads: the finally stops it
     supervisor = model = None
     if not settings["LLAMA_SERVER_URL"]:
         supervisor, model = make_supervisor(settings)
@@ -101,8 +125,7 @@ def main() -> int:
         server = make_server(app, host=settings["API_HOST"], port=settings["API_PORT"],
                              threads=settings["WAITRESS_THREADS"], max_body_bytes=settings["MAX_BODY_BYTES"])
         announce(settings, supervisor, model)
-        server.run()  # returns on SIGTERM or Ctrl-C, after waitress stops its threads
-        server.close()
+        run_until_stopped(app, server, settings, supervisor)
     except LlamaStartError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

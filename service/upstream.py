@@ -14,9 +14,9 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
-from .disconnect import ClientGone, UpstreamCall, current_call
-from .errors import (ClientClosedRequest, UpstreamBadResponse, UpstreamError, UpstreamRejected, UpstreamTimeout,
-                     UpstreamUnavailable)
+from .disconnect import SHUTDOWN, ClientGone, UpstreamCall, current_call
+from .errors import (ClientClosedRequest, ShuttingDown, UpstreamBadResponse, UpstreamError, UpstreamRejected,
+                     UpstreamTimeout, UpstreamUnavailable)
 
 # What a relayed stream reads at most per socket read; read1 returns as soon as any bytes arrive.
 STREAM_READ_BYTES = 64 * 1024
@@ -128,10 +128,10 @@ class Upstream:
                 response = self.session.request(method, url, data=body, stream=stream, headers=headers,
                                                 timeout=(connect_timeout, read_timeout))
         except ClientGone:
-            raise ClientClosedRequest() from None
+            raise _cut(call) from None
         except requests.RequestException as error:
             if call is not None and call.aborted:
-                raise ClientClosedRequest() from None
+                raise _cut(call) from None
             if record is not None:
                 # Only connection failures are retried, and they surface only once every retry has failed.
                 record.retries = self.max_retries if isinstance(error, requests.ConnectionError) else 0
@@ -191,13 +191,18 @@ class Upstream:
             yield from _arriving_bytes(response.raw)
         except (Urllib3Error, OSError) as error:
             if call is not None and call.aborted:
-                raise ClientClosedRequest() from None
+                raise _cut(call) from None
             if isinstance(error, ReadTimeoutError):
                 raise UpstreamTimeout(f"llama-server went silent mid-stream for {read_timeout:g} s") from None
             raise UpstreamBadResponse(f"llama-server broke off the stream: {describe_connection_error(error)}") \
                 from None
         if call is not None and call.aborted:
-            raise ClientClosedRequest()
+            raise _cut(call)
+
+
+def _cut(call):
+    """The error for a call that another thread cut."""
+    return ShuttingDown() if call.aborted == SHUTDOWN else ClientClosedRequest()
 
 
 def _arriving_bytes(raw):

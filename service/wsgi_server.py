@@ -1,8 +1,10 @@
 """The waitress server the gateway runs in: its settings, its own errors in the OpenAI envelope, a clean stop."""
 import json
+import threading
 
 import waitress
 from waitress.channel import HTTPChannel
+from waitress import wasyncore
 from waitress.task import ErrorTask
 
 from .errors import error_body
@@ -49,6 +51,20 @@ def make_server(app, *, host, port, threads, max_body_bytes):
     for listener in _listeners(server):
         listener.channel_class = EnvelopeChannel
     return server
+
+
+def stop_listening(server):
+    """Close the listening sockets (in the loop's own thread), so that no new connection is accepted."""
+    listeners = _listeners(server)
+    done = threading.Event()
+
+    def close_listeners():
+        for listener in listeners:
+            wasyncore.dispatcher.close(listener)  # the listening socket only; not the loop's trigger
+        done.set()
+
+    listeners[0].trigger.pull_trigger(close_listeners)
+    done.wait(5)
 
 
 def stop_server(server):

@@ -1,0 +1,102 @@
+"""Graceful shutdown of bin/serve: no new connections, in-flight streams finish within the grace, the rest end
+with an error event, exit code 0."""
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import requests
+from werkzeug import Response
+
+from tests.test_serve import ServeProcess
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="sends SIGTERM")
+
+CHAT = "/v1/chat/completions"
+FIRST = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+LAST = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n'
+
+
+@pytest.fixture
+def slow_upstream(httpserver):
+    """A fake llama-server whose streams send one event, then wait for release before finishing."""
+    release = threading.Event()
+
+    def stream(request):
+        def events():
+            yield FIRST
+            release.wait(30)
+            yield LAST
+        return Response(events(), content_type="text/event-stream")
+
+    httpserver.expect_request(CHAT).respond_with_handler(stream)
+    yield httpserver.url_for("").rstrip("/"), release
+    release.set()
+
+
+def open_stream(serve):
+    response = requests.post(serve.url + CHAT, stream=True, timeout=30, json={
+        "stream": True, "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}})
+    chunks = response.iter_content(None)
+    assert next(chunks) == FIRST
+    return response, chunks
+
+
+def test_in_flight_stream_finishes_and_new_connections_are_refused(slow_upstream):
+    url, release = slow_upstream
+    serve = ServeProcess(LLAMA_SERVER_URL=url, SHUTDOWN_GRACE_S="20")
+    try:
+        serve.wait_for_event("ready")
+        response, chunks = open_stream(serve)
+        serve.process.send_signal(signal.SIGTERM)
+        assert serve.wait_for_event("draining")["in_flight"] == 1
+        with pytest.raises(requests.ConnectionError):
+            requests.get(serve.url + "/health", timeout=5)
+        assert serve.process.poll() is None  # still waiting for the stream
+        release.set()
+        assert b"".join(chunks) == LAST  # the stream ended normally, nothing cut
+        response.close()
+        assert serve.process.wait(10) == 0
+        serve.wait_for_event("stopped")
+    finally:
+        serve.stop(signal.SIGKILL)
+
+
+def test_streams_past_the_grace_end_with_an_error_event(slow_upstream):
+    url, _ = slow_upstream
+    serve = ServeProcess(LLAMA_SERVER_URL=url, SHUTDOWN_GRACE_S="0.5")
+    try:
+        serve.wait_for_event("ready")
+        response, chunks = open_stream(serve)
+        stopped_at = time.monotonic()
+        serve.process.send_signal(signal.SIGTERM)
+        rest = b"".join(chunks)
+        error = json.loads(rest.strip()[len(b"data: "):])["error"]
+        assert error["code"] == "server_shutting_down"
+        assert serve.process.wait(10) == 0
+        assert time.monotonic() - stopped_at < 8
+        assert serve.wait_for_event("grace period over; ending requests")["upstream_calls_cut"] == 1
+    finally:
+        serve.stop(signal.SIGKILL)
+
+
+def test_idle_gateway_stops_at_once(slow_upstream):
+    url, _ = slow_upstream
+    serve = ServeProcess(LLAMA_SERVER_URL=url, SHUTDOWN_GRACE_S="30")
+    try:
+        serve.wait_for_event("ready")
+        started = time.monotonic()
+        assert serve.stop() == 0
+        assert time.monotonic() - started < 5
+    finally:
+        serve.stop(signal.SIGKILL)
+
+
+def test_requests_while_draining_get_503(fake_client, fake_app):
+    fake_app.extensions["lifecycle"].draining = True
+    response = fake_client.get("/v1/models")
+    assert response.status_code == 503
+    assert response.get_json()["error"]["code"] == "server_shutting_down"
+    assert response.headers["Connection"] == "close" and response.headers["Retry-After"]

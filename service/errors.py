@@ -95,7 +95,7 @@ class ShuttingDown(ApiError):
     code = "server_shutting_down"
 
     def __init__(self, message="The gateway is shutting down; retry on another instance or after its restart"):
-        super().__init__(message, headers={"Retry-After": "5", "Connection": "close"})
+        super().__init__(message, headers={"Retry-After": "5"})
 
 
 class UpstreamError(ApiError):

@@ -10,6 +10,7 @@ from .config import SETTINGS_BY_NAME, ConfigError, load_settings, route_timeouts
 from .errors import register_error_handlers
 from .lifecycle import Lifecycle
 from .metrics import init_metrics
+from .openapi import init_openapi
 from .policy import init_policy
 from .upstream import Upstream
 
@@ -41,5 +42,6 @@ def create_app(config=None) -> Flask:
     init_metrics(app, include_upstream=settings["METRICS_INCLUDE_UPSTREAM"])
     init_policy(app, settings)
     init_health(app, settings["HEALTH_CACHE_S"])
+    init_openapi(app, __version__)
     register_blueprints(app)
     return app

@@ -9,7 +9,7 @@ from .limits import WINDOW_S, Limits, RateLimited, RateLimiter
 from .request_log import RequestRecord, request_id_from
 
 # Reachable without a key: load balancers and probes poll it.
-PUBLIC_PATHS = ("/health",)
+PUBLIC_PATHS = ("/health", "/openapi.json")
 
 RATE_LIMIT_HEADERS = [f"x-ratelimit-{kind}-{unit}" for unit in ("requests", "tokens")
                       for kind in ("limit", "remaining", "reset")]

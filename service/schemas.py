@@ -27,6 +27,8 @@ class JsonInteger(fields.Integer):
 class JsonBoolean(fields.Field):
     """A JSON true or false: not 1, not "true"."""
 
+    openapi = {"type": "boolean"}
+
     default_error_messages = {"invalid": "Not a valid boolean (true or false)."}
 
     def _deserialize(self, value, attr, data, **kwargs):
@@ -40,8 +42,13 @@ def _is_token_ids(value):
                                                            for t in value)
 
 
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer"}}
+
+
 class StopSequences(fields.Field):
     """OpenAI's stop: a string or a list of strings."""
+
+    openapi = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value)):
@@ -51,6 +58,9 @@ class StopSequences(fields.Field):
 
 class Prompt(fields.Field):
     """A completions prompt: a string, a list of strings, a list of token ids, or a list of those."""
+
+    openapi = {"oneOf": [{"type": "string"}, _TOKEN_IDS,
+                         {"type": "array", "minItems": 1, "items": {"oneOf": [{"type": "string"}, _TOKEN_IDS]}}]}
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, str) or _is_token_ids(value):
@@ -62,6 +72,10 @@ class Prompt(fields.Field):
 
 class EmbeddingInput(fields.Field):
     """Embeddings input: a non-empty string, list of non-empty strings, list of token ids, or list of those."""
+
+    openapi = {"oneOf": [{"type": "string", "minLength": 1}, _TOKEN_IDS,
+                         {"type": "array", "minItems": 1,
+                          "items": {"oneOf": [{"type": "string", "minLength": 1}, _TOKEN_IDS]}}]}
 
     def _deserialize(self, value, attr, data, **kwargs):
         if isinstance(value, str):
@@ -150,6 +164,21 @@ class EmbeddingSchema(OpenSchema):
     encoding_format = _optional(fields.String, validate=validate.OneOf(["float", "base64"]))
     dimensions = _optional(JsonInteger, validate=validate.Range(min=1))
     user = _optional(fields.String)
+
+
+class ErrorDetailSchema(Schema):
+    """The inside of the OpenAI error envelope."""
+
+    message = fields.String(required=True)
+    type = fields.String(required=True)
+    param = fields.String(required=True, allow_none=True)
+    code = fields.String(required=True, allow_none=True)
+
+
+class ErrorSchema(Schema):
+    """Every error the gateway answers: {"error": {"message", "type", "param", "code"}}."""
+
+    error = fields.Nested(ErrorDetailSchema, required=True)
 
 
 def first_error(errors: dict) -> tuple:

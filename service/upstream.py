@@ -221,7 +221,8 @@ def _client_error_type(upstream_type):
 
 
 def _upstream_error_message(response):
-    """Return llama.cpp's error message and type from an error answer, or a short description of the body."""
+    """Return llama.cpp's error message and type from an error answer. A body that is not llama.cpp's error
+    JSON is described, never quoted: it could echo the prompt into messages and logs."""
     try:
         error = response.json().get("error")
     except (ValueError, AttributeError):
@@ -230,8 +231,8 @@ def _upstream_error_message(response):
         return str(error["message"]), error.get("type")
     if isinstance(error, str):
         return error, None
-    text = response.text.strip()
-    return (text[:200] if text else f"HTTP {response.status_code} with an empty body"), None
+    kind = response.headers.get("Content-Type", "no content type").split(";")[0]
+    return f"an answer of {len(response.content)} bytes ({kind}) that is not an error object", None
 
 
 def describe_connection_error(error) -> str:

@@ -168,3 +168,42 @@ def test_client_going_away_closes_the_upstream_connection(make_app, live_gateway
         assert peer.closed_by_client.wait(5), "the gateway kept the upstream stream open after the client left"
     finally:
         peer.close()
+
+
+def test_more_streams_than_threads_wait_their_turn(make_app, live_gateway):
+    release = threading.Event()
+
+    def script(peer, conn):
+        conn.sendall(SSE_HEAD + chunk(EVENT_1))
+        release.wait(10)
+        conn.sendall(chunk(EVENT_2 + DONE) + chunk(b""))
+
+    peer = BrokenPeer(script)
+    base = live_gateway(make_app(peer.url), threads=2)
+    results, first_bytes = {}, {}
+
+    def client(name):
+        conn, response = open_stream(base)
+        first_bytes[name] = (time.monotonic(), read_until(response, b"\n\n"))
+        results[name] = read_all(response)
+        conn.close()
+
+    try:
+        clients = [threading.Thread(target=client, args=(n,)) for n in range(3)]
+        for thread in clients:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while len(first_bytes) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        assert len(first_bytes) == 2  # two threads, two streams; the third waits in waitress's queue
+        released_at = time.monotonic()
+        release.set()
+        for thread in clients:
+            thread.join(10)
+    finally:
+        peer.close()
+    assert sorted(results) == [0, 1, 2]  # nobody hung, nobody was dropped
+    assert all(first + rest == EVENT_1 + EVENT_2 + DONE for (_, first), rest in
+               zip((first_bytes[n] for n in range(3)), (results[n] for n in range(3))))
+    assert max(stamp for stamp, _ in first_bytes.values()) >= released_at  # the third started after a thread freed

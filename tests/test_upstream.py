@@ -111,6 +111,13 @@ def test_context_overflow_gets_openai_code(fake_client, httpserver):
     assert error["type"] == "invalid_request_error"
 
 
+def test_a_non_json_error_body_is_described_not_quoted(fake_client, httpserver):
+    httpserver.expect_request(CHAT).respond_with_data("echo: my secret prompt", status=500, content_type="text/plain")
+    error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
+    assert "secret" not in error["message"]
+    assert "HTTP 500" in error["message"] and "text/plain" in error["message"]
+
+
 def test_upstream_500_is_502_naming_it(fake_client, httpserver):
     httpserver.expect_request(CHAT).respond_with_json({"error": {"code": 500, "message": "boom"}}, status=500)
     error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)

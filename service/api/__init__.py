@@ -1,7 +1,8 @@
 """The gateway's endpoints, one blueprint per endpoint."""
+from .. import openapi
 from . import chat, completions, embeddings, health, models
 
-BLUEPRINTS = (health.bp, models.bp, chat.bp, completions.bp, embeddings.bp)
+BLUEPRINTS = (health.bp, models.bp, chat.bp, completions.bp, embeddings.bp, openapi.bp)
 
 
 def register_blueprints(app):

@@ -1,6 +1,7 @@
 """The waitress server the gateway runs in: its settings, its own errors in the OpenAI envelope, a clean stop."""
 import json
 import threading
+import time
 
 import waitress
 from waitress.channel import HTTPChannel
@@ -67,13 +68,19 @@ def stop_listening(server):
     done.wait(5)
 
 
-def stop_server(server):
-    """Stop a running server from another thread: close every socket in its own loop thread, so run() returns."""
+def stop_server(server, timeout_s=5.0):
+    """Stop a running server from another thread: let its threads finish and its output reach the clients (the
+    app's close() runs before waitress writes a stream's last chunk), then close every socket in the loop's own
+    thread, so that run() returns."""
     listener = _listeners(server)[0]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (server.task_dispatcher.active_count or any(
+            getattr(channel, "total_outbufs_len", 0) for channel in list(listener._map.values()))):
+        time.sleep(0.01)
 
     def close_all():
         for channel in list(listener._map.values()):
             channel.close()
 
-    server.task_dispatcher.shutdown(timeout=5)
+    server.task_dispatcher.shutdown(timeout=timeout_s)
     listener.trigger.pull_trigger(close_all)

@@ -1,6 +1,7 @@
 """Shared fixtures: a real llama.cpp on the generated demo model, apps, live waitress servers, fake upstreams."""
 import contextlib
 import threading
+import time
 
 import pytest
 
@@ -67,6 +68,16 @@ def fake_client(fake_app):
     return fake_app.test_client()
 
 
+def thread_stacks() -> str:
+    """Every thread's stack, for a failure message."""
+    import sys
+    import traceback
+
+    names = {thread.ident: thread.name for thread in threading.enumerate()}
+    return "\n".join(f"--- {names.get(ident, ident)}\n" + "".join(traceback.format_stack(frame))
+                     for ident, frame in sys._current_frames().items())
+
+
 @contextlib.contextmanager
 def serving(app, threads=4):
     """Serve app with waitress on a free loopback port in a thread; yield its base URL."""
@@ -75,6 +86,11 @@ def serving(app, threads=4):
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.effective_port}"
+        # Whatever the test did to it, every waitress thread must come back to idle.
+        deadline = time.monotonic() + 5
+        while server.task_dispatcher.active_count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.task_dispatcher.active_count == 0, "a waitress thread is still busy:\n" + thread_stacks()
     finally:
         stop_server(server)
         thread.join(5)

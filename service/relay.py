@@ -54,7 +54,8 @@ def proxy_generation(path: str, group: str, raw: bytes, body: dict) -> Response:
     # Text completion streams always end with usage; chat streams only when asked.
     strip_usage = group == "chat" and not _asks_for_usage(body)
     if strip_usage:
-        raw = json.dumps({**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}})
+        raw = json.dumps({**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}},
+                         ensure_ascii=False).encode()
     call = watched_call()
     watch = current_app.extensions["disconnect_watch"]
     try:

@@ -1,7 +1,10 @@
-"""A raw-socket fake upstream for the faults pytest-httpserver cannot make: resets and hangs mid-stream."""
+"""Fake upstreams: a raw-socket peer for the faults pytest-httpserver cannot make (resets, hangs mid-stream),
+and a pytest-httpserver handler for streams that wait for the test."""
 import socket
 import struct
 import threading
+
+from werkzeug import Response
 
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
             b"Connection: close\r\n\r\n")
@@ -73,3 +76,14 @@ def read_request(conn) -> bytes:
             break
         body += more
     return head + b"\r\n\r\n" + body
+
+
+def gated_stream(first: bytes, rest: bytes, release: threading.Event, wait_s: float = 10):
+    """A pytest-httpserver handler that streams first, waits until release is set, then streams rest."""
+    def handle(request):
+        def events():
+            yield first
+            release.wait(wait_s)
+            yield rest
+        return Response(events(), content_type="text/event-stream")
+    return handle

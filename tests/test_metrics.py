@@ -6,6 +6,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 from werkzeug import Response
 
+from tests.fakes import gated_stream
 from tests.test_upstream import LOADING, unused_port_url
 
 CHAT = "/v1/chat/completions"
@@ -121,15 +122,9 @@ def test_rate_limit_rejections_by_client_and_limit(keyed, httpserver):
 
 def test_stream_gauges_and_time_to_first_token(make_app, httpserver, live_gateway):
     release = threading.Event()
-
-    def stream(request):
-        def events():
-            yield b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n'
-            release.wait(5)
-            yield b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\ndata: [DONE]\n\n'
-        return Response(events(), content_type="text/event-stream")
-
-    httpserver.expect_request(CHAT).respond_with_handler(stream)
+    httpserver.expect_request(CHAT).respond_with_handler(gated_stream(
+        b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n',
+        b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":1}}\n\ndata: [DONE]\n\n', release))
     app = make_app(httpserver.url_for("").rstrip("/"))
     base = live_gateway(app)
     response = requests.post(base + CHAT, json={**CHAT_BODY, "stream": True}, stream=True, timeout=10)

@@ -7,6 +7,7 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
+from tests.fakes import gated_stream
 from tests.test_errors import assert_envelope
 
 CHAT = "/v1/chat/completions"
@@ -75,17 +76,8 @@ def test_rate_limit_headers_on_every_authenticated_response(limited):
 
 def test_concurrency_limit_holds_until_the_stream_ends(make_app, httpserver, live_gateway):
     release = threading.Event()
-
-    def slow_stream(request):
-        from werkzeug import Response
-
-        def events():
-            yield b'data: {"choices":[]}\n\n'
-            release.wait(5)
-            yield b"data: [DONE]\n\n"
-        return Response(events(), content_type="text/event-stream")
-
-    httpserver.expect_request(CHAT).respond_with_handler(slow_stream)
+    httpserver.expect_request(CHAT).respond_with_handler(
+        gated_stream(b'data: {"choices":[]}\n\n', b"data: [DONE]\n\n", release))
     httpserver.expect_request("/v1/models").respond_with_json({"data": [{"id": "m"}]})
     base = live_gateway(make_app(httpserver.url_for("").rstrip("/"), **KEYS, RATE_LIMIT_CONCURRENT="1"), threads=4)
     stream = requests.post(base + CHAT, json={**CHAT_BODY, "stream": True}, headers=TEAM_A, stream=True, timeout=10)

@@ -8,8 +8,8 @@ import time
 
 import pytest
 import requests
-from werkzeug import Response
 
+from tests.fakes import gated_stream
 from tests.test_serve import ServeProcess
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="sends SIGTERM")
@@ -23,15 +23,7 @@ LAST = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\nda
 def slow_upstream(httpserver):
     """A fake llama-server whose streams send one event, then wait for release before finishing."""
     release = threading.Event()
-
-    def stream(request):
-        def events():
-            yield FIRST
-            release.wait(30)
-            yield LAST
-        return Response(events(), content_type="text/event-stream")
-
-    httpserver.expect_request(CHAT).respond_with_handler(stream)
+    httpserver.expect_request(CHAT).respond_with_handler(gated_stream(FIRST, LAST, release, wait_s=30))
     yield httpserver.url_for("").rstrip("/"), release
     release.set()
 

@@ -26,7 +26,8 @@ def create_app(config=None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings["MAX_BODY_BYTES"]
     app.json.sort_keys = False
     if not settings["LLAMA_SERVER_URL"]:
-        raise ConfigError("LLAMA_SERVER_URL: create_app needs the upstream's URL (bin/serve sets it after starting llama.cpp)")
+        raise ConfigError("LLAMA_SERVER_URL: create_app needs the upstream's URL "
+                          "(bin/serve sets it after starting llama.cpp)")
     app.extensions["upstream"] = Upstream(
         settings["LLAMA_SERVER_URL"],
         timeouts=route_timeouts(settings),

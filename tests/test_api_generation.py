@@ -18,7 +18,8 @@ def sse_events(data: bytes) -> list:
 
 
 def test_chat_completion(llama_client):
-    response = llama_client.post("/v1/chat/completions", json={"model": "llama", "messages": USER, "max_tokens": 5, **EXACT})
+    response = llama_client.post("/v1/chat/completions",
+                                 json={"model": "llama", "messages": USER, "max_tokens": 5, **EXACT})
     assert response.status_code == 200
     body = response.get_json()
     assert body["object"] == "chat.completion"

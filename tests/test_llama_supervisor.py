@@ -27,6 +27,15 @@ def test_choose_model_prefers_setting_then_models_dir_then_demo(tmp_path):
     assert (found.source, os.path.basename(found.path), found.is_demo) == ("models/", "real.gguf", False)
 
 
+def test_llama_http_threads_cover_the_gateway_pool():
+    from service.config import load_settings
+
+    supervisor = LlamaSupervisor.from_settings(load_settings({"WAITRESS_THREADS": "10"}), "/m.gguf")
+    command = supervisor.command()
+    assert command[command.index("--threads-http") + 1] == "14"
+    assert command[command.index("--alias") + 1] == "m"
+
+
 def test_missing_binary_is_a_clear_error():
     with pytest.raises(LlamaStartError, match="LLAMA_SERVER_BIN"):
         find_binary("/no/such/llama-server")

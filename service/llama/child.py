@@ -27,6 +27,7 @@ def parse_args(argv):
     parser.add_argument("--pooling", choices=["mean"])
     parser.add_argument("--metrics", action="store_true")
     parser.add_argument("--alias")
+    parser.add_argument("--threads-http", type=int)
     parser.add_argument("--exit-with-stdin", action="store_true",
                         help="exit when stdin closes (the supervisor's pipe: its end closes when it dies)")
     return parser.parse_args(argv)
@@ -54,6 +55,8 @@ def server_params(args):
         params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
     if args.alias:
         params.model_alias = {args.alias}
+    if args.threads_http:
+        params.n_threads_http = args.threads_http
     params.endpoint_metrics = args.metrics
     return params
 

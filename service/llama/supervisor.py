@@ -54,7 +54,8 @@ class LlamaSupervisor:
     """One supervised llama.cpp server for one model file."""
 
     def __init__(self, model_path, *, host="127.0.0.1", port=None, ctx=4096, parallel=2, threads=None,
-                 threads_batch=None, batch=None, embeddings=True, binary=None, startup_timeout=300.0):
+                 threads_batch=None, batch=None, threads_http=12, embeddings=True, binary=None,
+                 startup_timeout=300.0):
         self.model_path = model_path
         self.host = host
         self.port = port or free_port(host)
@@ -64,7 +65,10 @@ class LlamaSupervisor:
                       "--parallel", str(parallel), "--metrics",
                       # The model's id in /v1/models: its file name without .gguf, never its full path.
                       "--alias", os.path.splitext(os.path.basename(model_path))[0]]
-        for flag, value in (("--threads", threads), ("--threads-batch", threads_batch), ("--batch-size", batch)):
+        # llama.cpp's HTTP server ties a thread to each kept-alive connection until it has been idle for 5 s;
+        # with fewer threads than the gateway pools connections, a new one waits those 5 s for a thread.
+        for flag, value in (("--threads", threads), ("--threads-batch", threads_batch), ("--batch-size", batch),
+                            ("--threads-http", threads_http)):
             if value:
                 self.flags += [flag, str(value)]
         if embeddings:
@@ -81,6 +85,7 @@ class LlamaSupervisor:
         return cls(model_path, host=settings["LLAMA_HOST"], port=settings["LLAMA_PORT"], ctx=settings["LLAMA_CTX"],
                    parallel=settings["LLAMA_PARALLEL"], threads=settings["LLAMA_THREADS"],
                    threads_batch=settings["LLAMA_THREADS_BATCH"], batch=settings["LLAMA_N_BATCH"],
+                   threads_http=settings["LLAMA_THREADS_HTTP"] or settings["WAITRESS_THREADS"] + 4,
                    embeddings=settings["LLAMA_EMBEDDINGS"], binary=find_binary(settings["LLAMA_SERVER_BIN"]),
                    startup_timeout=settings["LLAMA_STARTUP_TIMEOUT_S"])
 

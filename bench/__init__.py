@@ -1,0 +1,1 @@
+"""Load testing and benchmarks of the gateway (never imported by service/)."""

@@ -93,8 +93,9 @@ class UpstreamMetricsCollector:
 def init_metrics(app, include_upstream=False) -> GatewayMetrics:
     """Serve /metrics for app from a registry of its own (so that several apps can live in one process)."""
     registry = CollectorRegistry()
-    exporter = PrometheusMetrics(app, registry=registry, group_by="url_rule", defaults_prefix="flask",
-                                 buckets=LATENCY_BUCKETS)
+    # The exporter serves /metrics; its default per-request metrics would only repeat gateway_requests_total
+    # and gateway_request_duration_seconds, at a cost on every request.
+    exporter = PrometheusMetrics(app, registry=registry, export_defaults=False)
     gateway = GatewayMetrics(registry)
     if include_upstream:
         registry.register(UpstreamMetricsCollector(app.extensions["upstream"]))

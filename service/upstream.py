@@ -95,6 +95,9 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts
         self.session = requests.Session()
+        # Not from the environment: HTTP_PROXY and friends must not reroute calls to a llama-server next door,
+        # and requests would otherwise re-read the whole environment (and look for .netrc) on every call.
+        self.session.trust_env = False
         self.session.headers.update({"Accept-Encoding": "identity", "Content-Type": "application/json"})
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"

@@ -1,0 +1,49 @@
+"""bin/loadtest and bin/bench keep working: they run and report (no speed is asserted here; bin/bench does that)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bench.loadtest import main as loadtest_main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("stream", [False, True])
+def test_loadtest_reports_on_the_gateway(llama_app, live_gateway, tmp_path, capsys, stream):
+    out = tmp_path / "summary.json"
+    args = ["--url", live_gateway(llama_app), "--requests", "6", "--concurrency", "2", "--max-tokens", "4",
+            "--api-key", "local", "--json", str(out)] + (["--stream"] if stream else [])
+    assert loadtest_main(args) == 0
+    summary = json.loads(out.read_text())
+    assert summary["requests"] == summary["ok"] == 6 and summary["errors"] == {}
+    assert summary["latency_ms"]["p50"] > 0 and summary["requests_per_s"] > 0
+    assert ("ttft_ms" in summary) is stream
+    printed = capsys.readouterr().out
+    assert "requests/s" in printed and "latency p99 (ms)" in printed
+
+
+def test_loadtest_counts_errors_by_status(make_app, httpserver, live_gateway, tmp_path):
+    httpserver.expect_request("/v1/chat/completions").respond_with_json({"error": {"message": "no"}}, status=400)
+    out = tmp_path / "summary.json"
+    assert loadtest_main(["--url", live_gateway(make_app(httpserver.url_for("").rstrip("/"))), "--requests", "3",
+                          "--concurrency", "1", "--json", str(out)]) == 1
+    assert json.loads(out.read_text())["errors"] == {"400": 3}
+
+
+@pytest.mark.llama
+def test_bench_quick_runs_and_reports(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bin", "bench"), "--quick", "--json", str(out)],
+                            capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    assert set(figures["load"]) == {"direct", "bare", "gateway"}
+    assert not any(target["errors"] for target in figures["load"].values())
+    assert set(figures["verdicts"]) >= {"overhead_ratio_c1", "throughput_share_c16", "added_ttft_ms",
+                                        "added_ms_per_chunk", "rss_mib", "start_s", "no_memory_growth"}
+    assert figures["streaming"]["gateway"]["events"] == figures["streaming"]["direct"]["events"] == 21
+    assert "| goal | measured | target | met |" in result.stdout

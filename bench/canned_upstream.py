@@ -58,8 +58,9 @@ class Canned(asyncio.Protocol):
             self.busy = True
             chunks = re.search(rb'"bench_chunks": ?(\d+)', body)
             delay = re.search(rb'"bench_delay_ms": ?([\d.]+)', body)
-            asyncio.get_running_loop().create_task(self._stream(int(chunks.group(1)) if chunks else self.chunks,
-                                                                float(delay.group(1)) / 1000 if delay else self.delay_s))
+            chunks = int(chunks.group(1)) if chunks else self.chunks
+            delay_s = float(delay.group(1)) / 1000 if delay else self.delay_s
+            asyncio.get_running_loop().create_task(self._stream(chunks, delay_s))
             return
         if path.startswith(b"/v1/chat/completions") or path.startswith(b"/v1/completions"):
             self.transport.write(_response(b"200 OK", COMPLETION))

@@ -169,7 +169,7 @@ def measure(quick=False) -> dict:
         wait_up(urls["gateway"] + "/health")
         start_s = time.monotonic() - started
         targets = {"direct": urls["upstream"], "bare": urls["bare"], "gateway": urls["gateway"]}
-        load, generator = load_rounds(targets, rounds=1 if quick else 3, seconds=1 if quick else 4)
+        load, generator = load_rounds(targets, rounds=1 if quick else 5, seconds=1 if quick else 4)
         streams = 5 if quick else 40
         streaming = {name: stream_round(targets[name], streams, chunks=20, delay_ms=5)
                      for name in ("direct", "gateway")}

@@ -48,6 +48,12 @@ def uses_json(log_format: str, stream=None) -> bool:
 
 def configure_logging(level: str = "INFO", log_format: str = "auto"):
     """Send every log line to stderr in one format at level; keep chatty libraries at WARNING."""
+    # The logging HOWTO's optimizations: no line writes thread, process or source-file names, so do not
+    # collect them for every record (the request line is on every request's path).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if uses_json(log_format) else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)

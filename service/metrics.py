@@ -44,29 +44,41 @@ class GatewayMetrics:
                                  registry=registry)
         self.build_info = Gauge("gateway_build_info", "The gateway's build", ["version", "python"], registry=registry)
         self.build_info.labels(version=__import__("service").__version__, python=platform.python_version()).set(1)
+        self._route_children, self._request_children, self._token_children = {}, {}, {}
 
     def observe(self, record):
         """Count one finished request from its record."""
-        route = record.route
-        client = record.client_id or "none"
-        self.requests.labels(route, str(record.status), client).inc()
-        self.duration.labels(route).observe(record.elapsed_ms() / 1000)
+        route, client = record.route, record.client_id or "none"
+        per_route = self._route_children.get(route)
+        if per_route is None:
+            # labels() takes a lock and hashes every call: look each label set up once (their number is bounded).
+            per_route = self._route_children[route] = (self.duration.labels(route), self.ttft.labels(route),
+                                                        self.upstream_duration.labels(route))
+        duration, ttft, upstream_duration = per_route
+        key = (route, record.status, client)
+        requests = self._request_children.get(key)
+        if requests is None:
+            requests = self._request_children[key] = self.requests.labels(route, str(record.status), client)
+        requests.inc()
+        duration.observe(record.elapsed_ms() / 1000)
         if record.ttft_ms is not None:
-            self.ttft.labels(route).observe(record.ttft_ms / 1000)
+            ttft.observe(record.ttft_ms / 1000)
         if record.upstream_ms is not None:
-            self.upstream_duration.labels(route).observe(record.upstream_ms / 1000)
+            upstream_duration.observe(record.upstream_ms / 1000)
+            self.upstream_up.set(0 if record.upstream_error in UNREACHABLE else 1)
         if record.upstream_error:
             self.upstream_errors.labels(record.upstream_error).inc()
         if record.retries:
             self.retries.inc(record.retries)
         if record.rate_limited:
             self.rate_limited.labels(client, record.rate_limited).inc()
-        if isinstance(record.prompt_tokens, int):
-            self.tokens.labels(client, "prompt").inc(record.prompt_tokens)
-        if isinstance(record.completion_tokens, int):
-            self.tokens.labels(client, "completion").inc(record.completion_tokens)
-        if record.upstream_ms is not None:
-            self.upstream_up.set(0 if record.upstream_error in UNREACHABLE else 1)
+        if isinstance(record.prompt_tokens, int) or isinstance(record.completion_tokens, int):
+            prompt, completion = self._token_children.get(client) or self._token_children.setdefault(
+                client, (self.tokens.labels(client, "prompt"), self.tokens.labels(client, "completion")))
+            if isinstance(record.prompt_tokens, int):
+                prompt.inc(record.prompt_tokens)
+            if isinstance(record.completion_tokens, int):
+                completion.inc(record.completion_tokens)
 
 
 # Upstream failures that mean llama-server is not there to serve.

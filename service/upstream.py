@@ -18,7 +18,7 @@ from .disconnect import SHUTDOWN, ClientGone, UpstreamCall, current_call
 from .errors import (ClientClosedRequest, ShuttingDown, UpstreamBadResponse, UpstreamError, UpstreamRejected,
                      UpstreamTimeout, UpstreamUnavailable)
 
-# What a relayed stream reads at most per socket read; read1 returns as soon as any bytes arrive.
+# What a relayed non-chunked stream reads at most per socket read; read1 returns as soon as any bytes arrive.
 STREAM_READ_BYTES = 64 * 1024
 
 # llama.cpp's error types that have an OpenAI error code of their own.
@@ -26,11 +26,12 @@ UPSTREAM_ERROR_CODES = {"exceed_context_size_error": "context_length_exceeded"}
 
 
 class UpstreamRetry(Retry):
-    """urllib3's Retry, with two changes for llama-server.
+    """urllib3's Retry, with three changes for llama-server.
 
     A connection closed before any byte of an answer (a kept-alive connection the server had just dropped)
-    counts as a connect failure, so it is retried: the server never took that request. And an upstream's
-    Retry-After never waits longer than backoff_max.
+    counts as a connect failure, so it is retried: the server never took that request. A call cut because
+    its client left (or the gateway is stopping) is never retried. And an upstream's Retry-After never waits
+    longer than backoff_max.
     """
 
     def increment(self, *args, **kwargs):

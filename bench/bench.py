@@ -172,7 +172,7 @@ def measure(quick=False) -> dict:
         load, generator = load_rounds(targets, rounds=1 if quick else 5, seconds=1 if quick else 4)
         streams = 5 if quick else 40
         streaming = {name: stream_round(targets[name], streams, chunks=20, delay_ms=5)
-                     for name in ("direct", "gateway")}
+                     for name in ("direct", "bare", "gateway")}
         memory = memory_round(gateway.pid, urls["gateway"], *((500, 1000) if quick else (10000, 20000)))
         llama = llama_round(3 if quick else 20, log)
         return {"load": load, "generator": generator, "streaming": streaming, "memory": memory,
@@ -212,6 +212,9 @@ def verdicts(figures) -> dict:
         limit = GOALS[goal]
         met = value >= limit if goal == "throughput_share_c16" else value <= limit
         result[goal] = {"value": round(value, 3), "goal": limit, "met": met}
+    result["added_ttft_over_bare_ms"] = {
+        "value": round(stream["gateway"]["ttft_ms"] - stream["bare"]["ttft_ms"], 3),
+        "goal": "(for reading added_ttft_ms: the bare passthrough's own share is the rest)", "met": True}
     result["no_memory_growth"] = {"value": round(rss[1] - rss[0], 1), "goal": "<= 2 MiB from 10k to 20k requests",
                                   "met": rss[1] - rss[0] <= 2.0}
     result["no_chunk_held_back"] = {"value": round(stream["gateway"]["max_gap_ms"], 2),
@@ -232,7 +235,7 @@ def report(figures) -> str:
     stream = figures["streaming"]
     lines += ["", "| stream (20 events 5 ms apart, and usage) | time to first event (ms) | whole stream (ms) "
               "| largest gap (ms) |", "|---|---|---|---|"]
-    for name in ("direct", "gateway"):
+    for name in ("direct", "bare", "gateway"):
         s = stream[name]
         lines.append(f"| {name} | {s['ttft_ms']:.2f} | {s['total_ms']:.2f} | {s['max_gap_ms']:.2f} |")
     llama = figures["llama_stream"]

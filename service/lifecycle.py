@@ -3,8 +3,6 @@ import logging
 import threading
 import time
 
-from flask import current_app
-
 from .errors import ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -61,7 +59,3 @@ class Lifecycle:
         # Cut calls end within moments: streams send their error event and close.
         self.wait_idle(5)
 
-
-def get_lifecycle() -> Lifecycle:
-    """The app's Lifecycle."""
-    return current_app.extensions["lifecycle"]

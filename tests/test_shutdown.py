@@ -28,6 +28,22 @@ def slow_upstream(httpserver):
     release.set()
 
 
+@pytest.fixture
+def gateway(slow_upstream):
+    """Start bin/serve in front of the slow upstream with a shutdown grace; killed at the end whatever happened."""
+    started = []
+
+    def start(grace_s):
+        serve = ServeProcess(LLAMA_SERVER_URL=slow_upstream[0], SHUTDOWN_GRACE_S=grace_s)
+        started.append(serve)
+        serve.wait_for_event("ready")
+        return serve
+
+    yield start
+    for serve in started:
+        serve.stop(signal.SIGKILL)
+
+
 def open_stream(serve):
     response = requests.post(serve.url + CHAT, stream=True, timeout=30, json={
         "stream": True, "messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": True}})
@@ -36,54 +52,39 @@ def open_stream(serve):
     return response, chunks
 
 
-def test_in_flight_stream_finishes_and_new_connections_are_refused(slow_upstream):
-    url, release = slow_upstream
-    serve = ServeProcess(LLAMA_SERVER_URL=url, SHUTDOWN_GRACE_S="20")
-    try:
-        serve.wait_for_event("ready")
-        response, chunks = open_stream(serve)
-        serve.process.send_signal(signal.SIGTERM)
-        assert serve.wait_for_event("draining")["in_flight"] == 1
-        with pytest.raises(requests.ConnectionError):
-            requests.get(serve.url + "/health", timeout=5)
-        assert serve.process.poll() is None  # still waiting for the stream
-        release.set()
-        assert b"".join(chunks) == LAST  # the stream ended normally, nothing cut
-        response.close()
-        assert serve.process.wait(10) == 0
-        serve.wait_for_event("stopped")
-    finally:
-        serve.stop(signal.SIGKILL)
+def test_in_flight_stream_finishes_and_new_connections_are_refused(gateway, slow_upstream):
+    serve = gateway("20")
+    response, chunks = open_stream(serve)
+    serve.process.send_signal(signal.SIGTERM)
+    assert serve.wait_for_event("draining")["in_flight"] == 1
+    with pytest.raises(requests.ConnectionError):
+        requests.get(serve.url + "/health", timeout=5)
+    assert serve.process.poll() is None  # still waiting for the stream
+    slow_upstream[1].set()
+    assert b"".join(chunks) == LAST  # the stream ended normally, nothing cut
+    response.close()
+    assert serve.process.wait(10) == 0
+    serve.wait_for_event("stopped")
 
 
-def test_streams_past_the_grace_end_with_an_error_event(slow_upstream):
-    url, _ = slow_upstream
-    serve = ServeProcess(LLAMA_SERVER_URL=url, SHUTDOWN_GRACE_S="0.5")
-    try:
-        serve.wait_for_event("ready")
-        response, chunks = open_stream(serve)
-        stopped_at = time.monotonic()
-        serve.process.send_signal(signal.SIGTERM)
-        rest = b"".join(chunks)
-        error = json.loads(rest.strip()[len(b"data: "):])["error"]
-        assert error["code"] == "server_shutting_down"
-        assert serve.process.wait(10) == 0
-        assert time.monotonic() - stopped_at < 8
-        assert serve.wait_for_event("grace period over; ending requests")["upstream_calls_cut"] == 1
-    finally:
-        serve.stop(signal.SIGKILL)
+def test_streams_past_the_grace_end_with_an_error_event(gateway):
+    serve = gateway("0.5")
+    response, chunks = open_stream(serve)
+    stopped_at = time.monotonic()
+    serve.process.send_signal(signal.SIGTERM)
+    rest = b"".join(chunks)
+    error = json.loads(rest.strip()[len(b"data: "):])["error"]
+    assert error["code"] == "server_shutting_down"
+    assert serve.process.wait(10) == 0
+    assert time.monotonic() - stopped_at < 8
+    assert serve.wait_for_event("grace period over; ending requests")["upstream_calls_cut"] == 1
 
 
-def test_idle_gateway_stops_at_once(slow_upstream):
-    url, _ = slow_upstream
-    serve = ServeProcess(LLAMA_SERVER_URL=url, SHUTDOWN_GRACE_S="30")
-    try:
-        serve.wait_for_event("ready")
-        started = time.monotonic()
-        assert serve.stop() == 0
-        assert time.monotonic() - started < 5
-    finally:
-        serve.stop(signal.SIGKILL)
+def test_idle_gateway_stops_at_once(gateway):
+    serve = gateway("30")
+    started = time.monotonic()
+    assert serve.stop() == 0
+    assert time.monotonic() - started < 5
 
 
 def test_requests_while_draining_get_503(fake_app, live_gateway):

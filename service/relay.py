@@ -20,29 +20,29 @@ def get_upstream():
     return current_app.extensions["upstream"]
 
 
-def _upstream_headers(record) -> dict:
-    return {"X-Request-Id": record.request_id}
-
-
-def watched_call() -> UpstreamCall:
-    """An UpstreamCall that is cut if this request's client disconnects (where waitress can tell) or when the
-    gateway's shutdown grace runs out."""
+def send_watched(path: str, group: str, raw: bytes, stream: bool):
+    """POST raw to llama-server as an UpstreamCall that is cut if this request's client disconnects (where
+    waitress can tell) or when the shutdown grace runs out; return (response, call). The call stays watched
+    for a stream (its relay unwatches it) and is unwatched at once otherwise, or on any failure."""
+    record, watch = g.record, current_app.extensions["disconnect_watch"]
     call = UpstreamCall()
-    current_app.extensions["disconnect_watch"].watch(call, request.environ.get("waitress.client_disconnected"))
-    return call
+    watch.watch(call, request.environ.get("waitress.client_disconnected"))
+    try:
+        response = get_upstream().request("POST", path, group=group, body=raw, stream=stream, record=record,
+                                          headers={"X-Request-Id": record.request_id}, call=call)
+    except BaseException:
+        watch.unwatch(call)
+        raise
+    if not stream:
+        watch.unwatch(call)
+    return response, call
 
 
 def proxy_json_post(path: str, group: str, raw: bytes) -> Response:
     """POST the client's bytes to llama-server and answer with its JSON body, unchanged."""
-    upstream, record = get_upstream(), g.record
-    call = watched_call()
-    try:
-        response = upstream.request("POST", path, group=group, body=raw, headers=_upstream_headers(record),
-                                    record=record, call=call)
-    finally:
-        current_app.extensions["disconnect_watch"].unwatch(call)
-    body, parsed = upstream.read_json(response, path)
-    record.add_usage(parsed.get("usage"))
+    response, _ = send_watched(path, group, raw, stream=False)
+    body, parsed = get_upstream().read_json(response, path)
+    g.record.add_usage(parsed.get("usage"))
     return Response(body, status=response.status_code, mimetype="application/json")
 
 
@@ -50,21 +50,13 @@ def proxy_generation(path: str, group: str, raw: bytes, body: dict) -> Response:
     """POST a chat or text completion; relay it as SSE when the client asked for a stream."""
     if body.get("stream") is not True:
         return proxy_json_post(path, group, raw)
-    upstream, record = get_upstream(), g.record
     # Text completion streams always end with usage; chat streams only when asked.
     strip_usage = group == "chat" and not _asks_for_usage(body)
     if strip_usage:
         raw = json.dumps({**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}},
                          ensure_ascii=False).encode()
-    call = watched_call()
-    watch = current_app.extensions["disconnect_watch"]
-    try:
-        response = upstream.request("POST", path, group=group, body=raw, stream=True,
-                                    headers=_upstream_headers(record), record=record, call=call)
-    except BaseException:
-        watch.unwatch(call)
-        raise
-    stream = Stream(upstream, response, group, record, call, watch,
+    response, call = send_watched(path, group, raw, stream=True)
+    stream = Stream(get_upstream(), response, group, g.record, call, current_app.extensions["disconnect_watch"],
                     current_app.extensions["gateway_metrics"].open_streams, strip_usage)
     return Response(relay_events(stream), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
 

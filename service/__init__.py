@@ -12,6 +12,7 @@ from .lifecycle import Lifecycle
 from .metrics import init_metrics
 from .openapi import init_openapi
 from .policy import init_policy
+from .routing import Router, upstream_targets
 from .upstream import Upstream
 
 
@@ -25,14 +26,14 @@ def create_app(config=None) -> Flask:
         app.config.update((key, value) for key, value in config.items() if key not in SETTINGS_BY_NAME)
     app.config["MAX_CONTENT_LENGTH"] = settings["MAX_BODY_BYTES"]
     app.json.sort_keys = False
-    if not settings["LLAMA_SERVER_URL"]:
-        raise ConfigError("LLAMA_SERVER_URL: create_app needs the upstream's URL "
-                          "(bin/serve sets it after starting llama.cpp)")
-    app.extensions["upstream"] = Upstream(
-        settings["LLAMA_SERVER_URL"],
+    if not (settings["LLAMA_SERVER_URL"] or settings["MODEL_UPSTREAMS"]):
+        raise ConfigError("LLAMA_SERVER_URL: create_app needs the upstream's URL, or MODEL_UPSTREAMS "
+                          "(bin/serve sets them after starting llama.cpp)")
+    app.extensions["router"] = router = Router.from_settings(settings, probe=lambda url: upstream.healthy(url))
+    app.extensions["upstream"] = upstream = Upstream(
+        upstream_targets(router, settings["UPSTREAM_RETRIES"]),
         timeouts=route_timeouts(settings),
         pool_size=settings["WAITRESS_THREADS"],
-        retries=settings["UPSTREAM_RETRIES"],
         backoff=settings["UPSTREAM_BACKOFF_S"],
         backoff_max=settings["UPSTREAM_BACKOFF_MAX_S"],
         api_key=settings["LLAMA_API_KEY"],

@@ -4,8 +4,9 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .converters import (api_key, api_key_list, count, flag, log_format, log_level, model_file, nonnegative_seconds,
-                         origins, port, positive_count, rate_limits, seconds, text, url)
+from .converters import (api_key, api_key_list, count, failure_mode, flag, log_format, log_level, model_file,
+                         model_names, model_paths, model_settings, model_upstreams, nonnegative_seconds, origins, port,
+                         positive_count, public_url, rate_limits, redis_url, seconds, text, url)
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,10 @@ SETTINGS = (
     Setting("RATE_LIMIT_TPM", count, 0, "tokens (prompt + completion) per rolling 60 s per client; 0 = no limit"),
     Setting("RATE_LIMIT_CONCURRENT", count, 0, "requests in flight per client, streams included; 0 = no limit"),
     Setting("RATE_LIMITS", rate_limits, None, "per-client overrides: team_a:rpm=600:tpm=200000,team_b:concurrent=2"),
+    Setting("RATE_LIMIT_REDIS_URL", redis_url, None, "share the limits among gateway replicas through this Redis; "
+            "unset = in memory", secret=True),
+    Setting("RATE_LIMIT_REDIS_FAILURE", failure_mode, "open", "Redis unreachable: open (serve unlimited, warn) or closed "
+            "(503)"),
     Setting("CORS_ORIGINS", origins, None, "browser origins allowed to call the API, comma-separated; empty = none"),
     # The upstream llama-server.
     Setting("LLAMA_SERVER_URL", url, None, "an existing llama-server to proxy; unset starts an embedded one"),
@@ -51,6 +56,13 @@ SETTINGS = (
     Setting("UPSTREAM_RETRIES", count, 2, "retries on connect errors and 502/503/504 before any answer"),
     Setting("UPSTREAM_BACKOFF_S", nonnegative_seconds, 0.25, "backoff factor: 0.25 s, 0.5 s, 1 s, ... between retries"),
     Setting("UPSTREAM_BACKOFF_MAX_S", seconds, 8.0, "longest wait between retries, Retry-After included"),
+    # Several models, several llama-servers.
+    Setting("MODEL_UPSTREAMS", model_upstreams, None, "route by model: chat=http://h1:8080|http://h2:8080,embed=http://h3:8080"),
+    Setting("MODEL_PATHS", model_paths, None, "models bin/serve starts, one llama.cpp each: chat=./models/a.gguf,embed=./models/e.gguf"),
+    Setting("ENABLED_MODELS", model_names, None, "start only these of MODEL_PATHS (or of the *.gguf in models/): chat,embed"),
+    Setting("MODEL_SETTINGS", model_settings, None, "per-model llama.cpp settings: embed:ctx=512:embeddings=on,chat:parallel=4"),
+    Setting("REPLICA_EJECT_AFTER", positive_count, 3, "consecutive failures that take a replica out of rotation"),
+    Setting("REPLICA_COOLDOWN_S", seconds, 10.0, "how long an ejected replica rests before its /health is probed"),
     # Timeouts per route group: connect is the TCP connect, read is the longest silence while answering.
     Setting("CHAT_CONNECT_TIMEOUT_S", seconds, 5.0, "connect timeout for /v1/chat/completions"),
     Setting("CHAT_READ_TIMEOUT_S", seconds, 600.0, "read timeout for /v1/chat/completions (generation is slow)"),
@@ -101,6 +113,8 @@ def load_settings(source: Mapping[str, Any] = None) -> dict:
             settings[setting.name] = setting.convert(raw)
         except ValueError as error:
             raise ConfigError(f"{setting.name}: {error}") from None
+    if settings["MODEL_UPSTREAMS"] and settings["LLAMA_SERVER_URL"]:
+        raise ConfigError("MODEL_UPSTREAMS: set it or LLAMA_SERVER_URL, not both (MODEL_UPSTREAMS names every upstream)")
     keys = [key for key, _ in settings["OPENAI_API_KEYS"] or ()]
     if settings["OPENAI_API_KEY"] in keys:
         raise ConfigError("OPENAI_API_KEYS: repeats the key of OPENAI_API_KEY")
@@ -114,6 +128,8 @@ def settings_summary(settings: Mapping[str, Any]) -> dict:
         value = settings.get(setting.name)
         if setting.secret:
             value = len(value) if isinstance(value, tuple) else bool(value)
+        elif setting.name == "MODEL_UPSTREAMS" and value:
+            value = {name: [public_url(replica) for replica in replicas] for name, replicas in value.items()}
         summary[setting.name] = list(value) if isinstance(value, tuple) else value
     return summary
 
@@ -131,6 +147,7 @@ _SECTIONS = {
     "API_HOST": "The gateway",
     "OPENAI_API_KEY": "Access policy: API keys, per-client limits, CORS (see the README's security section)",
     "LLAMA_SERVER_URL": "The upstream llama-server",
+    "MODEL_UPSTREAMS": "Several models and replicas (see the README's scaling-out section)",
     "CHAT_CONNECT_TIMEOUT_S": "Timeouts per route group, in seconds (connect, and the longest silence while answering)",
     "LLAMA_SERVER_BIN": "The llama.cpp that bin/serve starts when LLAMA_SERVER_URL is unset",
 }

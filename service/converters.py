@@ -77,6 +77,14 @@ def url(value):
     return url
 
 
+def public_url(value):
+    """A URL as it may be shown: without any user:password@."""
+    parts = urlsplit(value)
+    if "@" not in parts.netloc:
+        return value
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def model_file(value):
     path = os.path.abspath(os.path.expanduser(str(value).strip()))
     if not os.path.isfile(path):
@@ -132,6 +140,102 @@ def rate_limits(value):
                 raise ValueError(f"bad limit {limit!r} for {client}: use rpm=N, tpm=N or concurrent=N")
             overrides[client][name] = int(number)
     return overrides
+
+
+# Model names: what clients send as "model", and what may appear in logs, metric labels and response bodies.
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
+MODEL_OPTIONS = {"ctx": "positive", "parallel": "positive", "threads": "positive", "embeddings": "flag"}
+
+
+def _model_name(name, entry):
+    name = name.strip()
+    if not MODEL_NAME.fullmatch(name):
+        raise ValueError(f"bad model name in {entry!r}: 1-128 of A-Z a-z 0-9 . _ : / @ + -, starting with a letter "
+                         "or digit")
+    return name
+
+
+def _named_entries(value, what):
+    """name=thing,name=thing -> [(name, thing)], with each name once."""
+    entries, seen = [], set()
+    for entry in str(value).split(","):
+        if not entry.strip():
+            continue
+        name, has_value, thing = entry.partition("=")
+        if not has_value or not thing.strip():
+            raise ValueError(f"bad entry {entry.strip()!r}: the format is name={what},name={what}")
+        name = _model_name(name, entry.strip())
+        if name in seen:
+            raise ValueError(f"model {name} is listed twice")
+        seen.add(name)
+        entries.append((name, thing.strip()))
+    if not entries:
+        raise ValueError(f"lists no model: the format is name={what},name={what}")
+    return entries
+
+
+def model_upstreams(value):
+    """chat=http://h1:8080|http://h2:8080,embed=http://h3:8080 -> {"chat": (url, url), "embed": (url,)}"""
+    routes = {}
+    for name, urls in _named_entries(value, "http://host:port|http://replica:port"):
+        replicas = tuple(url(replica) for replica in urls.split("|") if replica.strip())
+        if len(set(replicas)) != len(replicas):
+            raise ValueError(f"model {name} lists a replica twice")
+        routes[name] = replicas
+    return routes
+
+
+def model_paths(value):
+    """chat=./models/a.gguf,embed=./models/e.gguf -> {"chat": "/abs/models/a.gguf", ...}"""
+    return {name: model_file(path) for name, path in _named_entries(value, "path/to/model.gguf")}
+
+
+def model_names(value):
+    """chat,embed -> ("chat", "embed")"""
+    names = tuple(_model_name(name, value) for name in str(value).split(",") if name.strip())
+    if not names:
+        raise ValueError("lists no model: the format is name,name")
+    return names
+
+
+def model_settings(value):
+    """embed:ctx=512:embeddings=on,chat:parallel=4 -> {"embed": {"ctx": 512, "embeddings": True}, ...}"""
+    overrides = {}
+    for entry in str(value).split(","):
+        parts = entry.strip().split(":")
+        # Names may hold ':' (qwen2.5:7b) but never '=': the options are the trailing parts with an '='.
+        first_option = next((i for i, part in enumerate(parts) if "=" in part), len(parts))
+        name, options = ":".join(parts[:first_option]), parts[first_option:]
+        if not options or any("=" not in option for option in options):
+            raise ValueError(f"bad entry {entry.strip()!r}: the format is model:ctx=N:parallel=N:threads=N:embeddings=on")
+        name = _model_name(name, entry.strip())
+        if name in overrides:
+            raise ValueError(f"model {name} is listed twice")
+        overrides[name] = {}
+        for option in options:
+            key, _, raw = option.partition("=")
+            if key not in MODEL_OPTIONS:
+                raise ValueError(f"unknown option {key!r} for {name}: use {', '.join(MODEL_OPTIONS)}")
+            try:
+                overrides[name][key] = flag(raw) if MODEL_OPTIONS[key] == "flag" else positive_count(raw)
+            except ValueError as error:
+                raise ValueError(f"{name}: {key} {error}") from None
+    return overrides
+
+
+def failure_mode(value):
+    text = str(value).strip().lower()
+    if text not in ("open", "closed"):
+        raise ValueError("must be open (serve without the shared limit) or closed (refuse with 503)")
+    return text
+
+
+def redis_url(value):
+    text = str(value).strip()
+    if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
+        # Never echo it: the URL may carry a password.
+        raise ValueError("must be a redis://, rediss:// or unix:// URL such as redis://127.0.0.1:6379/0")
+    return text
 
 
 def origins(value):

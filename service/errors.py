@@ -105,9 +105,10 @@ class UpstreamError(ApiError):
     code = "upstream_error"
     kind = "bad_answer"
 
-    def __init__(self, message, *, kind=None, **fields):
+    def __init__(self, message, *, kind=None, upstream_status=None, **fields):
         super().__init__(message, **fields)
         self.kind = kind or self.kind
+        self.upstream_status = upstream_status  # the upstream's HTTP status, when it answered with an error
 
 
 class UpstreamUnavailable(UpstreamError):

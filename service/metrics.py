@@ -8,6 +8,7 @@ import logging
 import platform
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_flask_exporter import PrometheusMetrics
 
@@ -86,20 +87,67 @@ UNREACHABLE = ("refused", "loading")
 
 
 class UpstreamMetricsCollector:
-    """Adds llama-server's own llamacpp:* metrics to the scrape, so that one target shows both."""
+    """Adds llama-server's own llamacpp:* metrics to the scrape, so that one target shows both; where the
+    gateway routes by model, each sample is labelled with its model and replica."""
 
-    def __init__(self, upstream):
+    def __init__(self, upstream, router):
         self.upstream = upstream
+        self.router = router
 
     def collect(self):
-        """Fetch and re-export the upstream's metrics; nothing when it cannot be reached."""
-        try:
-            response = self.upstream.request("GET", "/metrics", group="models")
-            families = list(text_string_to_metric_families(response.text))
-        except Exception as error:  # a scrape must not fail because the upstream did
-            log.debug("llama-server metrics not included: %s", error)
+        """Fetch and re-export the upstreams' metrics; nothing from one that cannot be reached."""
+        if self.router.fallback is not None:
+            yield from self._families(self.router.fallback.replicas[0].url)
             return
-        yield from families
+        merged = {}
+        for route in self.router.routes.values():
+            for replica in route.replicas:
+                for family in self._families(replica.url):
+                    labels = {"model": route.name, "replica": replica.label}
+                    samples = [sample._replace(labels={**sample.labels, **labels}) for sample in family.samples]
+                    if family.name in merged:
+                        merged[family.name].samples.extend(samples)
+                    else:
+                        family.samples = samples
+                        merged[family.name] = family
+        yield from merged.values()
+
+    def _families(self, base_url) -> list:
+        try:
+            response = self.upstream.request("GET", "/metrics", group="models", base_url=base_url)
+            return list(text_string_to_metric_families(response.text))
+        except Exception as error:  # a scrape must not fail because an upstream did
+            log.debug("llama-server metrics not included: %s", error)
+            return []
+
+
+class ReplicaCollector:
+    """Each replica's state, read from the router at scrape time (so the hot path only moves integers)."""
+
+    def __init__(self, router):
+        self.router = router
+
+    def collect(self):
+        """gateway_replica_* families, labelled by model and replica."""
+        labels = ["model", "replica"]
+        up = GaugeMetricFamily("gateway_replica_up", "1 while a replica is in rotation, 0 while ejected", labels=labels)
+        in_flight = GaugeMetricFamily("gateway_replica_in_flight_requests", "Requests a replica is answering",
+                                      labels=labels)
+        served = CounterMetricFamily("gateway_replica_requests", "Requests a replica answered", labels=labels)
+        failed = CounterMetricFamily("gateway_replica_failures", "Calls to a replica that failed (connect errors, "
+                                     "5xx, timeouts)", labels=labels)
+        ejections = CounterMetricFamily("gateway_replica_ejections", "Times a replica was taken out of rotation",
+                                        labels=labels)
+        for route in self.router.all_routes:
+            with route.lock:
+                for replica in route.replicas:
+                    values = [route.name or "*", replica.label]
+                    up.add_metric(values, 0 if replica.ejected else 1)
+                    in_flight.add_metric(values, replica.in_flight)
+                    served.add_metric(values, replica.served)
+                    failed.add_metric(values, replica.failed)
+                    ejections.add_metric(values, replica.ejections)
+        yield from (up, in_flight, served, failed, ejections)
 
 
 def init_metrics(app, include_upstream=False) -> GatewayMetrics:
@@ -109,8 +157,9 @@ def init_metrics(app, include_upstream=False) -> GatewayMetrics:
     # and gateway_request_duration_seconds, at a cost on every request.
     exporter = PrometheusMetrics(app, registry=registry, export_defaults=False)
     gateway = GatewayMetrics(registry)
+    registry.register(ReplicaCollector(app.extensions["router"]))
     if include_upstream:
-        registry.register(UpstreamMetricsCollector(app.extensions["upstream"]))
+        registry.register(UpstreamMetricsCollector(app.extensions["upstream"], app.extensions["router"]))
     app.extensions["metrics"] = exporter
     app.extensions["gateway_metrics"] = gateway
     return gateway

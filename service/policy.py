@@ -74,6 +74,8 @@ def finish_request(response):
         # Runs when the server closes the body: after the last byte of a stream, or when its client left.
         if lease is not None:
             limiter.release(lease, record.total_tokens)
+        if record.replica is not None:
+            record.replica.release()
         metrics.in_flight.dec()
         metrics.observe(record)
         record.log()

@@ -5,6 +5,7 @@ ever rewrites is a chat stream's request, to ask for the usage chunk the client 
 chunk is then taken out again so that the client gets exactly the stream it asked for.
 """
 import json
+import re
 from dataclasses import dataclass
 
 from flask import Response, current_app, g, request
@@ -14,22 +15,27 @@ from .errors import ClientClosedRequest, ShuttingDown, UpstreamError
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+# A "model" member of a JSON object. Inside a JSON string every '"' is escaped, so this matches members only.
+_MODEL_MEMBER = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+
 
 def get_upstream():
     """Return the app's Upstream (one per app, in app.extensions)."""
     return current_app.extensions["upstream"]
 
 
-def send_watched(path: str, group: str, raw: bytes, stream: bool):
-    """POST raw to llama-server as an UpstreamCall that is cut if this request's client disconnects (where
-    waitress can tell) or when the shutdown grace runs out; return (response, call). The call stays watched
-    for a stream (its relay unwatches it) and is unwatched at once otherwise, or on any failure."""
-    record, watch = g.record, current_app.extensions["disconnect_watch"]
+def send_watched(route, path: str, group: str, raw: bytes, stream: bool):
+    """POST raw to a replica of route as an UpstreamCall that is cut if this request's client disconnects
+    (where waitress can tell) or when the shutdown grace runs out; return (response, call). The call stays
+    watched for a stream (its relay unwatches it) and is unwatched at once otherwise, or on any failure."""
+    record, watch, upstream = g.record, current_app.extensions["disconnect_watch"], get_upstream()
     call = UpstreamCall()
     watch.watch(call, request.environ.get("waitress.client_disconnected"))
+    headers = {"X-Request-Id": record.request_id}
     try:
-        response = get_upstream().request("POST", path, group=group, body=raw, stream=stream, record=record,
-                                          headers={"X-Request-Id": record.request_id}, call=call)
+        record.replica, response = route.send(
+            lambda replica: upstream.request("POST", path, group=group, base_url=replica.url, body=raw,
+                                             stream=stream, record=record, headers=headers, call=call), record)
     except BaseException:
         watch.unwatch(call)
         raise
@@ -38,26 +44,42 @@ def send_watched(path: str, group: str, raw: bytes, stream: bool):
     return response, call
 
 
-def proxy_json_post(path: str, group: str, raw: bytes) -> Response:
-    """POST the client's bytes to llama-server and answer with its JSON body, unchanged."""
-    response, _ = send_watched(path, group, raw, stream=False)
-    body, parsed = get_upstream().read_json(response, path)
+def proxy_json_post(path: str, group: str, raw: bytes, body: dict) -> Response:
+    """POST the client's bytes to the model's llama-server and answer with its JSON body (unchanged, but for
+    the model's name where the gateway routes by model)."""
+    route = current_app.extensions["router"].route(body.get("model"))
+    response, _ = send_watched(route, path, group, raw, stream=False)
+    answer, parsed = get_upstream().read_json(response, path)
     g.record.add_usage(parsed.get("usage"))
-    return Response(body, status=response.status_code, mimetype="application/json")
+    if route.name is not None:
+        answer = rename_model(answer, model_member(route.name))
+    return Response(answer, status=response.status_code, mimetype="application/json")
+
+
+def model_member(name: str) -> bytes:
+    """The "model" member that gives the client back the name it asked for."""
+    return b'"model":' + json.dumps(name).encode()
+
+
+def rename_model(data: bytes, member: bytes) -> bytes:
+    """Put member in place of every "model" member in data (whatever the upstream calls its model file)."""
+    return _MODEL_MEMBER.sub(member.replace(b"\\", b"\\\\"), data)
 
 
 def proxy_generation(path: str, group: str, raw: bytes, body: dict) -> Response:
     """POST a chat or text completion; relay it as SSE when the client asked for a stream."""
     if body.get("stream") is not True:
-        return proxy_json_post(path, group, raw)
+        return proxy_json_post(path, group, raw, body)
+    route = current_app.extensions["router"].route(body.get("model"))
     # Text completion streams always end with usage; chat streams only when asked.
     strip_usage = group == "chat" and not _asks_for_usage(body)
     if strip_usage:
         raw = json.dumps({**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}},
                          ensure_ascii=False).encode()
-    response, call = send_watched(path, group, raw, stream=True)
+    response, call = send_watched(route, path, group, raw, stream=True)
     stream = Stream(get_upstream(), response, group, g.record, call, current_app.extensions["disconnect_watch"],
-                    current_app.extensions["gateway_metrics"].open_streams, strip_usage)
+                    current_app.extensions["gateway_metrics"].open_streams, strip_usage,
+                    None if route.name is None else model_member(route.name))
     return Response(relay_events(stream), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
@@ -73,6 +95,7 @@ class Stream:
     watch: object
     open_streams: object
     strip_usage: bool
+    model: bytes = None  # the "model" member every event gets, where the gateway routes by model
 
 
 def _asks_for_usage(body: dict) -> bool:
@@ -98,6 +121,8 @@ def relay_events(stream: Stream):
                 events, pending = pending[:cut], pending[cut:]
                 if b'"usage"' in events:
                     events = _take_usage(events, record, stream.strip_usage)
+                if stream.model is not None:
+                    events = rename_model(events, stream.model)
                 if events:
                     if record.ttft_ms is None:
                         record.ttft_ms = record.elapsed_ms()

@@ -40,6 +40,7 @@ class RequestRecord:
     error: str = None
     upstream_error: str = None  # the kind of upstream failure, for metrics
     rate_limited: str = None  # the limit that refused the request
+    replica: object = None  # the routing.Replica that served it, released when the answer has been sent
 
     def elapsed_ms(self) -> float:
         """Milliseconds since the request arrived."""
@@ -63,5 +64,7 @@ class RequestRecord:
                   "path": self.path, "status": self.status, "duration_ms": self.elapsed_ms(),
                   "upstream_ms": self.upstream_ms, "ttft_ms": self.ttft_ms, "prompt_tokens": self.prompt_tokens,
                   "completion_tokens": self.completion_tokens, "retries": self.retries, "error": self.error}
+        if self.replica is not None:
+            fields["model"], fields["replica"] = self.replica.route.name, self.replica.label
         access_log.log(logging.DEBUG if quiet else logging.INFO, "request",
                        extra={"fields": {key: value for key, value in fields.items() if value is not None}})

@@ -14,6 +14,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
+from .converters import public_url
 from .disconnect import SHUTDOWN, ClientGone, UpstreamCall, current_call
 from .errors import (ClientClosedRequest, ShuttingDown, UpstreamBadResponse, UpstreamError, UpstreamRejected,
                      UpstreamTimeout, UpstreamUnavailable)
@@ -90,10 +91,10 @@ class TrackedConnectionPool(HTTPConnectionPool):
 
 
 class Upstream:
-    """A llama-server at base_url, reached through one pooled Session."""
+    """llama-servers reached through one pooled Session: each base URL has its own pool and retry budget."""
 
-    def __init__(self, base_url, *, timeouts, pool_size=8, retries=2, backoff=0.25, backoff_max=8.0, api_key=None):
-        self.base_url = base_url.rstrip("/")
+    def __init__(self, targets, *, timeouts, pool_size=8, backoff=0.25, backoff_max=8.0, api_key=None):
+        """targets maps each base URL to its retries (0 for a replica that another replica backs up)."""
         self.timeouts = timeouts
         self.session = requests.Session()
         # Not from the environment: HTTP_PROXY and friends must not reroute calls to a llama-server next door,
@@ -102,26 +103,32 @@ class Upstream:
         self.session.headers.update({"Accept-Encoding": "identity", "Content-Type": "application/json"})
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, pool_block=False,
-                              max_retries=make_retry(retries, backoff, backoff_max))
-        adapter.poolmanager.pool_classes_by_scheme = {**adapter.poolmanager.pool_classes_by_scheme,
-                                                      "http": TrackedConnectionPool}
-        self.session.mount(self.base_url, adapter)
-        self.max_retries = retries
-        # Health is polled often and must say at once what is wrong, so it gets no retries.
-        self.session.mount(self.base_url + "/health", HTTPAdapter(pool_maxsize=2, max_retries=0))
+        self.retries = {}
+        for base_url, retries in targets.items():
+            adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, pool_block=False,
+                                  max_retries=make_retry(retries, backoff, backoff_max))
+            adapter.poolmanager.pool_classes_by_scheme = {**adapter.poolmanager.pool_classes_by_scheme,
+                                                          "http": TrackedConnectionPool}
+            self.session.mount(base_url, adapter)
+            # Health is polled often and must say at once what is wrong, so it gets no retries.
+            self.session.mount(base_url + "/health", HTTPAdapter(pool_maxsize=2, max_retries=0))
+            self.retries[base_url] = retries
+        self.base_url = next(iter(targets))  # where calls go that name no base URL
 
     def close(self):
         """Close every pooled connection."""
         self.session.close()
 
-    def request(self, method, path, *, group, body=None, stream=False, headers=None, record=None, call=None):
-        """Send one request; return a response with a status below 400 or raise an UpstreamError.
+    def request(self, method, path, *, group, base_url=None, body=None, stream=False, headers=None, record=None,
+                call=None):
+        """Send one request to base_url (by default the first); return a response with a status below 400 or
+        raise an UpstreamError.
 
         record, if given, gets the time to the upstream's answer (upstream_ms) and the retries it took; call,
         if given, is an UpstreamCall that another thread may cut (ClientClosedRequest then).
         """
-        url = self.base_url + path
+        base_url = base_url or self.base_url
+        url = base_url + path
         connect_timeout, read_timeout = self.timeouts[group]
         if stream:
             # llama.cpp tends to drop a connection after a stream; never put one back in the pool.
@@ -138,43 +145,24 @@ class Upstream:
                 raise _cut(call) from None
             if record is not None:
                 # Only connection failures are retried, and they surface only once every retry has failed.
-                record.retries = self.max_retries if isinstance(error, requests.ConnectionError) else 0
-            raise self._translate(error, path, connect_timeout, read_timeout) from None
+                record.retries = self.retries[base_url] if isinstance(error, requests.ConnectionError) else 0
+            raise _translate(error, base_url, path, connect_timeout, read_timeout) from None
         finally:
             if record is not None:
                 record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
         if record is not None:
             record.retries = len(response.raw.retries.history) if response.raw.retries else 0
         if response.status_code >= 400:
-            raise self._status_error(response, path)
+            raise _status_error(response, path)
         return response
 
-    def _translate(self, error, path, connect_timeout, read_timeout) -> UpstreamError:
-        """Translate a requests exception into the gateway's own."""
-        if isinstance(error, requests.ConnectTimeout):
-            return UpstreamUnavailable(
-                f"llama-server at {self.base_url} did not accept a connection within {connect_timeout:g} s",
-                kind="connect_timeout")
-        if isinstance(error, requests.ReadTimeout):
-            return UpstreamTimeout(f"llama-server did not answer {path} within {read_timeout:g} s")
-        if isinstance(error, requests.ConnectionError):
-            return UpstreamUnavailable(
-                f"could not reach llama-server at {self.base_url}: {describe_connection_error(error)}")
-        return UpstreamBadResponse(f"llama-server's answer to {path} was cut off or malformed: {type(error).__name__}")
-
-    def _status_error(self, response, path) -> UpstreamError:
-        """Translate an upstream error answer into the exception the client should see."""
-        status = response.status_code
-        message, upstream_type = _upstream_error_message(response)
-        response.close()
-        if status == 503:
-            retry_after = response.headers.get("Retry-After") or "1"
-            return UpstreamUnavailable(f"llama-server cannot serve yet: {message}", status=503, kind="loading",
-                                       headers={"Retry-After": retry_after})
-        if 400 <= status < 500 or status == 501:
-            return UpstreamRejected(message, status=status, type=_client_error_type(upstream_type),
-                                    code=UPSTREAM_ERROR_CODES.get(upstream_type))
-        return UpstreamBadResponse(f"llama-server answered {path} with HTTP {status}: {message}", kind="5xx")
+    def healthy(self, base_url) -> bool:
+        """True when the llama-server at base_url answers its /health with 200 (loaded and serving)."""
+        try:
+            self.request("GET", "/health", group="models", base_url=base_url).close()
+        except UpstreamError:
+            return False
+        return True
 
     def read_json(self, response, path) -> tuple:
         """Return the whole body of a non-streamed answer and its parsed object, checked to be a JSON object."""
@@ -202,6 +190,35 @@ class Upstream:
                 from None
         if call is not None and call.aborted:
             raise _cut(call)
+
+
+def _translate(error, base_url, path, connect_timeout, read_timeout) -> UpstreamError:
+    """Translate a requests exception into the gateway's own."""
+    shown = public_url(base_url)
+    if isinstance(error, requests.ConnectTimeout):
+        return UpstreamUnavailable(f"llama-server at {shown} did not accept a connection within {connect_timeout:g} s",
+                                   kind="connect_timeout")
+    if isinstance(error, requests.ReadTimeout):
+        return UpstreamTimeout(f"llama-server did not answer {path} within {read_timeout:g} s")
+    if isinstance(error, requests.ConnectionError):
+        return UpstreamUnavailable(f"could not reach llama-server at {shown}: {describe_connection_error(error)}")
+    return UpstreamBadResponse(f"llama-server's answer to {path} was cut off or malformed: {type(error).__name__}")
+
+
+def _status_error(response, path) -> UpstreamError:
+    """Translate an upstream error answer into the exception the client should see."""
+    status = response.status_code
+    message, upstream_type = _upstream_error_message(response)
+    response.close()
+    if status == 503:
+        retry_after = response.headers.get("Retry-After") or "1"
+        return UpstreamUnavailable(f"llama-server cannot serve yet: {message}", status=503, kind="loading",
+                                   headers={"Retry-After": retry_after}, upstream_status=status)
+    if 400 <= status < 500 or status == 501:
+        return UpstreamRejected(message, status=status, type=_client_error_type(upstream_type),
+                                code=UPSTREAM_ERROR_CODES.get(upstream_type), upstream_status=status)
+    return UpstreamBadResponse(f"llama-server answered {path} with HTTP {status}: {message}", kind="5xx",
+                               upstream_status=status)
 
 
 def _cut(call):

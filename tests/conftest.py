@@ -68,6 +68,33 @@ def fake_client(fake_app):
     return fake_app.test_client()
 
 
+@pytest.fixture(scope="session")
+def _upstream_pool():
+    """pytest-httpserver upstreams kept for the whole session (each stop waits out a 0.5 s poll)."""
+    from pytest_httpserver import HTTPServer
+
+    servers = []
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def fake_upstreams(_upstream_pool):
+    """start(n): n more pytest-httpserver upstreams (for replicas and several models), cleared after the test."""
+    from pytest_httpserver import HTTPServer
+
+    def start(n):
+        while len(_upstream_pool) < n:
+            _upstream_pool.append(HTTPServer(host="127.0.0.1", port=0))
+            _upstream_pool[-1].start()
+        return _upstream_pool[:n]
+
+    yield start
+    for server in _upstream_pool:
+        server.clear()
+
+
 def thread_stacks() -> str:
     """Every thread's stack, for a failure message."""
     import sys

@@ -190,7 +190,7 @@ def test_streams_do_not_reuse_connections(fake_client, httpserver):
 
 
 def test_session_pool_is_sized_to_threads():
-    upstream = Upstream("http://127.0.0.1:9", timeouts={"chat": (1, 1)}, pool_size=12)
+    upstream = Upstream({"http://127.0.0.1:9": 2}, timeouts={"chat": (1, 1)}, pool_size=12)
     adapter = upstream.session.get_adapter("http://127.0.0.1:9/v1/chat/completions")
     assert adapter._pool_maxsize == 12
     assert upstream.session.get_adapter("http://127.0.0.1:9/health").max_retries.total == 0

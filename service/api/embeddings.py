@@ -13,5 +13,5 @@ schema = EmbeddingSchema()
 @bp.post("/embeddings")
 def embeddings():
     """Embed the input on llama-server; base64 vectors come back byte for byte as llama.cpp encoded them."""
-    raw, _ = read_json_body(schema)
-    return proxy_json_post("/v1/embeddings", "embeddings", raw)
+    raw, body = read_json_body(schema)
+    return proxy_json_post("/v1/embeddings", "embeddings", raw, body)

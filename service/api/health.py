@@ -2,6 +2,7 @@
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from flask import Blueprint, Response, current_app, g
 
@@ -11,43 +12,72 @@ bp = Blueprint("health", __name__)
 
 
 class HealthProbe:
-    """Asks llama-server how it is at most once per ttl seconds, however often /health is polled."""
+    """Asks the llama-servers how they are at most once per ttl seconds, however often /health is polled."""
 
-    def __init__(self, upstream, ttl_s, up_gauge):
+    def __init__(self, upstream, router, ttl_s, up_gauge):
         self.upstream = upstream
+        self.router = router
         self.ttl = ttl_s
         self.up_gauge = up_gauge
         self._lock = threading.Lock()
         self._checked = float("-inf")
         self._report = None
+        self._pool = None
 
     def report(self) -> dict:
-        """The latest report: {"status": "ok"|"degraded"|"down", "upstream": {...}}."""
+        """The latest report: {"status": "ok"|"degraded"|"down", and "upstream": {...} with one upstream for any
+        model, or "models": {name: {"status", "replicas": [...]}} where the gateway routes by model}."""
         with self._lock:
             if time.monotonic() - self._checked >= self.ttl:
-                self._report = self._probe()
+                self._report = self._probe_all()
                 self._checked = time.monotonic()
                 self.up_gauge.set(0 if self._report["status"] == "down" else 1)
             return self._report
 
-    def _probe(self) -> dict:
-        started = time.perf_counter()
-        upstream = {"url": self.upstream.base_url}
-        try:
-            self.upstream.request("GET", "/health", group="models").close()
-        except UpstreamError as error:
-            upstream.update(status="loading" if error.kind == "loading" else "unreachable", reason=error.message)
-            return {"status": "down", "upstream": upstream}
-        upstream.update(status="ok", latency_ms=round((time.perf_counter() - started) * 1000, 1))
-        upstream.update(self._load())
-        # Serving, but with requests queued behind busy slots: answers will be slow.
-        status = "degraded" if upstream.get("requests_deferred") else "ok"
-        return {"status": status, "upstream": upstream}
+    def _probe_all(self) -> dict:
+        if self.router.fallback is not None:
+            upstream = self._probe(self.router.fallback.replicas[0])
+            return {"status": upstream.pop("serving"), "upstream": upstream}
+        replicas = [replica for route in self.router.routes.values() for replica in route.replicas]
+        if self._pool is None:
+            # Replicas are probed at once, so that one that hangs costs its timeout once, not once per replica.
+            self._pool = ThreadPoolExecutor(min(8, len(replicas)), thread_name_prefix="health-probe")
+        reports = dict(zip(replicas, self._pool.map(self._probe, replicas)))
+        models = {}
+        for name, route in self.router.routes.items():
+            shown = [reports[replica] for replica in route.replicas]
+            serving = [report.pop("serving") for report in shown]
+            status = "down" if "ok" not in serving and "degraded" not in serving else \
+                "ok" if all(state == "ok" for state in serving) else "degraded"
+            models[name] = {"status": status, "replicas": shown}
+        states = [model["status"] for model in models.values()]
+        status = "down" if all(state == "down" for state in states) else \
+            "ok" if all(state == "ok" for state in states) else "degraded"
+        return {"status": status, "models": models}
 
-    def _load(self) -> dict:
+    def _probe(self, replica) -> dict:
+        """One replica's report; its "serving" is ok, degraded (requests queued) or down (unreachable, loading
+        or ejected)."""
+        started = time.perf_counter()
+        upstream = {"url": replica.label}
+        try:
+            self.upstream.request("GET", "/health", group="models", base_url=replica.url).close()
+        except UpstreamError as error:
+            replica.route.probed(replica, False)
+            upstream.update(status="loading" if error.kind == "loading" else "unreachable", reason=error.message)
+            return {**upstream, **_rotation(replica), "serving": "down"}
+        replica.route.probed(replica, True)
+        upstream.update(status="ok", latency_ms=round((time.perf_counter() - started) * 1000, 1))
+        upstream.update(self._load(replica.url))
+        upstream.update(_rotation(replica))
+        # Serving, but with requests queued behind busy slots: answers will be slow.
+        serving = "down" if replica.ejected else "degraded" if upstream.get("requests_deferred") else "ok"
+        return {**upstream, "serving": serving}
+
+    def _load(self, base_url) -> dict:
         """Busy and queued requests from llama.cpp's /metrics, when it has them on."""
         try:
-            response = self.upstream.request("GET", "/metrics", group="models")
+            response = self.upstream.request("GET", "/metrics", group="models", base_url=base_url)
         except UpstreamError:
             return {}
         load = {}
@@ -58,9 +88,19 @@ class HealthProbe:
         return load
 
 
+def _rotation(replica) -> dict:
+    """The gateway's own view of a replica of a routed model: its requests in flight, and whether it is out."""
+    if replica.route.name is None:
+        return {}
+    view = {"in_flight": replica.in_flight, "ejected": replica.ejected}
+    if replica.ejected:
+        view["consecutive_failures"] = replica.failures
+    return view
+
+
 def init_health(app, ttl_s):
     """Give app its health probe."""
-    app.extensions["health_probe"] = HealthProbe(app.extensions["upstream"], ttl_s,
+    app.extensions["health_probe"] = HealthProbe(app.extensions["upstream"], app.extensions["router"], ttl_s,
                                                  app.extensions["gateway_metrics"].upstream_up)
 
 
@@ -71,6 +111,7 @@ def health():
     if report["status"] != "down":
         return Response(json.dumps(report), mimetype="application/json")
     g.record.error = "upstream_unavailable"
-    message = f"llama-server is not ready: {report['upstream']['reason']}"
+    message = (f"llama-server is not ready: {report['upstream']['reason']}" if "upstream" in report
+               else "no model has a llama-server that can serve")
     body = {**report, **error_body(503, message, code="upstream_unavailable")}
     return Response(json.dumps(body), status=503, mimetype="application/json", headers={"Retry-After": "1"})

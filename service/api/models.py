@@ -1,7 +1,7 @@
 """GET /v1/models."""
-from flask import Blueprint, g, jsonify
+from flask import Blueprint, current_app, g, jsonify
 
-from ..errors import UpstreamBadResponse
+from ..errors import UpstreamBadResponse, UpstreamError
 from ..relay import get_upstream
 
 bp = Blueprint("models", __name__)
@@ -10,15 +10,42 @@ bp = Blueprint("models", __name__)
 @bp.get("/v1/models")
 @bp.get("/models")
 def list_models():
-    """List llama-server's models in OpenAI's shape: {object: list, data: [{id, object, created, owned_by}]}."""
+    """List the models in OpenAI's shape: {object: list, data: [{id, object, created, owned_by, ...}]}: the
+    configured ones where the gateway routes by model, else llama-server's own."""
+    router = current_app.extensions["router"]
+    if router.fallback is not None:
+        entries = _upstream_entries(router.fallback.replicas[0].url, record=g.record)
+        # llama.cpp adds an ollama-style "models" list beside "data"; OpenAI clients expect only "data".
+        return jsonify({"object": "list", "data": [_openai_model(entry) for entry in entries]})
+    return jsonify({"object": "list", "data": [_routed_model(route) for route in router.routes.values()]})
+
+
+def _upstream_entries(base_url, record=None) -> list:
+    """The data list of a llama-server's /v1/models, checked to be model objects with ids."""
     upstream = get_upstream()
-    response = upstream.request("GET", "/v1/models", group="models", record=g.record)
+    response = upstream.request("GET", "/v1/models", group="models", base_url=base_url, record=record)
     _, listing = upstream.read_json(response, "/v1/models")
     entries = listing.get("data")
     if not isinstance(entries, list) or not all(isinstance(e, dict) and e.get("id") for e in entries):
         raise UpstreamBadResponse("llama-server's /v1/models answer has no list of models with ids")
-    # llama.cpp adds an ollama-style "models" list beside "data"; OpenAI clients expect only "data".
-    return jsonify({"object": "list", "data": [_openai_model(entry) for entry in entries]})
+    return entries
+
+
+def _routed_model(route) -> dict:
+    """A configured model, listed whether or not a replica is up; with what its llama-server tells of it
+    (context size and the like, in meta) once one replica has answered."""
+    if route.metadata is None:
+        for replica in route.replicas:
+            if replica.ejected:
+                continue
+            try:
+                entries = _upstream_entries(replica.url)
+            except UpstreamError:
+                continue
+            # Kept for good: what a model file is does not change while its server runs.
+            route.metadata = {key: value for key, value in entries[0].items() if key not in ("id", "aliases")}
+            break
+    return _openai_model({"created": route.created, **(route.metadata or {}), "id": route.name})
 
 
 def _openai_model(entry: dict) -> dict:

@@ -8,8 +8,9 @@ import time
 
 from . import create_app
 from .config import ConfigError, exit_on_config_error, load_settings, settings_summary
-from .llama.model_file import choose_model
-from .llama.supervisor import PROJECT_ROOT, LlamaStartError, LlamaSupervisor
+from .converters import public_url
+from .llama.fleet import Fleet, local_models
+from .llama.supervisor import PROJECT_ROOT, LlamaStartError
 from .logs import configure_logging, uses_json
 from .wsgi_server import make_server, stop_listening, stop_server
 
@@ -27,38 +28,51 @@ def load_environment() -> dict:
         exit_on_config_error(error)
 
 
-def make_supervisor(settings) -> tuple:
-    """Choose the model and prepare (not yet start) the embedded llama.cpp; return (supervisor, model choice)."""
-    model = choose_model(settings["LLAMA_MODEL"])
+def make_fleet(settings):
+    """Choose the local models and prepare (not yet start) their llama.cpp servers; None when there are none."""
     try:
-        return LlamaSupervisor.from_settings(settings, model.path), model
+        models = local_models(settings)
+        return Fleet(models, settings) if models else None
+    except ConfigError as error:
+        exit_on_config_error(error)
     except LlamaStartError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
-def startup_facts(settings, supervisor=None, model=None) -> dict:
+def startup_facts(settings, fleet=None) -> dict:
     """What the gateway tells at startup: where to point a client and what answers behind it (no secrets)."""
     host = settings["API_HOST"]
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    facts = {"base_url": f"http://{shown_host}:{settings['API_PORT']}/v1", "upstream": settings["LLAMA_SERVER_URL"]}
-    if supervisor:
-        facts.update(upstream_kind=f"embedded llama.cpp via {supervisor.backend}", upstream_pid=supervisor.process.pid,
-                     model=model.path, model_source=model.source, demo_model=model.is_demo)
-    else:
-        facts["upstream_kind"] = "external llama-server"
+    facts = {"base_url": f"http://{shown_host}:{settings['API_PORT']}/v1"}
+    local = {}
+    if fleet:
+        local = {supervisor.url: (model, supervisor) for model, supervisor in zip(fleet.models, fleet.supervisors)}
+        facts["demo_model"] = any(model.is_demo for model in fleet.models)
+    routes = settings["MODEL_UPSTREAMS"] or {None: (settings["LLAMA_SERVER_URL"],)}
+    facts["models"] = [{"name": name or "any", "replicas": [_replica_facts(url, local) for url in urls]}
+                       for name, urls in routes.items()]
     facts["open_access"] = not (settings["OPENAI_API_KEY"] or settings["OPENAI_API_KEYS"])
     return facts
+
+
+def _replica_facts(url, local) -> dict:
+    if url not in local:
+        return {"url": public_url(url), "kind": "external llama-server"}
+    model, supervisor = local[url]
+    return {"url": url, "kind": f"embedded llama.cpp via {supervisor.backend}", "pid": supervisor.process.pid,
+            "model": model.path, "model_source": model.source}
 
 
 def banner(facts) -> str:
     """The startup lines for a person at a terminal."""
     lines = [f"llama.cpp gateway ready on {facts['base_url'][:-len('/v1')]}",
              f"  OpenAI base URL: {facts['base_url']}"]
-    pid = f", pid {facts['upstream_pid']}" if "upstream_pid" in facts else ""
-    lines.append(f"  upstream:        {facts['upstream']} ({facts['upstream_kind']}{pid})")
-    if "model" in facts:
-        lines.append(f"  model:           {facts['model']} (from {facts['model_source']})")
+    for model in facts["models"]:
+        for replica in model["replicas"]:
+            pid = f", pid {replica['pid']}" if "pid" in replica else ""
+            served = f"\n      serving {replica['model']} (from {replica['model_source']})" if "model" in replica else ""
+            lines.append(f"  model {model['name']}: {replica['url']} ({replica['kind']}{pid}){served}")
     if facts.get("demo_model"):
         lines += ["  NOTE: this is the demo model: random weights, so its answers are noise.",
                   "        For real answers put a GGUF file in models/ or set LLAMA_MODEL=/path/to/model.gguf."]
@@ -68,9 +82,9 @@ def banner(facts) -> str:
     return "\n".join(lines)
 
 
-def announce(settings, supervisor, model):
+def announce(settings, fleet):
     """Say the gateway is ready: a banner on a terminal, JSON events otherwise."""
-    facts = startup_facts(settings, supervisor, model)
+    facts = startup_facts(settings, fleet)
     if uses_json(settings["LOG_FORMAT"]):
         log.info("ready", extra={"fields": facts})
         if facts.get("demo_model"):
@@ -90,7 +104,7 @@ class StopRequest:
         self.requested = True
 
 
-def run_until_stopped(app, server, settings, supervisor) -> None:
+def run_until_stopped(app, server, settings) -> None:
     """Serve until SIGTERM or Ctrl-C, then shut down gracefully: refuse new work, drain, stop llama.cpp."""
     stop = StopRequest()
     signal.signal(signal.SIGTERM, stop)
@@ -112,20 +126,19 @@ def main() -> int:
     """Run the gateway until Ctrl-C or SIGTERM; return the exit code."""
     settings = load_environment()
     configure_logging(settings["LOG_LEVEL"], settings["LOG_FORMAT"])
+    fleet = make_fleet(settings)  # first: a bad ENABLED_MODELS stops the start with one line
     log.info("config", extra={"fields": settings_summary(settings)})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # while llama.cpp loads: the finally stops it
-    supervisor = model = None
-    if not settings["LLAMA_SERVER_URL"]:
-        supervisor, model = make_supervisor(settings)
-        settings["LLAMA_SERVER_URL"] = supervisor.url
+    if fleet:
+        settings.update(fleet.route_settings(settings))
     try:
-        if supervisor:
-            supervisor.start()
+        if fleet:
+            fleet.start()
         app = create_app(settings)
         server = make_server(app, host=settings["API_HOST"], port=settings["API_PORT"],
                              threads=settings["WAITRESS_THREADS"], max_body_bytes=settings["MAX_BODY_BYTES"])
-        announce(settings, supervisor, model)
-        run_until_stopped(app, server, settings, supervisor)
+        announce(settings, fleet)
+        run_until_stopped(app, server, settings)
     except LlamaStartError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -136,8 +149,8 @@ def main() -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        if supervisor:
-            supervisor.stop()
+        if fleet:
+            fleet.stop()
     log.info("stopped")
     return 0
 

@@ -88,3 +88,34 @@ def test_health_needs_no_key_and_reports_no_secret(make_app, httpserver):
     client = make_app(httpserver.url_for("").rstrip("/"), OPENAI_API_KEY="sekrit-key").test_client()
     response = client.get("/health")
     assert response.status_code == 200 and "sekrit" not in response.get_data(as_text=True)
+
+
+def test_routed_health_reports_each_model_and_replica(make_app, fake_upstreams):
+    from tests.test_routing import routed_app
+
+    chat_a, chat_b, embed = fake_upstreams(3)
+    for up in (chat_a, chat_b):
+        up.expect_request("/health").respond_with_json({"status": "ok"})
+    chat_b.expect_request("/metrics").respond_with_data(LLAMA_METRICS.format(busy=2, queued=1))
+    embed.expect_request("/health").respond_with_json(LOADING, status=503)
+    app = routed_app(make_app, {"chat": [chat_a.url_for(""), chat_b.url_for("")], "embed": [embed.url_for("")]})
+    response = app.test_client().get("/health")
+    assert response.status_code == 200
+    report = response.get_json()
+    assert report["status"] == "degraded"
+    assert report["models"]["chat"]["status"] == "degraded"  # serving, with requests queued on one replica
+    first, second = report["models"]["chat"]["replicas"]
+    assert first["status"] == "ok" and first["in_flight"] == 0 and not first["ejected"]
+    assert second["requests_deferred"] == 1 and second["url"] == chat_b.url_for("").rstrip("/")
+    assert report["models"]["embed"] == {"status": "down", "replicas": [
+        {"url": embed.url_for("").rstrip("/"), "status": "loading", "reason": "llama-server cannot serve yet: "
+         "Loading model", "in_flight": 0, "ejected": False}]}
+
+
+def test_routed_health_is_503_only_when_no_model_can_serve(make_app):
+    from tests.test_routing import routed_app
+
+    app = routed_app(make_app, {"chat": [unused_port_url()], "embed": [unused_port_url()]})
+    response = app.test_client().get("/health")
+    assert_envelope_with_status(response)
+    assert response.get_json()["models"]["chat"]["status"] == "down"

@@ -31,3 +31,19 @@ def test_also_served_without_the_v1_prefix(fake_client, httpserver):
 def test_a_listing_without_models_is_502(fake_client, httpserver, answer):
     httpserver.expect_request("/v1/models").respond_with_json(answer)
     assert_envelope(fake_client.get("/v1/models"), 502)
+
+
+def test_routed_models_are_listed_whether_up_or_not_with_what_their_upstream_tells(make_app, fake_upstreams):
+    from tests.test_routing import routed_app
+    from tests.test_upstream import unused_port_url
+
+    up, = fake_upstreams(1)
+    up.expect_request("/v1/models").respond_with_json(
+        {"data": [{"id": "file", "created": 7, "owned_by": "llamacpp", "meta": {"n_ctx": 2048}}]})
+    client = routed_app(make_app, {"chat": [up.url_for("")], "embed": [unused_port_url()]}).test_client()
+    listing = client.get("/v1/models").get_json()
+    chat, embed = listing["data"]
+    assert chat == {"id": "chat", "object": "model", "created": 7, "owned_by": "llamacpp", "meta": {"n_ctx": 2048}}
+    assert embed["id"] == "embed" and embed["owned_by"] == "llamacpp" and "meta" not in embed
+    client.get("/v1/models")
+    assert len(up.log) == 1  # what a model is does not change: asked once

@@ -103,9 +103,10 @@ def test_embedded_start_answers_and_sigterm_leaves_no_child(demo_model_path):
     try:
         ready = serve.wait_for_event("ready")
         assert ready["base_url"] == serve.url + "/v1"
-        assert ready["upstream_kind"] == "embedded llama.cpp via xllamacpp"
-        assert ready["model_source"] == "LLAMA_MODEL" and ready["open_access"] is True
-        child_pid = ready["upstream_pid"]
+        replica, = ready["models"][0]["replicas"]
+        assert ready["models"][0]["name"] == "any" and replica["kind"] == "embedded llama.cpp via xllamacpp"
+        assert replica["model_source"] == "LLAMA_MODEL" and ready["open_access"] is True
+        child_pid = replica["pid"]
         assert requests.get(serve.url + "/health", timeout=10).status_code == 200
         chat = requests.post(serve.url + "/v1/chat/completions", timeout=30, json={
             "model": "llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "ignore_eos": True})
@@ -136,7 +137,7 @@ def test_killed_gateway_takes_its_child_along(demo_model_path):
 def test_external_upstream_only_proxies(llama):
     serve = ServeProcess(LLAMA_SERVER_URL=llama.url, LOG_FORMAT="text")
     try:
-        serve.wait_for(r"upstream: +%s \(external llama-server\)" % re.escape(llama.url))
+        serve.wait_for(r"model any: %s \(external llama-server\)" % re.escape(llama.url))
         assert requests.get(serve.url + "/v1/models", timeout=10).json()["data"][0]["id"] == "demo"
     finally:
         assert serve.stop() == 0
@@ -161,10 +162,43 @@ def test_serve_llama_starts_only_llama(demo_model_path):
         requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
+@posix_only
+@pytest.mark.llama
+def test_several_models_each_get_their_own_llama(demo_model_path, tmp_path):
+    import openai
+
+    from service.llama.demo_model import write_demo_model
+
+    other = write_demo_model(str(tmp_path / "other.gguf"), seed=1)
+    serve = ServeProcess(MODEL_PATHS=f"chat={demo_model_path},embed={other}", MODEL_SETTINGS="embed:ctx=512",
+                         LLAMA_THREADS="1", LLAMA_CTX="1024")
+    try:
+        ready = serve.wait_for_event("ready")
+        assert [model["name"] for model in ready["models"]] == ["chat", "embed"]
+        pids = [model["replicas"][0]["pid"] for model in ready["models"]]
+        assert len(set(pids)) == 2 and all(pid_alive(pid) for pid in pids)
+        client = openai.OpenAI(base_url=serve.url + "/v1", api_key="none", max_retries=0, timeout=30)
+        assert [model.id for model in client.models.list()] == ["chat", "embed"]
+        answer = client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=2)
+        assert answer.model == "chat"
+        vectors = client.embeddings.create(model="embed", input="hi")
+        assert vectors.model == "embed" and len(vectors.data[0].embedding) == 64
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+        n_ctx = {model.id: model.model_extra["meta"]["n_ctx"] for model in client.models.list()}
+        # MODEL_SETTINGS gave embed its own context size; llama.cpp reports it per slot (LLAMA_PARALLEL=2).
+        assert n_ctx == {"chat": 1024 // 2, "embed": 512 // 2}
+    finally:
+        assert serve.stop() == 0
+    assert all(wait_gone(pid) for pid in pids)
+
+
 @pytest.mark.parametrize("env, words", [
     ({"API_PORT": "abc"}, "error: API_PORT: must be a whole number"),
     ({"CHAT_READ_TIMEOUT_S": "-5"}, "error: CHAT_READ_TIMEOUT_S: must be a number of seconds above 0"),
     ({"LLAMA_MODEL": "/no/such.gguf"}, "error: LLAMA_MODEL: no such model file"),
+    ({"ENABLED_MODELS": "nope"}, "error: ENABLED_MODELS: no model named nope; the models are: "),
 ])
 def test_bad_settings_stop_the_start_with_one_line(env, words):
     result = subprocess.run([sys.executable, SERVE], env={**os.environ, **env}, capture_output=True, text=True,

@@ -4,8 +4,9 @@ import sys
 import threading
 
 from ..logs import configure_logging
-from ..serve import load_environment, make_supervisor
-from .supervisor import LlamaStartError
+from ..serve import load_environment
+from .model_file import choose_model
+from .supervisor import LlamaStartError, LlamaSupervisor
 
 
 def main() -> int:
@@ -14,7 +15,12 @@ def main() -> int:
     configure_logging(settings["LOG_LEVEL"], settings["LOG_FORMAT"])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    supervisor, model = make_supervisor(settings)
+    model = choose_model(settings["LLAMA_MODEL"])
+    try:
+        supervisor = LlamaSupervisor.from_settings(settings, model.path)
+    except LlamaStartError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     try:
         supervisor.start()
         print(f"llama.cpp ready on {supervisor.url} ({supervisor.backend}, model {model.path})\n"

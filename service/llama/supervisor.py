@@ -54,8 +54,8 @@ class LlamaSupervisor:
     """One supervised llama.cpp server for one model file."""
 
     def __init__(self, model_path, *, host="127.0.0.1", port=None, ctx=4096, parallel=2, threads=None,
-                 threads_batch=None, batch=None, threads_http=12, embeddings=True, binary=None,
-                 startup_timeout=300.0):
+                 threads_batch=None, batch=None, threads_http=12, embeddings=True, pooling="mean", alias=None,
+                 binary=None, startup_timeout=300.0):
         self.model_path = model_path
         self.host = host
         self.port = port or free_port(host)
@@ -64,7 +64,7 @@ class LlamaSupervisor:
         self.flags = ["--model", model_path, "--host", host, "--port", str(self.port), "--ctx-size", str(ctx),
                       "--parallel", str(parallel), "--metrics",
                       # The model's id in /v1/models: its file name without .gguf, never its full path.
-                      "--alias", os.path.splitext(os.path.basename(model_path))[0]]
+                      "--alias", alias or os.path.splitext(os.path.basename(model_path))[0]]
         # llama.cpp's HTTP server ties a thread to each kept-alive connection until it has been idle for 5 s;
         # with fewer threads than the gateway pools connections, a new one waits those 5 s for a thread.
         for flag, value in (("--threads", threads), ("--threads-batch", threads_batch), ("--batch-size", batch),
@@ -72,7 +72,7 @@ class LlamaSupervisor:
             if value:
                 self.flags += [flag, str(value)]
         if embeddings:
-            self.flags += ["--embeddings", "--pooling", "mean"]
+            self.flags += ["--embeddings"] + (["--pooling", pooling] if pooling else [])
         self.process = None
         self.restarts = 0
         self.output = collections.deque(maxlen=40)
@@ -80,14 +80,15 @@ class LlamaSupervisor:
         self._watcher = None
 
     @classmethod
-    def from_settings(cls, settings, model_path):
-        """Build a supervisor from the gateway's LLAMA_* settings."""
-        return cls(model_path, host=settings["LLAMA_HOST"], port=settings["LLAMA_PORT"], ctx=settings["LLAMA_CTX"],
-                   parallel=settings["LLAMA_PARALLEL"], threads=settings["LLAMA_THREADS"],
-                   threads_batch=settings["LLAMA_THREADS_BATCH"], batch=settings["LLAMA_N_BATCH"],
-                   threads_http=settings["LLAMA_THREADS_HTTP"] or settings["WAITRESS_THREADS"] + 4,
-                   embeddings=settings["LLAMA_EMBEDDINGS"], binary=find_binary(settings["LLAMA_SERVER_BIN"]),
-                   startup_timeout=settings["LLAMA_STARTUP_TIMEOUT_S"])
+    def from_settings(cls, settings, model_path, **overrides):
+        """Build a supervisor from the gateway's LLAMA_* settings; overrides (ctx, parallel, ...) win."""
+        options = dict(host=settings["LLAMA_HOST"], port=settings["LLAMA_PORT"], ctx=settings["LLAMA_CTX"],
+                       parallel=settings["LLAMA_PARALLEL"], threads=settings["LLAMA_THREADS"],
+                       threads_batch=settings["LLAMA_THREADS_BATCH"], batch=settings["LLAMA_N_BATCH"],
+                       threads_http=settings["LLAMA_THREADS_HTTP"] or settings["WAITRESS_THREADS"] + 4,
+                       embeddings=settings["LLAMA_EMBEDDINGS"], binary=find_binary(settings["LLAMA_SERVER_BIN"]),
+                       startup_timeout=settings["LLAMA_STARTUP_TIMEOUT_S"])
+        return cls(model_path, **{**options, **overrides})
 
     @property
     def url(self) -> str:
@@ -108,11 +109,12 @@ class LlamaSupervisor:
 
     def start(self):
         """Start llama.cpp, wait until its /health answers 200, then watch it; raise LlamaStartError on failure."""
-        self._spawn()
-        self.wait_ready()
+        start_all([self])
+        return self
+
+    def _start_watching(self):
         self._watcher = threading.Thread(target=self._watch, name="llama-supervisor", daemon=True)
         self._watcher.start()
-        return self
 
     def _spawn(self):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")])))
@@ -194,3 +196,19 @@ class LlamaSupervisor:
         if process.stdin:
             process.stdin.close()
         log.info("llama.cpp stopped", extra={"fields": {"pid": process.pid}})
+
+
+def start_all(supervisors):
+    """Start several llama.cpp servers at once (their models load side by side), wait until every one serves,
+    then watch them; raise LlamaStartError (the others are stopped) if one does not come up."""
+    try:
+        for supervisor in supervisors:
+            supervisor._spawn()
+        for supervisor in supervisors:
+            supervisor.wait_ready()
+    except BaseException:
+        for supervisor in supervisors:
+            supervisor.stop()
+        raise
+    for supervisor in supervisors:
+        supervisor._start_watching()

@@ -1,0 +1,122 @@
+"""Which models bin/serve starts, one supervised llama.cpp each, and the routes to them.
+
+MODEL_PATHS names them; else LLAMA_MODEL is the one; else every *.gguf in models/ is one, named after its
+file (the demo model when there is none). ENABLED_MODELS narrows the list.
+"""
+import glob
+import logging
+import os
+from dataclasses import dataclass
+
+from ..config import ConfigError
+from .demo_model import DEMO_MODEL_NAME
+from .model_file import MODELS_DIR, choose_model
+from .supervisor import LlamaSupervisor, start_all
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A model file bin/serve serves under name; source says how it was chosen."""
+
+    name: str
+    path: str
+    source: str
+
+    @property
+    def is_demo(self) -> bool:
+        """True for the random-weight demo model."""
+        return os.path.basename(self.path) == DEMO_MODEL_NAME
+
+
+def model_name(path: str) -> str:
+    """A model's name from its file: models/llama-8b.gguf is llama-8b."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def local_models(settings, models_dir: str = MODELS_DIR) -> list:
+    """The models to start; none when the settings name only upstreams that already run."""
+    if settings["MODEL_PATHS"]:
+        models = [LocalModel(name, path, "MODEL_PATHS") for name, path in settings["MODEL_PATHS"].items()]
+    elif settings["LLAMA_SERVER_URL"] or settings["MODEL_UPSTREAMS"]:
+        return []
+    elif settings["LLAMA_MODEL"]:
+        models = [LocalModel(model_name(settings["LLAMA_MODEL"]), settings["LLAMA_MODEL"], "LLAMA_MODEL")]
+    else:
+        found = sorted(path for path in glob.glob(os.path.join(models_dir, "*.gguf"))
+                       if os.path.basename(path) != DEMO_MODEL_NAME)
+        if found:
+            models = [LocalModel(model_name(path), path, "models/") for path in found]
+        else:
+            demo = choose_model(None, models_dir)
+            models = [LocalModel(model_name(demo.path), demo.path, "demo")]
+    enabled = settings["ENABLED_MODELS"]
+    if enabled:
+        names = [model.name for model in models]
+        unknown = [name for name in enabled if name not in names]
+        if unknown:
+            raise ConfigError(f"ENABLED_MODELS: no model named {', '.join(unknown)}; the models are: "
+                              f"{', '.join(names)}")
+        models = [model for model in models if model.name in enabled]
+    return models
+
+
+def model_traits(path: str) -> dict:
+    """What a GGUF says of itself: whether it is an embedding model (it has a pooling type), and its trained
+    context length. Empty when the file cannot be read as GGUF: llama.cpp will say why."""
+    try:
+        from gguf import GGUFReader
+
+        fields = GGUFReader(path).fields
+        arch = fields["general.architecture"].contents()
+    except Exception:  # noqa: BLE001 - any unreadable file is llama.cpp's to report
+        return {}
+    traits = {"embedding_only": f"{arch}.pooling_type" in fields}
+    if f"{arch}.context_length" in fields:
+        traits["trained_ctx"] = int(fields[f"{arch}.context_length"].contents())
+    return traits
+
+
+def supervisor_for(model: LocalModel, settings, port=None) -> LlamaSupervisor:
+    """A supervisor for one model: the LLAMA_* settings, then what the model file says of itself, then the
+    model's own MODEL_SETTINGS."""
+    traits = model_traits(model.path)
+    options = {"port": port, "embeddings": settings["LLAMA_EMBEDDINGS"], "pooling": "mean"}
+    if traits.get("trained_ctx"):
+        options["ctx"] = min(settings["LLAMA_CTX"], traits["trained_ctx"])
+    if traits.get("embedding_only"):
+        options.update(embeddings=True, pooling=None)  # the model's own pooling
+    options.update((settings["MODEL_SETTINGS"] or {}).get(model.name, {}))
+    return LlamaSupervisor.from_settings(settings, model.path, alias=model.name, **options)
+
+
+class Fleet:
+    """The supervised llama.cpp servers of the local models."""
+
+    def __init__(self, models, settings):
+        self.models = models
+        # LLAMA_PORT holds for one model; several get free ports.
+        port = settings["LLAMA_PORT"] if len(models) == 1 else None
+        self.supervisors = [supervisor_for(model, settings, port) for model in models]
+
+    def start(self):
+        """Start every llama.cpp at once and wait until all serve; raise LlamaStartError if one does not."""
+        start_all(self.supervisors)
+        return self
+
+    def stop(self):
+        """Stop every llama.cpp."""
+        for supervisor in self.supervisors:
+            supervisor.stop()
+
+    def route_settings(self, settings) -> dict:
+        """The settings that route to the local models: LLAMA_SERVER_URL for one model chosen without
+        MODEL_PATHS (any model name is then accepted, as with one llama-server), else MODEL_UPSTREAMS, where
+        a local model named there too becomes one more replica of it."""
+        if len(self.models) == 1 and not settings["MODEL_PATHS"]:
+            return {"LLAMA_SERVER_URL": self.supervisors[0].url}
+        routes = dict(settings["MODEL_UPSTREAMS"] or {})
+        for model, supervisor in zip(self.models, self.supervisors):
+            routes[model.name] = (*routes.get(model.name, ()), supervisor.url)
+        return {"MODEL_UPSTREAMS": routes}

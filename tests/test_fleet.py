@@ -1,0 +1,80 @@
+"""Which local models bin/serve starts, with which llama.cpp flags, and how requests are routed to them."""
+import os
+
+import pytest
+
+from service.config import ConfigError, load_settings
+from service.llama.demo_model import DEMO_MODEL_NAME
+from service.llama.fleet import Fleet, LocalModel, local_models, supervisor_for
+
+
+def gguf_file(path, *, pooling=False, context=4096):
+    """A GGUF that holds only the metadata the fleet reads."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(context)
+    if pooling:
+        writer.add_pooling_type(gguf.PoolingType.CLS)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def settings(**values):
+    """Every setting, with values given as the environment would."""
+    return load_settings(values)
+
+
+def test_every_gguf_in_models_is_a_model_named_after_its_file(tmp_path):
+    for name in ("b-chat.gguf", "a-embed.gguf", DEMO_MODEL_NAME, "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    models = local_models(settings(), str(tmp_path))
+    assert [(m.name, m.source) for m in models] == [("a-embed", "models/"), ("b-chat", "models/")]
+    enabled = local_models(settings(ENABLED_MODELS="b-chat"), str(tmp_path))
+    assert [m.name for m in enabled] == ["b-chat"]
+    with pytest.raises(ConfigError, match="no model named c; the models are: a-embed, b-chat"):
+        local_models(settings(ENABLED_MODELS="c"), str(tmp_path))
+
+
+def test_the_demo_model_when_models_is_empty_and_nothing_with_only_upstreams(tmp_path):
+    demo, = local_models(settings(), str(tmp_path))
+    assert demo.is_demo and demo.source == "demo" and os.path.isfile(demo.path)
+    assert local_models(settings(MODEL_UPSTREAMS="a=http://h:1"), str(tmp_path)) == []
+    assert local_models(settings(LLAMA_SERVER_URL="http://h:1"), str(tmp_path)) == []
+
+
+def test_model_paths_win_and_may_add_a_replica_to_an_upstream(tmp_path):
+    path = gguf_file(tmp_path / "x.gguf")
+    values = settings(MODEL_PATHS=f"chat={path}", MODEL_UPSTREAMS="chat=http://far:8080,embed=http://far:8081")
+    models = local_models(values, str(tmp_path))
+    assert models == [LocalModel("chat", path, "MODEL_PATHS")]
+    fleet = Fleet(models, values)
+    routes = fleet.route_settings(values)["MODEL_UPSTREAMS"]
+    assert routes == {"chat": ("http://far:8080", fleet.supervisors[0].url), "embed": ("http://far:8081",)}
+
+
+def test_one_model_found_by_itself_takes_any_model_name(tmp_path):
+    path = gguf_file(tmp_path / "only.gguf")
+    values = settings(LLAMA_MODEL=path)
+    fleet = Fleet(local_models(values, str(tmp_path)), values)
+    assert fleet.route_settings(values) == {"LLAMA_SERVER_URL": fleet.supervisors[0].url}
+
+
+def test_each_model_gets_flags_from_its_file_and_its_own_settings(tmp_path):
+    embed = LocalModel("embed", gguf_file(tmp_path / "e.gguf", pooling=True, context=512), "MODEL_PATHS")
+    chat = LocalModel("chat", gguf_file(tmp_path / "c.gguf"), "MODEL_PATHS")
+    values = settings(LLAMA_CTX="8192", LLAMA_EMBEDDINGS="0", MODEL_SETTINGS="chat:parallel=4:threads=3")
+
+    def flag(supervisor, name):
+        return supervisor.flags[supervisor.flags.index(name) + 1] if name in supervisor.flags else None
+
+    embedder = supervisor_for(embed, values)
+    assert "--embeddings" in embedder.flags and "--pooling" not in embedder.flags  # the model's own pooling
+    assert flag(embedder, "--ctx-size") == "512"  # never past what it was trained for
+    assert flag(embedder, "--alias") == "embed"
+    chatter = supervisor_for(chat, values)
+    assert "--embeddings" not in chatter.flags
+    assert (flag(chatter, "--ctx-size"), flag(chatter, "--parallel"), flag(chatter, "--threads")) == ("4096", "4", "3")

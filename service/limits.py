@@ -67,20 +67,42 @@ class Lease:
     client: str
     headers: dict
     holds_slot: bool = False
+    lease_id: str = None  # its entry in a shared store, if any
 
 
-class RateLimiter:
-    """Checks and counts every client's requests, tokens and in-flight requests."""
+# What each limit's refusal says, and the setting that sets it.
+_REFUSALS = {"concurrent": ("requests in flight at once", "RATE_LIMIT_CONCURRENT"),
+             "rpm": ("requests per minute", "RATE_LIMIT_RPM"), "tpm": ("tokens per minute", "RATE_LIMIT_TPM")}
 
-    def __init__(self, default: Limits, overrides=None, window_s=WINDOW_S, clock=time.monotonic):
+
+def refusal(client: str, limits: Limits, limit: str, retry_after_s: float, headers: dict) -> RateLimited:
+    """The 429 for client going over one of its limits ("concurrent", "rpm" or "tpm")."""
+    words, setting = _REFUSALS[limit]
+    return RateLimited(f"Rate limit reached for {client}: {getattr(limits, limit)} {words} ({setting})", limit,
+                       retry_after_s, headers)
+
+
+def rate_headers(limits: Limits, requests: int, requests_reset_s: float, tokens: int, tokens_reset_s: float) -> dict:
+    """OpenAI's x-ratelimit-* headers, from the requests and tokens in the window and when each resets."""
+    headers = {}
+    if limits.rpm:
+        headers["x-ratelimit-limit-requests"] = str(limits.rpm)
+        headers["x-ratelimit-remaining-requests"] = str(max(0, limits.rpm - requests))
+        headers["x-ratelimit-reset-requests"] = duration(requests_reset_s)
+    if limits.tpm:
+        headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
+        headers["x-ratelimit-remaining-tokens"] = str(max(0, limits.tpm - tokens))
+        headers["x-ratelimit-reset-tokens"] = duration(max(0.0, tokens_reset_s))
+    return headers
+
+
+class LimitTable:
+    """Every client's limits: the defaults, and the per-client overrides."""
+
+    def __init__(self, default: Limits, overrides=None):
         self.default = default
         self.overrides = {client: Limits(**{**default.__dict__, **limits})
                           for client, limits in (overrides or {}).items()}
-        self.window = window_s
-        self.clock = clock
-        self._clients = {}
-        self._lock = threading.Lock()
-        self._next_sweep = 0.0
 
     def limits_for(self, client: str) -> Limits:
         """The limits that apply to client."""
@@ -90,6 +112,18 @@ class RateLimiter:
     def active(self) -> bool:
         """True when any client has any limit."""
         return self.default.any or any(limits.any for limits in self.overrides.values())
+
+
+class RateLimiter(LimitTable):
+    """Checks and counts every client's requests, tokens and in-flight requests, in this process's memory."""
+
+    def __init__(self, default: Limits, overrides=None, window_s=WINDOW_S, clock=time.monotonic):
+        super().__init__(default, overrides)
+        self.window = window_s
+        self.clock = clock
+        self._clients = {}
+        self._lock = threading.Lock()
+        self._next_sweep = 0.0
 
     def acquire(self, client: str) -> Lease:
         """Admit one request of client and count it, or raise RateLimited saying which limit it hit."""
@@ -102,16 +136,13 @@ class RateLimiter:
                 state = self._clients[client] = _ClientState()
             state.prune(now, self.window)
             if limits.concurrent and state.in_flight >= limits.concurrent:
-                raise RateLimited(f"Rate limit reached for {client}: {limits.concurrent} requests in flight at once "
-                                  "(RATE_LIMIT_CONCURRENT)", "concurrent", 1, self._headers(limits, state, now))
+                raise refusal(client, limits, "concurrent", 1, self._headers(limits, state, now))
             if limits.rpm and len(state.requests) >= limits.rpm:
-                raise RateLimited(f"Rate limit reached for {client}: {limits.rpm} requests per minute "
-                                  "(RATE_LIMIT_RPM)", "rpm", state.requests[0] + self.window - now,
-                                  self._headers(limits, state, now))
+                raise refusal(client, limits, "rpm", state.requests[0] + self.window - now,
+                              self._headers(limits, state, now))
             if limits.tpm and state.token_total >= limits.tpm:
-                raise RateLimited(f"Rate limit reached for {client}: {limits.tpm} tokens per minute "
-                                  "(RATE_LIMIT_TPM)", "tpm", self._token_wait(state, limits.tpm, now),
-                                  self._headers(limits, state, now))
+                raise refusal(client, limits, "tpm", self._token_wait(state, limits.tpm, now),
+                              self._headers(limits, state, now))
             state.requests.append(now)
             if limits.concurrent:
                 state.in_flight += 1
@@ -139,18 +170,10 @@ class RateLimiter:
         return self.window
 
     def _headers(self, limits, state, now):
-        headers = {}
-        if limits.rpm:
-            headers["x-ratelimit-limit-requests"] = str(limits.rpm)
-            headers["x-ratelimit-remaining-requests"] = str(max(0, limits.rpm - len(state.requests)))
-            oldest = state.requests[0] if state.requests else now
-            headers["x-ratelimit-reset-requests"] = duration(oldest + self.window - now)
-        if limits.tpm:
-            headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
-            headers["x-ratelimit-remaining-tokens"] = str(max(0, limits.tpm - state.token_total))
-            oldest = state.tokens[0][0] if state.tokens else now - self.window
-            headers["x-ratelimit-reset-tokens"] = duration(max(0.0, oldest + self.window - now))
-        return headers
+        oldest_request = state.requests[0] if state.requests else now
+        oldest_tokens = state.tokens[0][0] if state.tokens else now - self.window
+        return rate_headers(limits, len(state.requests), oldest_request + self.window - now, state.token_total,
+                            oldest_tokens + self.window - now)
 
     def _sweep(self, now):
         # Drop idle clients now and then so that memory stays bounded.

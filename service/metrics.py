@@ -37,6 +37,9 @@ class GatewayMetrics:
         self.retries = Counter("gateway_upstream_retries", "Retries of upstream calls", registry=registry)
         self.rate_limited = Counter("gateway_rate_limited", "Requests refused by a limit, by client and limit",
                                     ["client", "limit"], registry=registry)
+        self.limit_store_errors = Counter("gateway_rate_limit_store_errors",
+                                          "Calls to the shared rate-limit store (Redis) that failed",
+                                          registry=registry)
         self.in_flight = Gauge("gateway_in_flight_requests", "Requests being answered", registry=registry)
         self.open_streams = Gauge("gateway_open_streams", "Streams being relayed", registry=registry)
         self.tokens = Counter("gateway_tokens", "Tokens used, from llama.cpp's usage, by client and kind",

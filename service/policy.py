@@ -7,6 +7,7 @@ from flask_cors import CORS
 from .auth import KeyRing, authenticate
 from .limits import WINDOW_S, Limits, RateLimited, RateLimiter
 from .request_log import RequestRecord, request_id_from
+from .shared_limits import SharedRateLimiter
 
 # Reachable without a key: load balancers and probes poll it.
 PUBLIC_PATHS = ("/health", "/openapi.json")
@@ -18,11 +19,16 @@ RATE_LIMIT_HEADERS = [f"x-ratelimit-{kind}-{unit}" for unit in ("requests", "tok
 def init_policy(app, settings):
     """Set up keys, limits and CORS for app, and the hooks that apply them to every request."""
     app.extensions["keyring"] = KeyRing.from_settings(settings)
-    app.extensions["limiter"] = RateLimiter(
-        Limits(settings["RATE_LIMIT_RPM"], settings["RATE_LIMIT_TPM"], settings["RATE_LIMIT_CONCURRENT"]),
-        settings["RATE_LIMITS"],
-        # Not an environment setting: tests shorten the window so that waiting one out takes seconds.
-        window_s=app.config.get("RATE_LIMIT_WINDOW_S", WINDOW_S))
+    default = Limits(settings["RATE_LIMIT_RPM"], settings["RATE_LIMIT_TPM"], settings["RATE_LIMIT_CONCURRENT"])
+    # Not an environment setting: tests shorten the window so that waiting one out takes seconds.
+    window_s = app.config.get("RATE_LIMIT_WINDOW_S", WINDOW_S)
+    if settings["RATE_LIMIT_REDIS_URL"]:
+        app.extensions["limiter"] = SharedRateLimiter(
+            settings["RATE_LIMIT_REDIS_URL"], default, settings["RATE_LIMITS"], window_s,
+            failure=settings["RATE_LIMIT_REDIS_FAILURE"],
+            errors=app.extensions["gateway_metrics"].limit_store_errors)
+    else:
+        app.extensions["limiter"] = RateLimiter(default, settings["RATE_LIMITS"], window_s)
     if settings["CORS_ORIGINS"]:
         CORS(app, origins=list(settings["CORS_ORIGINS"]), methods=["GET", "POST", "OPTIONS"],
              allow_headers=["Authorization", "Content-Type", "x-request-id", "x-api-key"],

@@ -95,6 +95,55 @@ def fake_upstreams(_upstream_pool):
         server.clear()
 
 
+class RedisServer:
+    """A real redis-server on a free loopback port, with nothing saved to disk; stop() and start() keep the port."""
+
+    def __init__(self, binary, port):
+        self.binary, self.port, self.process = binary, port, None
+        self.url = f"redis://127.0.0.1:{port}/0"
+
+    def start(self):
+        import subprocess
+
+        import redis
+
+        self.process = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline and self.process.poll() is None, "redis-server did not start"
+                time.sleep(0.02)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def redis_server():
+    """A real redis-server (Debian's redis-server; .ci/run installs it). Outside CI, a machine without it skips
+    these tests, saying so; with GATEWAY_REQUIRE_REDIS=1 (as .ci/run sets) its absence is a failure."""
+    import os
+    import shutil
+
+    from service.llama.supervisor import free_port
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("GATEWAY_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not installed, and GATEWAY_REQUIRE_REDIS=1 says these tests must run")
+        pytest.skip("redis-server is not installed (apt-get install redis-server): shared-limit tests not run")
+    server = RedisServer(binary, free_port()).start()
+    yield server
+    if server.process.poll() is None:
+        server.stop()
+
+
 def thread_stacks() -> str:
     """Every thread's stack, for a failure message."""
     import sys

@@ -74,7 +74,7 @@ SETTINGS = (
     Setting("MODELS_READ_TIMEOUT_S", seconds, 5.0, "read timeout for /v1/models and /health"),
     # The llama.cpp the gateway starts when LLAMA_SERVER_URL is unset.
     Setting("LLAMA_SERVER_BIN", text, None, "llama-server binary to run; unset: llama-server on PATH, else xllamacpp"),
-    Setting("LLAMA_MODEL", model_file, None, "GGUF to serve; unset: first *.gguf in models/, else a demo model"),
+    Setting("LLAMA_MODEL", model_file, None, "one GGUF to serve; unset: every *.gguf in models/, else a demo model"),
     Setting("LLAMA_HOST", text, "127.0.0.1", "address the embedded llama.cpp listens on"),
     Setting("LLAMA_PORT", port, None, "port of the embedded llama.cpp; unset picks a free one"),
     Setting("LLAMA_CTX", positive_count, 4096, "context size in tokens, shared by the parallel slots"),

@@ -1,8 +1,9 @@
 """Relay llama-server's answers to the client: whole JSON bodies as they came, SSE streams event by event.
 
-Token usage is read from what passes through (for the token limit and the log line); the only body the gateway
-ever rewrites is a chat stream's request, to ask for the usage chunk the client did not ask for, and that
-chunk is then taken out again so that the client gets exactly the stream it asked for.
+Token usage is read from what passes through (for the token limit and the log line). The only request body the
+gateway ever rewrites is a chat stream's, to ask for the usage chunk the client did not ask for, and that chunk
+is then taken out again so that the client gets exactly the stream it asked for. Where the gateway routes by
+model, the answers' "model" members are set to the name the client sent; nothing else in them is touched.
 """
 import json
 import re
@@ -128,7 +129,7 @@ def relay_events(stream: Stream):
                         record.ttft_ms = record.elapsed_ms()
                     yield events
         if pending:
-            yield pending
+            yield pending if stream.model is None else rename_model(pending, stream.model)
     except ClientClosedRequest as gone:
         record.error = gone.code  # nobody is left to tell
     except ShuttingDown as stopping:

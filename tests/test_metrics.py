@@ -156,3 +156,18 @@ def test_upstream_llamacpp_metrics_can_be_included(make_app, llama):
 def test_unreachable_upstream_metrics_do_not_break_the_scrape(make_app):
     samples = scrape(make_app(unused_port_url(), METRICS_INCLUDE_UPSTREAM="1").test_client())
     assert value(samples, "gateway_build_info") == 1
+
+
+def test_llamacpp_metrics_of_several_replicas_carry_model_and_replica(make_app, fake_upstreams):
+    from tests.test_routing import routed_app
+
+    first, second = fake_upstreams(2)
+    first.expect_request("/metrics").respond_with_data("# TYPE llamacpp:requests_processing gauge\n"
+                                                       "llamacpp:requests_processing 2\n")
+    second.expect_request("/metrics").respond_with_data("# TYPE llamacpp:requests_processing gauge\n"
+                                                        "llamacpp:requests_processing 5\n")
+    urls = [first.url_for("").rstrip("/"), second.url_for("").rstrip("/")]
+    app = routed_app(make_app, {"chat": urls, "embed": [unused_port_url()]}, METRICS_INCLUDE_UPSTREAM="1")
+    samples = scrape(app.test_client())
+    assert sorted(samples["llamacpp:requests_processing"], key=lambda s: s[1]) == [
+        ({"model": "chat", "replica": urls[0]}, 2.0), ({"model": "chat", "replica": urls[1]}, 5.0)]

@@ -5,10 +5,12 @@ import re
 from urllib.parse import urlsplit
 
 def text(value):
+    """A string, stripped."""
     return str(value).strip()
 
 
 def port(value):
+    """A TCP port number."""
     port = integer(value)
     if not 1 <= port <= 65535:
         raise ValueError("must be a port number from 1 to 65535")
@@ -16,6 +18,7 @@ def port(value):
 
 
 def integer(value):
+    """A whole number (never a bool)."""
     if isinstance(value, bool):
         raise ValueError("must be a whole number")
     try:
@@ -25,6 +28,7 @@ def integer(value):
 
 
 def count(value):
+    """A whole number, 0 or more."""
     number = integer(value)
     if number < 0:
         raise ValueError("must be 0 or more")
@@ -32,6 +36,7 @@ def count(value):
 
 
 def positive_count(value):
+    """A whole number, 1 or more."""
     number = integer(value)
     if number < 1:
         raise ValueError("must be 1 or more")
@@ -39,6 +44,7 @@ def positive_count(value):
 
 
 def seconds(value):
+    """A finite number of seconds above 0."""
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -49,12 +55,14 @@ def seconds(value):
 
 
 def nonnegative_seconds(value):
+    """A number of seconds, 0 allowed (0 means off)."""
     if value in ("0", 0, 0.0):
         return 0.0
     return seconds(value)
 
 
 def flag(value):
+    """On or off: 1/0, true/false, yes/no, on/off."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
@@ -66,6 +74,7 @@ def flag(value):
 
 
 def url(value):
+    """An http(s) URL with a host, without its trailing slash."""
     url = str(value).strip().rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -86,6 +95,7 @@ def public_url(value):
 
 
 def model_file(value):
+    """The absolute path of a file that exists."""
     path = os.path.abspath(os.path.expanduser(str(value).strip()))
     if not os.path.isfile(path):
         raise ValueError(f"no such model file: {path}")
@@ -98,6 +108,7 @@ LIMIT_NAMES = ("rpm", "tpm", "concurrent")
 
 
 def api_key(value):
+    """One API key: printable, no spaces."""
     key = str(value)
     if not key or any(c.isspace() or not c.isprintable() for c in key):
         raise ValueError("must be one key with no spaces or control characters")
@@ -224,6 +235,7 @@ def model_settings(value):
 
 
 def failure_mode(value):
+    """What to do when a store is unreachable: open or closed."""
     text = str(value).strip().lower()
     if text not in ("open", "closed"):
         raise ValueError("must be open (serve without the shared limit) or closed (refuse with 503)")
@@ -231,6 +243,7 @@ def failure_mode(value):
 
 
 def redis_url(value):
+    """A redis://, rediss:// or unix:// URL (never echoed: it may hold a password)."""
     text = str(value).strip()
     if urlsplit(text).scheme not in ("redis", "rediss", "unix"):
         # Never echo it: the URL may carry a password.
@@ -239,6 +252,7 @@ def redis_url(value):
 
 
 def origins(value):
+    """Comma-separated browser origins, or *."""
     origins = tuple(origin.strip().rstrip("/") for origin in str(value).split(",") if origin.strip())
     for origin in origins:
         if origin != "*" and urlsplit(origin).scheme not in ("http", "https"):
@@ -247,6 +261,7 @@ def origins(value):
 
 
 def log_format(value):
+    """json, text or auto."""
     text = str(value).strip().lower()
     if text not in ("auto", "json", "text"):
         raise ValueError("must be json, text or auto (json unless stderr is a terminal)")
@@ -254,6 +269,7 @@ def log_format(value):
 
 
 def log_level(value):
+    """A logging level name."""
     level = str(value).strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")

@@ -66,7 +66,7 @@ def test_a_replica_killed_mid_run_costs_no_request_and_comes_back(make_app, live
     victim = start_llama(demo_model_path)
     try:
         app = routed_app(make_app, {"chat": [llama.url, victim.url]}, REPLICA_EJECT_AFTER="1",
-                         REPLICA_COOLDOWN_S="0.5", HEALTH_CACHE_S="0")
+                         REPLICA_COOLDOWN_S="1", HEALTH_CACHE_S="0")
         base = live_gateway(app)
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=30)
 

@@ -12,6 +12,7 @@ RETRY_S, so its return is picked up without a restart.
 import logging
 import time
 import uuid
+from collections import deque
 
 from .errors import ApiError
 from .limits import WINDOW_S, LimitTable, Lease, rate_headers, refusal
@@ -115,6 +116,9 @@ class SharedRateLimiter(LimitTable):
         self.prefix = prefix
         self._skip_until = 0.0
         self._warned_at = float("-inf")
+        # Releases that failed while Redis was away, sent again once it answers: else a client's concurrency
+        # slot would stay taken until LEASE_TTL_S.
+        self._unreleased = deque(maxlen=100_000)
 
     def _keys(self, client):
         # The {client} hash tag keeps a client's keys in one slot of a Redis Cluster, as a script needs.
@@ -128,6 +132,8 @@ class SharedRateLimiter(LimitTable):
             return self._without_store(client)
         lease_id = uuid.uuid4().hex
         try:
+            if self._unreleased:
+                self._release_again()  # first: a slot freed while Redis was away is free for this request
             verdict, wait, requests, requests_reset, tokens, tokens_reset = self._acquire(
                 keys=self._keys(client), args=[self.window_ms, limits.rpm, limits.tpm, limits.concurrent, lease_id,
                                                int(LEASE_TTL_S * 1000)])
@@ -146,10 +152,25 @@ class SharedRateLimiter(LimitTable):
         if lease.lease_id is None or not (lease.holds_slot or tokens):
             return
         _, spent, in_flight = self._keys(lease.client)
+        call = ([in_flight, spent], [lease.lease_id, tokens, self.window_ms])
         try:
-            self._release(keys=[in_flight, spent], args=[lease.lease_id, tokens, self.window_ms])
+            self._release(keys=call[0], args=call[1])
         except self.store_error as error:
-            self._failed(error)  # the slot expires after LEASE_TTL_S; the tokens go uncounted
+            self._failed(error)
+            self._unreleased.append(call)
+
+    def _release_again(self):
+        """Send the releases that failed earlier; a store error leaves the rest queued and propagates."""
+        while self._unreleased:
+            try:
+                keys, args = self._unreleased.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            try:
+                self._release(keys=keys, args=args)
+            except self.store_error:
+                self._unreleased.appendleft((keys, args))
+                raise
 
     def _without_store(self, client) -> Lease:
         if self.failure == "closed":

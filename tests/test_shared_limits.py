@@ -76,6 +76,22 @@ def test_redis_gone_fails_open_or_closed_and_its_return_is_picked_up(redis_serve
             shared.acquire("team")
 
 
+def test_a_release_that_met_no_redis_is_sent_again_when_it_is_back(redis_server):
+    import signal
+
+    shared, other = limiter(redis_server, concurrent=1), limiter(redis_server, concurrent=1)
+    lease = shared.acquire("team")
+    redis_server.process.send_signal(signal.SIGSTOP)  # unreachable, but its data stays
+    try:
+        shared.release(lease)  # times out: kept to be sent again
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    with pytest.raises(RateLimited):
+        other.acquire("team")  # the slot is still taken in Redis
+    time.sleep(RETRY_S)
+    assert shared.acquire("team").holds_slot  # the release went first, so the slot was free
+
+
 def chat_status(base) -> int:
     """POST one chat request to a gateway; its status."""
     return requests.post(base + "/v1/chat/completions", timeout=10, headers={"Authorization": "Bearer k1"},

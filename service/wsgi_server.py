@@ -1,5 +1,6 @@
 """The waitress server the gateway runs in: its settings, its own errors in the OpenAI envelope, a clean stop."""
 import json
+import logging
 import threading
 import time
 
@@ -9,6 +10,8 @@ from waitress import wasyncore
 from waitress.task import ErrorTask
 
 from .errors import error_body
+
+log = logging.getLogger(__name__)
 
 
 class EnvelopeErrorTask(ErrorTask):
@@ -83,4 +86,11 @@ def stop_server(server, timeout_s=5.0):
             channel.close()
 
     server.task_dispatcher.shutdown(timeout=timeout_s)
-    listener.trigger.pull_trigger(close_all)
+    try:
+        listener.trigger.pull_trigger(close_all)
+    except OSError:
+        # The loop's trigger is already closed: seen once in ~15 test runs (waitress closing from several
+        # threads races, Pylons/waitress#468). Close what is left from here; with its map empty, the loop ends
+        # at its next poll.
+        log.warning("waitress's trigger was already closed at shutdown; closing its sockets directly")
+        close_all()

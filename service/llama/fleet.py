@@ -3,36 +3,9 @@
 MODEL_PATHS names them; else LLAMA_MODEL is the one; else every *.gguf in models/ is one, named after its
 file (the demo model when there is none). ENABLED_MODELS narrows the list.
 """
-import glob
-import logging
-import os
-from dataclasses import dataclass
-
 from ..config import ConfigError
-from .demo_model import DEMO_MODEL_NAME
-from .model_file import MODELS_DIR, choose_model
+from .model_file import MODELS_DIR, LocalModel, choose_model, model_files
 from .supervisor import LlamaSupervisor, start_all
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LocalModel:
-    """A model file bin/serve serves under name; source says how it was chosen."""
-
-    name: str
-    path: str
-    source: str
-
-    @property
-    def is_demo(self) -> bool:
-        """True for the random-weight demo model."""
-        return os.path.basename(self.path) == DEMO_MODEL_NAME
-
-
-def model_name(path: str) -> str:
-    """A model's name from its file: models/llama-8b.gguf is llama-8b."""
-    return os.path.splitext(os.path.basename(path))[0]
 
 
 def local_models(settings, models_dir: str = MODELS_DIR) -> list:
@@ -42,15 +15,9 @@ def local_models(settings, models_dir: str = MODELS_DIR) -> list:
     elif settings["LLAMA_SERVER_URL"] or settings["MODEL_UPSTREAMS"]:
         return []
     elif settings["LLAMA_MODEL"]:
-        models = [LocalModel(model_name(settings["LLAMA_MODEL"]), settings["LLAMA_MODEL"], "LLAMA_MODEL")]
+        models = [choose_model(settings["LLAMA_MODEL"], models_dir)]
     else:
-        found = sorted(path for path in glob.glob(os.path.join(models_dir, "*.gguf"))
-                       if os.path.basename(path) != DEMO_MODEL_NAME)
-        if found:
-            models = [LocalModel(model_name(path), path, "models/") for path in found]
-        else:
-            demo = choose_model(None, models_dir)
-            models = [LocalModel(model_name(demo.path), demo.path, "demo")]
+        models = model_files(models_dir)
     enabled = settings["ENABLED_MODELS"]
     if enabled:
         names = [model.name for model in models]

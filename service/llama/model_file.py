@@ -1,4 +1,5 @@
-"""Which GGUF the embedded llama.cpp serves: LLAMA_MODEL, else the first *.gguf in models/, else the demo."""
+"""Model files: what a GGUF is called, which ones models/ holds, and which one the embedded llama.cpp serves
+alone (LLAMA_MODEL, else the first *.gguf in models/, else the demo)."""
 import glob
 import os
 from dataclasses import dataclass
@@ -9,9 +10,11 @@ MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pat
 
 
 @dataclass(frozen=True)
-class ModelChoice:
-    """The model file and how it was chosen ("LLAMA_MODEL", "models/", or "demo")."""
+class LocalModel:
+    """A model file, the name it is served under, and how it was chosen ("MODEL_PATHS", "LLAMA_MODEL",
+    "models/" or "demo")."""
 
+    name: str
     path: str
     source: str
 
@@ -21,16 +24,26 @@ class ModelChoice:
         return os.path.basename(self.path) == DEMO_MODEL_NAME
 
 
-def choose_model(configured: str = None, models_dir: str = MODELS_DIR) -> ModelChoice:
-    """Pick the model to serve, writing the demo model into models_dir when there is nothing else."""
-    if configured:
-        return ModelChoice(configured, "LLAMA_MODEL")
+def model_name(path: str) -> str:
+    """A model's name from its file: models/llama-8b.gguf is llama-8b."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def model_files(models_dir: str = MODELS_DIR) -> list:
+    """Every *.gguf in models_dir, by name; the demo model (written there if need be) when there is none."""
     found = sorted(path for path in glob.glob(os.path.join(models_dir, "*.gguf"))
                    if os.path.basename(path) != DEMO_MODEL_NAME)
     if found:
-        return ModelChoice(found[0], "models/")
+        return [LocalModel(model_name(path), path, "models/") for path in found]
     os.makedirs(models_dir, exist_ok=True)
     demo = os.path.join(models_dir, DEMO_MODEL_NAME)
     if not os.path.isfile(demo):
         write_demo_model(demo)
-    return ModelChoice(demo, "demo")
+    return [LocalModel(model_name(demo), demo, "demo")]
+
+
+def choose_model(configured: str = None, models_dir: str = MODELS_DIR) -> LocalModel:
+    """The one model to serve: LLAMA_MODEL, else the first in models_dir, else the demo."""
+    if configured:
+        return LocalModel(model_name(configured), configured, "LLAMA_MODEL")
+    return model_files(models_dir)[0]

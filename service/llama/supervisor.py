@@ -12,6 +12,8 @@ import time
 
 import requests
 
+from .model_file import model_name
+
 log = logging.getLogger(__name__)
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,7 +66,7 @@ class LlamaSupervisor:
         self.flags = ["--model", model_path, "--host", host, "--port", str(self.port), "--ctx-size", str(ctx),
                       "--parallel", str(parallel), "--metrics",
                       # The model's id in /v1/models: its file name without .gguf, never its full path.
-                      "--alias", alias or os.path.splitext(os.path.basename(model_path))[0]]
+                      "--alias", alias or model_name(model_path)]
         # llama.cpp's HTTP server ties a thread to each kept-alive connection until it has been idle for 5 s;
         # with fewer threads than the gateway pools connections, a new one waits those 5 s for a thread.
         for flag, value in (("--threads", threads), ("--threads-batch", threads_batch), ("--batch-size", batch),

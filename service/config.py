@@ -6,7 +6,7 @@ from typing import Any, Callable, Mapping
 
 from .converters import (api_key, api_key_list, count, failure_mode, flag, log_format, log_level, model_file,
                          model_names, model_paths, model_settings, model_upstreams, nonnegative_seconds, origins, port,
-                         positive_count, public_url, rate_limits, redis_url, seconds, text, url)
+                         positive_count, rate_limits, redis_url, seconds, text, url)
 
 
 class ConfigError(ValueError):
@@ -22,6 +22,16 @@ class Setting:
     default: Any
     help: str
     secret: bool = False  # never logged or shown
+
+    def shown(self, value):
+        """The value as it may be logged: a secret says only whether it is set (or how many keys); a value whose
+        converter declares a public form (URLs: without user:password@) is shown in that form; lists as lists."""
+        if self.secret:
+            return len(value) if isinstance(value, tuple) else bool(value)
+        public = getattr(self.convert, "public", None)  # declared by the converter: converters.shown_as
+        if public and value is not None:
+            value = public(value)
+        return list(value) if isinstance(value, tuple) else value
 
 
 SETTINGS = (
@@ -52,7 +62,8 @@ SETTINGS = (
     Setting("CORS_ORIGINS", origins, None, "browser origins allowed to call the API, comma-separated; empty = none"),
     # The upstream llama-server.
     Setting("LLAMA_SERVER_URL", url, None, "an existing llama-server to proxy; unset starts an embedded one"),
-    Setting("LLAMA_API_KEY", text, None, "key the gateway sends to a llama-server started with --api-key"),
+    Setting("LLAMA_API_KEY", text, None, "key the gateway sends to a llama-server started with --api-key",
+            secret=True),
     Setting("UPSTREAM_RETRIES", count, 2, "retries on connect errors and 502/503/504 before any answer"),
     Setting("UPSTREAM_BACKOFF_S", nonnegative_seconds, 0.25, "backoff factor: 0.25 s, 0.5 s, 1 s, ... between retries"),
     Setting("UPSTREAM_BACKOFF_MAX_S", seconds, 8.0, "longest wait between retries, Retry-After included"),
@@ -122,16 +133,8 @@ def load_settings(source: Mapping[str, Any] = None) -> dict:
 
 
 def settings_summary(settings: Mapping[str, Any]) -> dict:
-    """The settings as they may be logged: secrets show only whether they are set, and how many keys."""
-    summary = {}
-    for setting in SETTINGS:
-        value = settings.get(setting.name)
-        if setting.secret:
-            value = len(value) if isinstance(value, tuple) else bool(value)
-        elif setting.name == "MODEL_UPSTREAMS" and value:
-            value = {name: [public_url(replica) for replica in replicas] for name, replicas in value.items()}
-        summary[setting.name] = list(value) if isinstance(value, tuple) else value
-    return summary
+    """The settings as they may be logged: secrets show only whether they are set, URLs no credentials."""
+    return {setting.name: setting.shown(settings.get(setting.name)) for setting in SETTINGS}
 
 
 def route_timeouts(settings: Mapping[str, Any]) -> dict:

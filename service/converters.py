@@ -73,25 +73,47 @@ def flag(value):
     raise ValueError(f"must be on or off (1/0, true/false), not {value!r}")
 
 
+def public_url(value):
+    """A URL as it may be shown: without any user:password@, even in a malformed URL.
+
+    Everything between the scheme and the last '@' goes: a password may hold an unescaped '/', '?' or '#' that
+    would end the host part early for urlsplit, and then stay in clear.
+    """
+    text = str(value)
+    if "@" not in text:
+        return text
+    head, sep, rest = text.partition("://")
+    if not sep:
+        head, rest = "", text
+    return head + sep + rest.rpartition("@")[2]
+
+
+def shown_as(public):
+    """Declare how a converter's values may be shown (logged): public(value) hides the credentials they can hold.
+    Every setting that uses the converter is shown that way, whatever its name (config.Setting.shown)."""
+    def declare(convert):
+        convert.public = public
+        return convert
+    return declare
+
+
+@shown_as(public_url)
 def url(value):
-    """An http(s) URL with a host, without its trailing slash."""
+    """An http(s) URL with a host, without its trailing slash; errors show it without its credentials."""
     url = str(value).strip().rstrip("/")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"must be an http:// or https:// URL such as http://127.0.0.1:8080, not {value!r}")
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme in ("http", "https") and parts.hostname
+    except ValueError:  # an unclosed [ of an IPv6 address
+        usable = False
+    if not usable:
+        raise ValueError(f"must be an http:// or https:// URL such as http://127.0.0.1:8080, not "
+                         f"{public_url(value)!r}")
     try:
         parts.port
     except ValueError:
-        raise ValueError(f"has a bad port: {value!r}") from None
+        raise ValueError(f"has a bad port: {public_url(value)!r}") from None
     return url
-
-
-def public_url(value):
-    """A URL as it may be shown: without any user:password@."""
-    parts = urlsplit(value)
-    if "@" not in parts.netloc:
-        return value
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def model_file(value):
@@ -166,16 +188,16 @@ def _model_name(name, entry):
     return name
 
 
-def _named_entries(value, what):
-    """name=thing,name=thing -> [(name, thing)], with each name once."""
+def _named_entries(value, what, shown=str):
+    """name=thing,name=thing -> [(name, thing)], with each name once; errors show an entry as shown(entry)."""
     entries, seen = [], set()
     for entry in str(value).split(","):
         if not entry.strip():
             continue
         name, has_value, thing = entry.partition("=")
         if not has_value or not thing.strip():
-            raise ValueError(f"bad entry {entry.strip()!r}: the format is name={what},name={what}")
-        name = _model_name(name, entry.strip())
+            raise ValueError(f"bad entry {shown(entry.strip())!r}: the format is name={what},name={what}")
+        name = _model_name(name, shown(entry.strip()))
         if name in seen:
             raise ValueError(f"model {name} is listed twice")
         seen.add(name)
@@ -185,10 +207,21 @@ def _named_entries(value, what):
     return entries
 
 
+def _public_entry(entry):
+    """name=url|url as it may be shown: each URL without its credentials."""
+    return "|".join(public_url(part) for part in entry.split("|"))
+
+
+def public_upstreams(routes):
+    """MODEL_UPSTREAMS as it may be shown: {"chat": [url, url]}, each URL without its credentials."""
+    return {name: [public_url(replica) for replica in replicas] for name, replicas in routes.items()}
+
+
+@shown_as(public_upstreams)
 def model_upstreams(value):
     """chat=http://h1:8080|http://h2:8080,embed=http://h3:8080 -> {"chat": (url, url), "embed": (url,)}"""
     routes = {}
-    for name, urls in _named_entries(value, "http://host:port|http://replica:port"):
+    for name, urls in _named_entries(value, "http://host:port|http://replica:port", shown=_public_entry):
         replicas = tuple(url(replica) for replica in urls.split("|") if replica.strip())
         if len(set(replicas)) != len(replicas):
             raise ValueError(f"model {name} lists a replica twice")
@@ -255,7 +288,12 @@ def origins(value):
     """Comma-separated browser origins, or *."""
     origins = tuple(origin.strip().rstrip("/") for origin in str(value).split(",") if origin.strip())
     for origin in origins:
-        if origin != "*" and urlsplit(origin).scheme not in ("http", "https"):
+        if origin == "*":
+            continue
+        if "@" in origin:
+            # A browser origin never holds user:password@: a mistake, and one not to repeat in clear.
+            raise ValueError(f"{public_url(origin)!r} has a user:password@, which an origin never has")
+        if urlsplit(origin).scheme not in ("http", "https"):
             raise ValueError(f"{origin!r} is not an origin such as https://app.example.com")
     return origins
 

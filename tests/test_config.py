@@ -1,7 +1,10 @@
 """The settings table: defaults, conversions, and one clear error per bad value."""
+import json
+
 import pytest
 
-from service.config import SETTINGS, ConfigError, load_settings, route_timeouts
+from service.config import SETTINGS, ConfigError, Setting, load_settings, route_timeouts, settings_summary
+from service.converters import url
 
 
 def test_defaults_when_nothing_is_set():
@@ -78,3 +81,50 @@ def test_env_example_and_readme_table_are_generated_from_the_table():
     assert load_settings(values) == load_settings({})
     with open(os.path.join(root, "README.md"), encoding="utf-8") as readme:
         assert render_settings_table() in readme.read()
+
+
+# What must never reach a log line or an error message.
+SECRET = "s3cr3t"
+
+
+@pytest.mark.parametrize("name, value, shown", [
+    ("LLAMA_API_KEY", f"sk-{SECRET}", True),
+    ("OPENAI_API_KEY", f"sk-{SECRET}", True),
+    ("OPENAI_API_KEYS", f"sk-{SECRET}:team_a,other", 2),
+    ("RATE_LIMIT_REDIS_URL", f"redis://:{SECRET}@127.0.0.1:6379/0", True),
+    ("LLAMA_SERVER_URL", f"http://alice:{SECRET}@127.0.0.1:8080", "http://127.0.0.1:8080"),
+    ("MODEL_UPSTREAMS", f"chat=http://alice:{SECRET}@h1:8080|http://h2:8080,embed=https://bob:{SECRET}@h3",
+     {"chat": ["http://h1:8080", "http://h2:8080"], "embed": ["https://h3"]}),
+])
+def test_summary_hides_every_secret(name, value, shown):
+    summary = settings_summary(load_settings({name: value}))
+    assert SECRET not in json.dumps(summary)
+    assert summary[name] == shown
+
+
+def test_any_url_setting_is_shown_without_credentials_whatever_its_name():
+    # The converter declares how its values are shown: a new URL setting needs no name in a list.
+    setting = Setting("SOME_NEW_URL", url, None, "a URL")
+    assert setting.shown(url(f"https://alice:{SECRET}@example.com:8443/v1")) == "https://example.com:8443/v1"
+    assert setting.shown(None) is None
+
+
+@pytest.mark.parametrize("name, value", [
+    ("LLAMA_SERVER_URL", f"ftp://alice:{SECRET}@host:8080"),
+    ("LLAMA_SERVER_URL", f"http://alice:{SECRET}@host:80x"),
+    ("LLAMA_SERVER_URL", f"http://alice:s3/{SECRET}@host:8080"),  # urlsplit ends the host at the '/'
+    ("LLAMA_SERVER_URL", f"alice:{SECRET}@host:8080"),
+    ("LLAMA_SERVER_URL", f"http://alice:{SECRET}@[host:8080"),  # urlsplit raises: an unclosed [
+    ("MODEL_UPSTREAMS", f"chat=ftp://alice:{SECRET}@host:8080"),
+    ("MODEL_UPSTREAMS", f"chat=http://h:1|http://alice:{SECRET}@host:bad"),
+    ("MODEL_UPSTREAMS", f"http://alice:{SECRET}@host:8080"),
+    ("MODEL_UPSTREAMS", f"bad name=http://alice:{SECRET}@host:8080"),
+    ("CORS_ORIGINS", f"https://alice:{SECRET}@host"),
+])
+def test_bad_urls_are_named_without_their_credentials(name, value):
+    with pytest.raises(ConfigError) as caught:
+        load_settings({name: value})
+    message = str(caught.value)
+    assert message.startswith(f"{name}: ")
+    assert SECRET not in message and "alice" not in message
+    assert "host" in message  # still says which URL is wrong

@@ -18,20 +18,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVE = os.path.join(ROOT, "bin", "serve")
 
 
+def _ctrl_c_as_at_a_terminal():
+    # A test run started in the background (nohup, `&` in a script) ignores SIGINT, and its children inherit
+    # that: bin/serve would ignore Ctrl-C too. Restore the default, as a shell does for a foreground program.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class ServeProcess:
     """bin/serve running as a child of the test, with its stderr lines collected as they come."""
 
-    def __init__(self, script=SERVE, **env):
+    def __init__(self, script=SERVE, with_stdout=False, **env):
         self.port = free_port()
         environment = {**os.environ, "API_PORT": str(self.port), "PYTHONUNBUFFERED": "1", **env}
+        # with_stdout: its stdout too, in the same stream of lines.
         self.process = subprocess.Popen([sys.executable, script], env=environment, stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                        stdout=subprocess.PIPE if with_stdout else subprocess.DEVNULL,
+                                        stderr=subprocess.STDOUT if with_stdout else subprocess.PIPE, text=True,
+                                        preexec_fn=_ctrl_c_as_at_a_terminal if os.name == "posix" else None)
         self.lines = queue.Queue()
         self.seen = []
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
-        for line in self.process.stderr:
+        for line in self.process.stderr or self.process.stdout:
             self.lines.put(line.rstrip("\n"))
         self.lines.put(None)
 
@@ -63,6 +72,12 @@ class ServeProcess:
             if match:
                 return match
         pytest.fail(f"bin/serve never printed {pattern!r}; it printed:\n" + "\n".join(self.seen))
+
+    def output(self, timeout=20) -> str:
+        """Everything it printed, once it has ended."""
+        for _ in self._lines(timeout):
+            pass
+        return "\n".join(self.seen)
 
     @property
     def url(self):
@@ -194,11 +209,41 @@ def test_several_models_each_get_their_own_llama(demo_model_path, tmp_path):
     assert all(wait_gone(pid) for pid in pids)
 
 
+KEY, PASSWORD = "sk-gateway-test-0123456789", "pa55-w0rd-not-for-logs"
+
+
+@pytest.mark.parametrize("log_format, ready, level", [
+    ("json", r'"event": "ready"', "DEBUG"),
+    ("text", r"llama.cpp gateway ready on", "INFO"),
+])
+def test_nothing_it_prints_holds_the_llama_key_or_a_url_password(httpserver, log_format, ready, level):
+    httpserver.expect_request("/health").respond_with_json({"status": "ok"})
+    httpserver.expect_request("/v1/models").respond_with_json({"object": "list", "data": []})
+    upstream = httpserver.url_for("").rstrip("/")
+    serve = ServeProcess(LLAMA_SERVER_URL=upstream.replace("http://", f"http://alice:{PASSWORD}@"),
+                         LLAMA_API_KEY=KEY, LOG_FORMAT=log_format, LOG_LEVEL=level, with_stdout=True)
+    try:
+        serve.wait_for(ready)
+        # Some upstream calls, answered and not (no handler: 500), for the lines they log.
+        assert requests.get(serve.url + "/health", timeout=10).status_code == 200
+        assert requests.get(serve.url + "/v1/models", timeout=10).status_code == 200
+        requests.post(serve.url + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]},
+                      timeout=10)
+    finally:
+        serve.stop()
+    output = serve.output()
+    assert KEY not in output and PASSWORD not in output and "alice" not in output
+    assert upstream in output  # the URL itself is shown, without its credentials
+    assert len(httpserver.log) >= 3  # the calls reached the llama-server: their lines are in the output
+
+
 @pytest.mark.parametrize("env, words", [
     ({"API_PORT": "abc"}, "error: API_PORT: must be a whole number"),
     ({"CHAT_READ_TIMEOUT_S": "-5"}, "error: CHAT_READ_TIMEOUT_S: must be a number of seconds above 0"),
     ({"LLAMA_MODEL": "/no/such.gguf"}, "error: LLAMA_MODEL: no such model file"),
     ({"ENABLED_MODELS": "nope"}, "error: ENABLED_MODELS: no model named nope; the models are: "),
+    ({"LLAMA_SERVER_URL": f"http://alice:{PASSWORD}@127.0.0.1:80x"}, "error: LLAMA_SERVER_URL: has a bad port: "
+     "'http://127.0.0.1:80x'"),
 ])
 def test_bad_settings_stop_the_start_with_one_line(env, words):
     result = subprocess.run([sys.executable, SERVE], env={**os.environ, **env}, capture_output=True, text=True,

@@ -1,9 +1,16 @@
 """The embedded llama.cpp: the demo model, model choice, and a supervised child that restarts and stops."""
+import logging
 import os
+import queue
 import signal
+import sys
+import threading
+import time
 
 import pytest
+import requests
 
+from service.llama import supervisor as supervisor_module
 from service.llama.demo_model import DEMO_MODEL_NAME, write_demo_model
 from service.llama.model_file import choose_model
 from service.llama.supervisor import LlamaStartError, LlamaSupervisor, find_binary
@@ -71,3 +78,169 @@ def test_killed_child_is_restarted_health_shows_the_gap_and_requests_recover(dem
     finally:
         supervisor.stop()
     assert supervisor.process.poll() is not None
+
+
+# A stand-in for llama-server: answers /health with 200 once it has "loaded" for argv[1] seconds.
+FAKE_LLAMA = """
+import http.server, sys, time
+port = int(sys.argv[sys.argv.index("--port") + 1])
+time.sleep(float(sys.argv[1]))
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
+"""
+
+
+class FakeLlama(LlamaSupervisor):
+    """A supervisor of a tiny Python HTTP server instead of llama.cpp; it keeps every child it spawned."""
+
+    def __init__(self):
+        super().__init__("/fake.gguf", startup_timeout=10)
+        self.load_s = 0.0
+        self.children = queue.Queue()
+        self.spawned = []
+
+    def command(self):
+        """Run the stand-in, loading for load_s seconds."""
+        return [sys.executable, "-c", FAKE_LLAMA, str(self.load_s), *self.flags]
+
+    def _spawn(self):
+        started = super()._spawn()
+        if self.process is not None and self.process not in self.spawned:
+            self.spawned.append(self.process)
+            self.children.put(self.process)
+        return started
+
+
+@pytest.fixture
+def fake_llama(monkeypatch):
+    """Start a FakeLlama with a fast restart backoff; at the end, kill whatever child it left alive."""
+    monkeypatch.setattr(supervisor_module, "RESTART_DELAY_S", 0.01)
+    supervisors = []
+
+    def start():
+        supervisors.append(FakeLlama())
+        return supervisors[-1].start()
+
+    yield start
+    for supervisor in supervisors:
+        supervisor.stop()
+        for child in supervisor.spawned:
+            if child.poll() is None:
+                child.kill()
+                child.wait(5)
+
+
+def alive(supervisor) -> list:
+    """The children of supervisor that still run."""
+    return [child.pid for child in supervisor.spawned if child.poll() is None]
+
+
+def test_stop_while_the_watcher_spawns_a_restart_leaves_no_child(fake_llama):
+    supervisor = fake_llama()
+    first = supervisor.children.get_nowait()
+    in_spawn = threading.Event()
+    command = supervisor.command
+
+    def slow_command():
+        # Runs inside _spawn, before the child exists: hold the watcher there until stop() has begun.
+        in_spawn.set()
+        supervisor._stopping.wait(10)
+        return command()
+
+    supervisor.command = slow_command
+    first.kill()
+    assert in_spawn.wait(10), "the watcher never began a restart"
+    supervisor.stop()
+    supervisor._watcher.join(10)
+    assert len(supervisor.spawned) == 2, "the restart under way was dropped instead of ended"
+    assert alive(supervisor) == [], "a child spawned while stop() ran outlived it"
+
+
+def test_stop_while_a_restart_loads_ends_it_quietly(fake_llama, caplog):
+    caplog.set_level(logging.INFO, logger=supervisor_module.__name__)
+    supervisor = fake_llama()
+    first = supervisor.children.get_nowait()
+    supervisor.load_s = 30  # the restarted child takes long to load: the watcher waits in wait_ready
+    first.kill()
+    second = supervisor.children.get(timeout=10)
+    supervisor.stop()
+    assert not supervisor._watcher.is_alive(), "stop() returned with the watcher still running"
+    assert second.poll() is not None and alive(supervisor) == []
+    events = [record.getMessage() for record in caplog.records]
+    assert "llama.cpp restart failed" not in events and "llama.cpp serving again" not in events
+
+
+def test_stop_returns_once_the_watcher_has_finished(fake_llama):
+    supervisor = fake_llama()
+    first = supervisor.children.get_nowait()
+    supervisor.load_s = 30
+    wait_ready = supervisor.wait_ready
+
+    def wait_ready_slow_to_notice(timeout=None):
+        supervisor._stopping.wait(10)  # stop() has begun ...
+        time.sleep(0.5)  # ... while a health probe of the restarted child is still under way
+        wait_ready(timeout)
+
+    supervisor.wait_ready = wait_ready_slow_to_notice
+    first.kill()
+    supervisor.children.get(timeout=10)
+    watcher = supervisor._watcher
+    supervisor.stop()
+    # Else a start() now would find the old watcher still running, and a restart could still follow.
+    assert not watcher.is_alive(), "stop() returned with the watcher still running"
+    assert alive(supervisor) == []
+
+
+def test_a_spawn_that_comes_after_stop_starts_nothing(fake_llama):
+    supervisor = fake_llama()
+    supervisor.stop()
+    stopped = supervisor.process
+    # The watcher's respawn, had it lost the race for the lock to stop(): it must start no child.
+    assert supervisor._spawn() is False
+    assert supervisor.process is stopped and alive(supervisor) == []
+
+
+def test_start_while_running_is_refused(fake_llama):
+    supervisor = fake_llama()
+    with pytest.raises(RuntimeError, match="already started"):
+        supervisor.start()
+    supervisor.stop()
+
+
+@pytest.mark.llama
+def test_stopped_supervisor_starts_again_with_a_fresh_watcher(demo_model_path, monkeypatch):
+    monkeypatch.setattr(supervisor_module, "RESTART_DELAY_S", 0.05)
+    supervisor = LlamaSupervisor(demo_model_path, ctx=512, parallel=1, threads=1, embeddings=False,
+                                 startup_timeout=30).start()
+    try:
+        first, first_watcher = supervisor.process, supervisor._watcher
+        supervisor.stop()
+        assert first.poll() is not None and not first_watcher.is_alive()
+        supervisor.start()
+        second = supervisor.process
+        assert second is not first and second.poll() is None
+        assert requests.get(supervisor.url + "/health", timeout=5).status_code == 200
+        assert supervisor._watcher is not first_watcher and supervisor._watcher.is_alive()
+        assert supervisor.restarts == 0, "a start after stop() is not a restart"
+        # The fresh watcher does its work: a crash is restarted, and counted once.
+        ready = threading.Event()
+        wait_ready = supervisor.wait_ready
+
+        def wait_ready_and_tell(timeout=None):
+            wait_ready(timeout)
+            ready.set()
+
+        supervisor.wait_ready = wait_ready_and_tell
+        second.kill()
+        assert ready.wait(30), "the child was not restarted"
+        assert supervisor.restarts == 1 and supervisor.process not in (first, second)
+        assert requests.get(supervisor.url + "/health", timeout=5).status_code == 200
+    finally:
+        supervisor.stop()
+    assert supervisor.process.poll() is not None and not supervisor._watcher.is_alive()

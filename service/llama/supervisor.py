@@ -76,9 +76,11 @@ class LlamaSupervisor:
         if embeddings:
             self.flags += ["--embeddings"] + (["--pooling", pooling] if pooling else [])
         self.process = None
-        self.restarts = 0
+        self.restarts = 0  # restarts after the child died, over this supervisor's life; start() is not one
         self.output = collections.deque(maxlen=40)
         self._stopping = threading.Event()
+        # Held while a child is being spawned: stop() takes it too, so it never misses a child being born.
+        self._lock = threading.Lock()
         self._watcher = None
 
     @classmethod
@@ -110,15 +112,25 @@ class LlamaSupervisor:
         return [sys.executable, "-m", "service.llama.child", *self.flags, "--exit-with-stdin"]
 
     def start(self):
-        """Start llama.cpp, wait until its /health answers 200, then watch it; raise LlamaStartError on failure."""
+        """Start llama.cpp, wait until its /health answers 200, then watch it; raise LlamaStartError on failure.
+        A stopped supervisor may be started again."""
         start_all([self])
         return self
+
+    def _reset(self):
+        """Make ready for a start: the first one, or one after stop()."""
+        if self._watcher is not None and self._watcher.is_alive():
+            raise RuntimeError("this llama.cpp is already started; stop() it first")
+        # stop() has joined the last watcher, so no thread still reads this event as "stopping".
+        self._stopping.clear()
+        self.output.clear()
 
     def _start_watching(self):
         self._watcher = threading.Thread(target=self._watch, name="llama-supervisor", daemon=True)
         self._watcher.start()
 
-    def _spawn(self):
+    def _spawn(self) -> bool:
+        """Start the child, unless stop() has begun: then start nothing and return False."""
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PROJECT_ROOT, os.environ.get("PYTHONPATH")])))
         options = {}
         if os.name == "nt":
@@ -128,12 +140,18 @@ class LlamaSupervisor:
             options["start_new_session"] = True
             if sys.platform.startswith("linux"):
                 options["preexec_fn"] = _die_with_parent
-        self.process = subprocess.Popen(
-            self.command(), env=env, stdin=subprocess.DEVNULL if self.binary else subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **options)
+        with self._lock:
+            # Checked under the lock stop() takes: either stop() comes first and nothing starts, or it waits
+            # here and then ends the child started now.
+            if self._stopping.is_set():
+                return False
+            self.process = subprocess.Popen(
+                self.command(), env=env, stdin=subprocess.DEVNULL if self.binary else subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **options)
         threading.Thread(target=self._read_output, args=(self.process,), daemon=True).start()
         log.info("llama.cpp starting", extra={"fields": {"pid": self.process.pid, "backend": self.backend,
                                                          "port": self.port}})
+        return True
 
     def _read_output(self, process):
         # Keep the last lines for error reports; show them all only at DEBUG (they can be many).
@@ -156,7 +174,7 @@ class LlamaSupervisor:
             except requests.RequestException:
                 pass
             if self._stopping.wait(delay):
-                return
+                raise LlamaStartError("llama.cpp was stopped while starting")
             delay = min(delay * 2, 0.25)
         raise LlamaStartError(f"llama.cpp did not become ready within {timeout or self.startup_timeout:g} s "
                               "(LLAMA_STARTUP_TIMEOUT_S)")
@@ -171,22 +189,31 @@ class LlamaSupervisor:
             if time.monotonic() - started > HEALTHY_RUN_S:
                 delay = RESTART_DELAY_S
             log.warning("llama.cpp exited; restarting", extra={"fields": {"exit_code": code, "restart_in_s": delay}})
-            if self._stopping.wait(delay):
+            if self._stopping.wait(delay) or not self._spawn():
                 return
             delay = min(delay * 2, RESTART_DELAY_MAX_S)
             self.restarts += 1
             try:
-                self._spawn()
                 self.wait_ready()
                 log.info("llama.cpp serving again", extra={"fields": {"restarts": self.restarts,
                                                                       "pid": self.process.pid}})
             except LlamaStartError as error:
+                if self._stopping.is_set():
+                    return  # stop() ended the child while it loaded: not a failure
                 log.error("llama.cpp restart failed", extra={"fields": {"reason": str(error).splitlines()[0]}})
 
     def stop(self, timeout=10.0):
-        """Stop watching and end the child: terminate, then kill if it does not leave within timeout."""
+        """Stop watching and end the child: terminate, then kill if it does not leave within timeout. Returns
+        once the watcher has finished, so no restart can follow, and start() may be called again."""
         self._stopping.set()
-        process = self.process
+        with self._lock:
+            process = self.process  # a spawn under way has finished: this is the last child there will be
+        self._end(process, timeout)
+        watcher = self._watcher
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout)  # quick: with the child ended and _stopping set, every wait it makes returns
+
+    def _end(self, process, timeout):
         if process is None or process.poll() is not None:
             return
         process.terminate()
@@ -203,9 +230,12 @@ class LlamaSupervisor:
 def start_all(supervisors):
     """Start several llama.cpp servers at once (their models load side by side), wait until every one serves,
     then watch them; raise LlamaStartError (the others are stopped) if one does not come up."""
+    for supervisor in supervisors:
+        supervisor._reset()
     try:
         for supervisor in supervisors:
-            supervisor._spawn()
+            if not supervisor._spawn():
+                raise LlamaStartError("llama.cpp was stopped while starting")
         for supervisor in supervisors:
             supervisor.wait_ready()
     except BaseException:

@@ -1,5 +1,6 @@
 """GET /metrics: every metric parses with prometheus_client's parser and moves when its cause happens."""
 import threading
+import time
 
 import pytest
 import requests
@@ -137,10 +138,14 @@ def test_stream_gauges_and_time_to_first_token(make_app, httpserver, live_gatewa
         release.set()
     assert b"".join(chunks).endswith(b"[DONE]\n\n")
     response.close()
-    for _ in range(100):
-        after = scrape(app.test_client())
-        if value(after, "gateway_time_to_first_token_seconds_count", route=CHAT) == 1:
-            break
+    # The request is counted when waitress closes its response, just after the client has read it.
+    deadline = time.monotonic() + 5
+    while value(after := scrape(app.test_client()), "gateway_requests_total", route=CHAT) < 1:
+        assert time.monotonic() < deadline, "the stream was never counted"
+        time.sleep(0.01)
+    assert value(after, "gateway_time_to_first_token_seconds_count", route=CHAT) == 1
+    assert 0 < value(after, "gateway_time_to_first_token_seconds_sum", route=CHAT) <= value(
+        after, "gateway_request_duration_seconds_sum", route=CHAT)
     assert value(after, "gateway_open_streams") == 0
     assert value(after, "gateway_tokens_total", client="anonymous", kind="completion") == 1
 

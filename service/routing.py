@@ -1,6 +1,6 @@
 """Routing by model: each model name has its replicas (llama-servers); a request goes to the least busy one and
-moves to another when the one it tried never took it. A replica that keeps failing rests for a cooldown and is
-probed before it takes traffic again.
+moves to another when the one it tried never took it. A replica that keeps failing to take requests rests for a
+cooldown and is probed before it takes traffic again.
 
 With MODEL_UPSTREAMS unset there is one route, for any model name, to LLAMA_SERVER_URL: the gateway as before.
 """
@@ -103,9 +103,12 @@ class ModelRoute:
                 log.info("replica back in rotation", extra={"fields": {"model": self.name, "replica": replica.label}})
 
     def failed(self, replica, error):
-        """A replica could not serve; after eject_after failures in a row it leaves rotation for the cooldown."""
+        """A replica could not serve. Every failure counts in its metric; those that show the replica unwell
+        count toward ejection, and after eject_after in a row it leaves rotation for the cooldown."""
         with self.lock:
             replica.failed += 1
+            if not shows_unwell(error):
+                return
             replica.failures += 1
             if replica.failures < self.eject_after or replica.ejected or len(self.replicas) == 1:
                 return
@@ -117,8 +120,14 @@ class ModelRoute:
 
     def probed(self, replica, ok: bool):
         """Take a /health probe's word: an ejected replica past its cooldown returns when ok, else rests again."""
+        self._take_word(replica, ok, ends_probe=False)
+
+    def _take_word(self, replica, ok, ends_probe):
         with self.lock:
-            replica.probing = False
+            if ends_probe:
+                # Only the probe that set the flag clears it (a /health probe may finish while it runs), and with
+                # its answer applied, so that no pick in between starts a second one.
+                replica.probing = False
             if not replica.ejected or self.clock() < replica.ejected_until:
                 return
             if not ok:
@@ -130,7 +139,7 @@ class ModelRoute:
 
     def _probe_due(self, replica, now) -> bool:
         if replica.ejected and not replica.probing and now >= replica.ejected_until and self.probe is not None:
-            replica.probing = True
+            replica.probing = True  # until the probe this starts ends (_run_probe)
             return True
         return False
 
@@ -139,7 +148,7 @@ class ModelRoute:
             ok = self.probe(replica.url)
         except Exception:  # a probe that cannot run says the replica is not back
             ok = False
-        self.probed(replica, ok)
+        self._take_word(replica, ok, ends_probe=True)
 
     def send(self, send, record=None):
         """Call send(replica) on the least busy replica and return (replica, its response). On an error that
@@ -180,6 +189,14 @@ def fails_over(error: UpstreamError) -> bool:
     if error.upstream_status is not None:
         return error.upstream_status in FAILOVER_STATUSES
     return isinstance(error, UpstreamUnavailable)
+
+
+def shows_unwell(error: UpstreamError) -> bool:
+    """True when a failure says the replica itself is unwell: it never took the request (no connection, closed
+    before any answer, a 502/503). A replica that took the request and then failed on it (a 500) or took too
+    long (a read timeout) may have been given a request that would fail anywhere: one client's bad input must
+    not take a model's replicas out of rotation."""
+    return fails_over(error)
 
 
 class Router:

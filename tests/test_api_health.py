@@ -1,4 +1,5 @@
 """GET /health: ok or degraded (200) while llama-server can serve; down (503, saying why) otherwise; cached."""
+import queue
 import threading
 
 import pytest
@@ -119,3 +120,95 @@ def test_routed_health_is_503_only_when_no_model_can_serve(make_app):
     response = app.test_client().get("/health")
     assert_envelope_with_status(response)
     assert response.get_json()["models"]["chat"]["status"] == "down"
+
+
+def gated_health(gate, arrived, probes):
+    """A /health handler that counts its calls, says when one arrived, and answers once gate is set."""
+    def handle(request):
+        probes.append(request.path)
+        arrived.set()
+        gate.wait(10)
+        return Response('{"status": "ok"}', content_type="application/json")
+    return handle
+
+
+def get_health_in_threads(app, n, answers):
+    """n threads, each GETting /health once and putting (status, body) into answers."""
+    def get():
+        response = app.test_client().get("/health")
+        answers.put((response.status_code, response.get_json()))
+    threads = [threading.Thread(target=get, name="health-caller", daemon=True) for _ in range(n)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_callers_get_the_cached_report_at_once_while_one_refreshes_it(make_app, httpserver):
+    gate, arrived, probes = threading.Event(), threading.Event(), []
+    gate.set()
+    httpserver.expect_request("/health").respond_with_handler(gated_health(gate, arrived, probes))
+    httpserver.expect_request("/metrics").respond_with_data(LLAMA_METRICS.format(busy=0, queued=0))
+    app = make_app(httpserver.url_for("").rstrip("/"), HEALTH_CACHE_S="0", MODELS_READ_TIMEOUT_S="4")
+    first = app.test_client().get("/health").get_json()
+    assert first["status"] == "ok" and first["age_s"] == 0  # just made
+    gate.clear(), arrived.clear()
+    answers = queue.Queue()
+    threads = get_health_in_threads(app, 10, answers)
+    try:
+        # Nine answer while llama.cpp still holds the tenth caller's probe: from the cache, saying its age.
+        early = [answers.get(timeout=2) for _ in range(9)]
+        assert arrived.is_set() and answers.empty()
+    finally:
+        gate.set()
+    for thread in threads:
+        thread.join(5)
+    status, fresh = answers.get(timeout=1)
+    assert status == 200 and fresh["age_s"] == 0  # the refresher's own
+    assert len(probes) == 2  # the first report, and one refresh for ten callers
+    for status, body in early:
+        assert status == 200 and body.pop("age_s") >= 0
+        assert body == {key: value for key, value in first.items() if key != "age_s"}
+
+
+def test_the_first_report_is_waited_for_once_by_every_caller(make_app, httpserver):
+    gate, arrived, probes = threading.Event(), threading.Event(), []
+    httpserver.expect_request("/health").respond_with_handler(gated_health(gate, arrived, probes))
+    httpserver.expect_request("/metrics").respond_with_data(LLAMA_METRICS.format(busy=0, queued=0))
+    app = make_app(httpserver.url_for("").rstrip("/"), HEALTH_CACHE_S="60")
+    answers = queue.Queue()
+    threads = get_health_in_threads(app, 5, answers)
+    assert arrived.wait(5)
+    gate.set()
+    for thread in threads:
+        thread.join(5)
+    bodies = [answers.get(timeout=1) for _ in threads]
+    assert {status for status, _ in bodies} == {200} and probes == ["/health"]
+
+
+def test_each_refresh_sets_the_up_gauge(make_app, httpserver):
+    from tests.test_metrics import scrape, value
+
+    httpserver.expect_request("/health").respond_with_json({"status": "ok"})
+    client = make_app(httpserver.url_for("").rstrip("/"), HEALTH_CACHE_S="0").test_client()
+    assert client.get("/health").status_code == 200
+    assert value(scrape(client), "gateway_upstream_up") == 1
+    httpserver.clear()
+    httpserver.expect_request("/health").respond_with_json(LOADING, status=503)
+    assert client.get("/health").status_code == 503
+    assert value(scrape(client), "gateway_upstream_up") == 0
+
+
+def test_waiting_for_the_first_report_ends_with_its_probes_timeout(make_app, httpserver):
+    gate, arrived, probes = threading.Event(), threading.Event(), []
+    httpserver.expect_request("/health").respond_with_handler(gated_health(gate, arrived, probes))
+    app = make_app(httpserver.url_for("").rstrip("/"), HEALTH_CACHE_S="60", MODELS_READ_TIMEOUT_S="0.3")
+    answers = queue.Queue()
+    threads = get_health_in_threads(app, 5, answers)
+    try:
+        bodies = [answers.get(timeout=3) for _ in threads]  # all at the one probe's read timeout
+    finally:
+        gate.set()
+        for thread in threads:
+            thread.join(5)
+    assert {status for status, _ in bodies} == {503} and probes == ["/health"]
+    assert all("did not answer" in body["error"]["message"] for _, body in bodies)

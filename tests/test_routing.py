@@ -2,6 +2,7 @@
 probing back, and what the client, the log and the metrics see of it."""
 import json
 import logging
+import threading
 import time
 
 import pytest
@@ -82,6 +83,33 @@ def test_a_failed_probe_rests_the_replica_again():
     clock[0] = 11.0
     route.probed(a, True)
     assert not a.ejected
+
+
+def test_a_health_probe_leaves_the_routing_probe_of_a_replica_running_alone():
+    clock, entered, release, probes = [0.0], threading.Event(), threading.Event(), []
+
+    def probe(url):
+        probes.append(url)
+        entered.set()
+        release.wait(5)
+        return False
+
+    route = ModelRoute("chat", ["http://a", "http://b"], eject_after=1, cooldown_s=5, clock=lambda: clock[0],
+                       probe=probe)
+    a, _ = route.replicas
+    route.failed(a, UpstreamUnavailable("refused"))
+    clock[0] = 5.0
+    route.pick()  # past the cooldown: starts the routing probe, which hangs in probe()
+    assert entered.wait(5)
+    route.probed(a, False)  # meanwhile /health probes a too, and is told no: a rests again
+    assert a.probing  # the routing probe still runs: only it may say it ended
+    clock[0] = 10.0
+    route.pick()  # past the new cooldown, but a's probe has not ended: no second one
+    running = [thread for thread in threading.enumerate() if thread.name == "replica-probe"]
+    release.set()
+    for thread in running:
+        thread.join(5)
+    assert probes == ["http://a"] and not a.probing and a.ejected
 
 
 def test_unknown_model_is_404_model_not_found(make_app, fake_upstreams):

@@ -19,20 +19,41 @@ class HealthProbe:
         self.router = router
         self.ttl = ttl_s
         self.up_gauge = up_gauge
-        self._lock = threading.Lock()
+        self._ready = threading.Condition()  # guards the three below; notified when a refresh ends
         self._checked = float("-inf")
         self._report = None
+        self._refreshing = False
         self._pool = None
 
     def report(self) -> dict:
-        """The latest report: {"status": "ok"|"degraded"|"down", and "upstream": {...} with one upstream for any
-        model, or "models": {name: {"status", "replicas": [...]}} where the gateway routes by model}."""
-        with self._lock:
-            if time.monotonic() - self._checked >= self.ttl:
-                self._report = self._probe_all()
-                self._checked = time.monotonic()
-                self.up_gauge.set(0 if self._report["status"] == "down" else 1)
-            return self._report
+        """The latest report: {"status": "ok"|"degraded"|"down", "age_s" (how old it is), and "upstream": {...}
+        with one upstream for any model, or "models": {name: {"status", "replicas": [...]}} where the gateway
+        routes by model}.
+
+        A stale report is refreshed by one caller; the others get the stale one meanwhile, so that a slow
+        llama-server delays one poll, not every one. Only while there is no report yet do callers wait, for
+        that one probe, which its timeouts bound.
+        """
+        with self._ready:
+            while True:
+                now = time.monotonic()
+                if self._report is not None and (now - self._checked < self.ttl or self._refreshing):
+                    return {**self._report, "age_s": round(now - self._checked, 3)}
+                if not self._refreshing:
+                    break
+                self._ready.wait()
+            self._refreshing = True
+        report = None
+        try:
+            report = self._probe_all()
+        finally:  # a probe that raised leaves the refresh to the next caller
+            with self._ready:
+                self._refreshing = False
+                if report is not None:
+                    self._report, self._checked = report, time.monotonic()
+                    self.up_gauge.set(0 if report["status"] == "down" else 1)
+                self._ready.notify_all()
+        return {**report, "age_s": 0.0}
 
     def _probe_all(self) -> dict:
         if self.router.fallback is not None:
@@ -40,8 +61,8 @@ class HealthProbe:
             return {"status": upstream.pop("serving"), "upstream": upstream}
         replicas = [replica for route in self.router.routes.values() for replica in route.replicas]
         if self._pool is None:
-            # Replicas are probed at once, so that one that hangs costs its timeout once, not once per replica.
-            self._pool = ThreadPoolExecutor(min(8, len(replicas)), thread_name_prefix="health-probe")
+            # Every replica is probed at once, so that however many hang, a refresh costs one probe's timeouts.
+            self._pool = ThreadPoolExecutor(len(replicas), thread_name_prefix="health-probe")
         reports = dict(zip(replicas, self._pool.map(self._probe, replicas)))
         models = {}
         for name, route in self.router.routes.items():

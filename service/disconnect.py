@@ -25,11 +25,18 @@ SHUTDOWN = "shutdown"
 
 
 class UpstreamCall:
-    """One upstream call, which another thread can cut."""
+    """One upstream call, which another thread can cut.
+
+    The socket it holds is only ever one its own request is using: a connection that goes back to urllib3's
+    pool (a retry's backoff, a failover, an answer read to its end) detaches it first, because the next
+    request on that connection belongs to another client. The lock makes detach and abort exclusive, so that
+    once detach() has returned, no abort can shut that socket any more.
+    """
 
     def __init__(self):
-        self.sock = None  # the socket carrying it, once the request is sent
+        self.sock = None  # the socket carrying it, once the request is sent; None between connections
         self.aborted = None  # why it was cut: CLIENT_LEFT or SHUTDOWN
+        self._lock = threading.Lock()
 
     def __enter__(self):
         _current.call = self
@@ -39,21 +46,31 @@ class UpstreamCall:
         _current.call = None
 
     def attach(self, sock):
-        """Note the socket carrying the call; cut it at once if the client left while it was being sent."""
-        self.sock = sock
-        if self.aborted:
-            self._shut()
+        """Note the socket carrying the call; cut it at once if the call was cut while none was attached."""
+        with self._lock:
+            self.sock = sock
+            if self.aborted:
+                self._shut()
+
+    def detach(self, sock):
+        """Forget sock (its connection is going back to the pool): no abort shuts it after this returns."""
+        with self._lock:
+            if self.sock is sock:
+                self.sock = None
 
     def abort(self, reason=CLIENT_LEFT):
-        """Mark the call cut and shut its socket, which wakes the thread blocked reading from it."""
-        self.aborted = reason
-        self._shut()
+        """Mark the call cut and shut its socket, which wakes the thread blocked reading from it. Cut between
+        connections (a retry's backoff), it sends nothing more (upstream.TrackedConnectionPool), and a request
+        already on its way has its socket shut by attach()."""
+        with self._lock:
+            self.aborted = reason
+            self._shut()
 
     def _shut(self):
-        sock = self.sock
-        if sock is not None:
+        # Called with the lock held: a socket detached meanwhile is never shut.
+        if self.sock is not None:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
 

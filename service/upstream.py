@@ -71,7 +71,11 @@ def make_retry(retries: int, backoff: float, backoff_max: float) -> Retry:
 
 
 class TrackedConnection(HTTPConnection):
-    """A connection that hands the socket of each request it sends to the UpstreamCall made on this thread."""
+    """A connection that hands the socket of each request it sends to the UpstreamCall made on this thread, and
+    takes it back when it returns to the pool."""
+
+    _call = None  # the UpstreamCall its current request belongs to
+    _call_sock = None  # the socket it attached to that call
 
     def request(self, *args, **kwargs):
         """Send a request, then tell the current UpstreamCall (if any) which socket carries it."""
@@ -80,14 +84,37 @@ class TrackedConnection(HTTPConnection):
         if call is not None:
             # The socket object itself: http.client drops the connection's reference when a response
             # takes the socket over (Connection: close), but the response keeps it open.
+            self._call, self._call_sock = call, self.sock
             call.attach(self.sock)
         return result
 
+    def release_call(self):
+        """Detach this connection's socket from its call: the next request on it may be another client's."""
+        call, sock = self._call, self._call_sock
+        self._call = self._call_sock = None
+        if call is not None:
+            call.detach(sock)
+
 
 class TrackedConnectionPool(HTTPConnectionPool):
-    """urllib3's pool of TrackedConnections."""
+    """urllib3's pool of TrackedConnections: a call cut while it holds none sends nothing more upstream, and
+    a connection going back to the pool is detached from its call first."""
 
     ConnectionCls = TrackedConnection
+
+    def urlopen(self, *args, **kwargs):
+        """Send as urllib3 does, unless the call was cut meanwhile (say during a retry's backoff)."""
+        call = current_call()
+        if call is not None and call.aborted:
+            raise ClientGone()  # runs again for each retry: urllib3 retries by calling urlopen
+        return super().urlopen(*args, **kwargs)
+
+    def _put_conn(self, conn):
+        # Every way back into the pool passes here (the answer read to its end, a retry draining an error
+        # answer, a response's release): from now on the connection's socket is not the call's to cut.
+        if conn is not None:
+            conn.release_call()
+        super()._put_conn(conn)
 
 
 class Upstream:
@@ -112,6 +139,8 @@ class Upstream:
             self.session.mount(base_url, adapter)
             # Health is polled often and must say at once what is wrong, so it gets no retries.
             self.session.mount(base_url + "/health", HTTPAdapter(pool_maxsize=2, max_retries=0))
+            # Read by /health and metric scrapes, which must say at once what is wrong: no retries either.
+            self.session.mount(base_url + "/metrics", HTTPAdapter(pool_maxsize=2, max_retries=0))
             self.retries[base_url] = retries
         self.base_url = next(iter(targets))  # where calls go that name no base URL
         self._templates = {}
@@ -234,8 +263,12 @@ def _status_error(response, path) -> UpstreamError:
     if 400 <= status < 500 or status == 501:
         return UpstreamRejected(message, status=status, type=_client_error_type(upstream_type),
                                 code=UPSTREAM_ERROR_CODES.get(upstream_type), upstream_status=status)
-    return UpstreamBadResponse(f"llama-server answered {path} with HTTP {status}: {message}", kind="5xx",
-                               upstream_status=status)
+    # A 5xx message is logged (errors.handle_api_error, a replica's ejection), and llama.cpp's 500s can quote the
+    # request: a malformed tool call whole (common_chat_msgs_parse_oaicompat), the whole tools array
+    # (common_chat_tools_parse_oaicompat). So llama.cpp's own words stay out of it.
+    said = _describe(response, upstream_type)
+    return UpstreamBadResponse(f"llama-server answered {path} with HTTP {status} ({said}); its message is not "
+                               "repeated, as it can quote the request", kind="5xx", upstream_status=status)
 
 
 def _cut(call):
@@ -271,6 +304,14 @@ def _upstream_error_message(response):
         return error, None
     kind = response.headers.get("Content-Type", "no content type").split(";")[0]
     return f"an answer of {len(response.content)} bytes ({kind}) that is not an error object", None
+
+
+def _describe(response, upstream_type) -> str:
+    """Say what kind of error answer this was without quoting any of it."""
+    if isinstance(upstream_type, str) and upstream_type.isidentifier() and len(upstream_type) <= 64:
+        return upstream_type  # llama.cpp's error types are names such as server_error
+    kind = response.headers.get("Content-Type", "no content type").split(";")[0]
+    return f"{len(response.content)} bytes of {kind}"
 
 
 def describe_connection_error(error) -> str:

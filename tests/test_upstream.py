@@ -1,5 +1,6 @@
 """Upstream calls: retries with backoff, per-route timeouts, and each failure mapped to its status."""
 import json
+import logging
 import threading
 import time
 
@@ -7,8 +8,10 @@ import pytest
 from urllib3.exceptions import NewConnectionError
 from werkzeug import Response
 
-from service.upstream import Upstream, make_retry
-from tests.fakes import BrokenPeer
+from service.disconnect import UpstreamCall
+from service.errors import ClientClosedRequest
+from service.upstream import Upstream, UpstreamRetry, make_retry
+from tests.fakes import BrokenPeer, read_request
 from tests.test_errors import assert_envelope
 
 CHAT = "/v1/chat/completions"
@@ -119,10 +122,45 @@ def test_a_non_json_error_body_is_described_not_quoted(fake_client, httpserver):
 
 
 def test_upstream_500_is_502_naming_it(fake_client, httpserver):
-    httpserver.expect_request(CHAT).respond_with_json({"error": {"code": 500, "message": "boom"}}, status=500)
+    httpserver.expect_request(CHAT).respond_with_json({"error": {"code": 500, "message": "boom",
+                                                                 "type": "server_error"}}, status=500)
     error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
-    assert "HTTP 500" in error["message"] and "boom" in error["message"]
+    assert "HTTP 500 (server_error)" in error["message"]
     assert len(httpserver.log) == 1  # 500 is not a transient status
+
+
+SECRET = "my-secret-prompt-text"
+# What this llama.cpp build answers to an assistant message whose tool call has no name (common/chat.cpp,
+# common_chat_msgs_parse_oaicompat): the tool call, arguments and all, in a 500's message.
+TOOL_CALL = {"type": "function", "function": {"arguments": SECRET}}
+QUOTING_500 = {"error": {"code": 500, "type": "server_error",
+                         "message": "Failed to parse messages: Missing tool call name: " + json.dumps(TOOL_CALL)}}
+BAD_TOOL_CALL = {"messages": [{"role": "user", "content": "hi"},
+                              {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]}]}
+
+
+def logged_text(caplog) -> str:
+    """Every line the gateway logged, message and structured fields; not llama.cpp's own output, which only
+    LOG_LEVEL=DEBUG relays (and where llama.cpp logs such an error message itself)."""
+    return "\n".join(f"{record.getMessage()} {getattr(record, 'fields', '')}" for record in caplog.records
+                     if record.getMessage() != "llama.cpp output")
+
+
+def test_a_500_quoting_the_request_keeps_it_out_of_the_logs(fake_client, httpserver, caplog):
+    caplog.set_level(logging.DEBUG)
+    httpserver.expect_request(CHAT).respond_with_json(QUOTING_500, status=500)
+    error = assert_envelope(fake_client.post(CHAT, json=BAD_TOOL_CALL), 502)
+    assert SECRET not in logged_text(caplog)
+    assert SECRET not in error["message"]
+    assert "HTTP 500 (server_error)" in logged_text(caplog)  # the operator still learns what failed
+
+
+@pytest.mark.llama
+def test_llama_errors_quoting_the_request_stay_out_of_the_logs(llama_client, caplog):
+    caplog.set_level(logging.DEBUG)
+    response = llama_client.post(CHAT, json={**BAD_TOOL_CALL, "max_tokens": 1})
+    assert response.status_code >= 400  # llama.cpp refuses it, quoting the tool call (a 500 in this build)
+    assert SECRET not in logged_text(caplog)
 
 
 @pytest.mark.parametrize("body", [b"<html>oops</html>", b'{"choices": [', b"[1, 2]", b""])
@@ -195,3 +233,86 @@ def test_session_pool_is_sized_to_threads():
     assert adapter._pool_maxsize == 12
     assert upstream.session.get_adapter("http://127.0.0.1:9/health").max_retries.total == 0
     upstream.close()
+
+
+def _answer(status=200, body=COMPLETION) -> bytes:
+    data = json.dumps(body).encode()
+    return (b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (status, len(data), data))
+
+
+class KeptAlivePeer(BrokenPeer):
+    """A raw-socket llama-server that answers every request on a connection and keeps it open; answers[n]
+    (a status) answers the n-th request, 200 once they run out. served counts requests, requests connections."""
+
+    def __init__(self, answers=(), before_answer=None):
+        self.served = 0
+        self.answers, self.before_answer = list(answers), before_answer
+        super().__init__(self._serve_connection)
+
+    def _serve_connection(self, peer, conn):
+        while True:
+            self.served += 1
+            if self.before_answer:
+                self.before_answer(self.served)
+            status = self.answers[self.served - 1] if self.served <= len(self.answers) else 200
+            conn.sendall(_answer(status, LOADING if status == 503 else COMPLETION))
+            if not read_request(conn):
+                return
+
+
+def _post(upstream, call=None):
+    return upstream.request("POST", CHAT, group="chat", body=b"{}", call=call)
+
+
+def test_a_late_cut_never_shuts_a_connection_back_in_the_pool():
+    # The watcher may cut a call after its answer was read and its connection went back to the pool, where
+    # another client's request may already be using it. That request must see its own answer, sent once.
+    second_arrived, answer_second = threading.Event(), threading.Event()
+
+    def before_answer(n):
+        if n == 2:
+            second_arrived.set()
+            answer_second.wait(5)
+
+    peer = KeptAlivePeer(before_answer=before_answer)
+    upstream = Upstream({peer.url: 2}, timeouts={"chat": (5, 5)})
+    outcome = []
+    other = threading.Thread(target=lambda: outcome.append(_post(upstream).json()))
+    try:
+        call = UpstreamCall()
+        assert _post(upstream, call).json() == COMPLETION  # read to its end: the connection is back in the pool
+        other.start()
+        assert second_arrived.wait(5)  # another request is on that connection now
+        call.abort()  # the first call's client is seen gone only now
+        answer_second.set()
+        other.join(5)
+    finally:
+        answer_second.set()
+        peer.close()
+        upstream.close()
+    assert outcome == [COMPLETION]
+    assert (peer.served, peer.requests) == (2, 1)  # not broken and retried on a new connection: sent once
+
+
+def test_a_call_cut_during_a_retry_backoff_sends_nothing_more(monkeypatch):
+    call = UpstreamCall()
+    backoff = UpstreamRetry.sleep
+
+    def client_leaves_during_backoff(retry, response=None):
+        call.abort()  # the 503's connection is back in the pool now, waiting for the retry
+        backoff(retry, response)
+
+    monkeypatch.setattr(UpstreamRetry, "sleep", client_leaves_during_backoff)
+    peer = KeptAlivePeer(answers=[503])
+    upstream = Upstream({peer.url: 2}, timeouts={"chat": (5, 5)}, backoff=0.01)
+    try:
+        with pytest.raises(ClientClosedRequest):
+            _post(upstream, call)
+        assert peer.served == 1  # the retry was never sent
+        monkeypatch.undo()
+        assert _post(upstream).json() == COMPLETION
+    finally:
+        peer.close()
+        upstream.close()
+    assert (peer.served, peer.requests) == (2, 1)  # the pooled connection outlived the cut call

@@ -46,7 +46,7 @@ class _ClientState:
         self.requests = deque()  # monotonic times of admitted requests
         self.tokens = deque()  # (monotonic time, tokens) of finished requests
         self.token_total = 0
-        self.in_flight = 0
+        self.in_flight = 0  # counted whatever the limits: a client with a request running is never idle
 
     def prune(self, now, window):
         cutoff = now - window
@@ -66,7 +66,7 @@ class Lease:
 
     client: str
     headers: dict
-    holds_slot: bool = False
+    holds_slot: bool = False  # counted among its client's requests in flight, until release() frees it (once)
     lease_id: str = None  # its entry in a shared store, if any
 
 
@@ -144,9 +144,10 @@ class RateLimiter(LimitTable):
                 raise refusal(client, limits, "tpm", self._token_wait(state, limits.tpm, now),
                               self._headers(limits, state, now))
             state.requests.append(now)
-            if limits.concurrent:
-                state.in_flight += 1
-            return Lease(client, self._headers(limits, state, now), holds_slot=bool(limits.concurrent))
+            # Counted even without a concurrency limit: it keeps the client's state (and the tokens its release
+            # will add) through a request that runs longer than the window.
+            state.in_flight += 1
+            return Lease(client, self._headers(limits, state, now), holds_slot=True)
 
     def release(self, lease: Lease, tokens: int = 0):
         """End an admitted request: free its in-flight slot and count the tokens it used."""
@@ -156,6 +157,7 @@ class RateLimiter(LimitTable):
                 return
             if lease.holds_slot:
                 state.in_flight -= 1
+                lease.holds_slot = False  # a second release of this lease must not free another request's slot
             if tokens and self.limits_for(lease.client).tpm:
                 state.tokens.append((self.clock(), tokens))
                 state.token_total += tokens

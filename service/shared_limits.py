@@ -37,6 +37,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[6]))
 """
 
 # KEYS: requests, tokens, in flight. ARGV: window ms, rpm, tpm, concurrent, lease id, lease ttl ms.
+# Idempotent for its lease id, since redis-py retries a call that timed out, and the first may have run.
 # Returns {verdict, wait ms, requests in window, ms to requests reset, tokens in window, ms to tokens reset}.
 ACQUIRE = _PRUNE_AND_COUNT + """
 local rpm, tpm, concurrent = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -48,7 +49,9 @@ local tokens = 0
 for i = 1, #spent, 2 do tokens = tokens + tonumber(string.match(spent[i], ':(%d+)$')) end
 local oldest_tokens = spent[2] and tonumber(spent[2]) or now - window
 local verdict, wait = 'ok', 0
-if concurrent > 0 and redis.call('ZCARD', KEYS[3]) >= concurrent then
+if redis.call('ZSCORE', KEYS[1], ARGV[5]) or redis.call('ZSCORE', KEYS[3], ARGV[5]) then
+  -- Already counted: a retry of this call, which ran but whose answer was lost. Admit it again, count nothing.
+elseif concurrent > 0 and redis.call('ZCARD', KEYS[3]) >= concurrent then
   verdict, wait = 'concurrent', 1000
 elseif rpm > 0 and requests >= rpm then
   verdict, wait = 'rpm', oldest_request + window - now
@@ -98,7 +101,7 @@ class SharedRateLimiter(LimitTable):
     """The RateLimiter's interface (acquire, release), with the counts in Redis."""
 
     def __init__(self, url, default, overrides=None, window_s=WINDOW_S, failure="open", errors=None,
-                 prefix="gateway:ratelimit"):
+                 prefix="gateway:ratelimit", clock=time.monotonic):
         import redis  # only gateways that share limits need it
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -114,6 +117,7 @@ class SharedRateLimiter(LimitTable):
         self.failure = failure
         self.errors = errors  # a counter of failed calls to Redis, if given
         self.prefix = prefix
+        self.clock = clock  # when to try Redis again and to warn again (the window itself runs on Redis's clock)
         self._skip_until = 0.0
         self._warned_at = float("-inf")
         # Releases that failed while Redis was away, sent again once it answers: else a client's concurrency
@@ -128,16 +132,24 @@ class SharedRateLimiter(LimitTable):
     def acquire(self, client: str) -> Lease:
         """Admit one request of client and count it in Redis, or raise RateLimited saying which limit it hit."""
         limits = self.limits_for(client)
-        if time.monotonic() < self._skip_until:
+        if self.clock() < self._skip_until:
             return self._without_store(client)
         lease_id = uuid.uuid4().hex
         try:
             if self._unreleased:
                 self._release_again()  # first: a slot freed while Redis was away is free for this request
+        except self.store_error as error:
+            self._failed(error)
+            return self._without_store(client)
+        try:
             verdict, wait, requests, requests_reset, tokens, tokens_reset = self._acquire(
                 keys=self._keys(client), args=[self.window_ms, limits.rpm, limits.tpm, limits.concurrent, lease_id,
                                                int(LEASE_TTL_S * 1000)])
         except self.store_error as error:
+            # The script may have run and only its answer been lost: free the slot it may hold once Redis answers,
+            # or a client with concurrent=1 is locked out until LEASE_TTL_S.
+            if limits.concurrent:
+                self._unreleased.append(self._release_call(client, lease_id, 0))
             self._failed(error)
             return self._without_store(client)
         headers = rate_headers(limits, requests, requests_reset / 1000, tokens, tokens_reset / 1000)
@@ -151,13 +163,16 @@ class SharedRateLimiter(LimitTable):
         tokens = tokens if self.limits_for(lease.client).tpm else 0
         if lease.lease_id is None or not (lease.holds_slot or tokens):
             return
-        _, spent, in_flight = self._keys(lease.client)
-        call = ([in_flight, spent], [lease.lease_id, tokens, self.window_ms])
+        call = self._release_call(lease.client, lease.lease_id, tokens)
         try:
             self._release(keys=call[0], args=call[1])
         except self.store_error as error:
             self._failed(error)
             self._unreleased.append(call)
+
+    def _release_call(self, client, lease_id, tokens):
+        _, spent, in_flight = self._keys(client)
+        return [in_flight, spent], [lease_id, tokens, self.window_ms]
 
     def _release_again(self):
         """Send the releases that failed earlier; a store error leaves the rest queued and propagates."""
@@ -178,7 +193,7 @@ class SharedRateLimiter(LimitTable):
         return Lease(client, {})
 
     def _failed(self, error):
-        now = time.monotonic()
+        now = self.clock()
         self._skip_until = now + RETRY_S
         if self.errors is not None:
             self.errors.inc()

@@ -108,7 +108,7 @@ def test_concurrency_under_many_threads(clock):
 def test_idle_clients_are_evicted(clock):
     limiter = RateLimiter(Limits(rpm=10), clock=clock)
     for client in range(50):
-        limiter.acquire(f"client-{client}")
+        limiter.release(limiter.acquire(f"client-{client}"))
     assert limiter.tracked_clients() == 50
     clock.now += 61
     limiter.acquire("fresh")
@@ -123,6 +123,32 @@ def test_in_flight_clients_are_not_evicted(clock):
     rejected(limiter, "busy")
     limiter.release(lease)
     limiter.acquire("busy")
+
+
+def test_a_request_longer_than_the_window_keeps_its_tokens(clock):
+    # A token limit alone (no concurrency limit): the sweep must not forget a client with a request running.
+    limiter = RateLimiter(Limits(tpm=100), clock=clock, window_s=10)
+    lease = limiter.acquire("c")
+    clock.now += 25  # the request runs past the window; meanwhile another client's request sweeps idle clients
+    limiter.acquire("other")
+    assert limiter.tracked_clients() == 2
+    limiter.release(lease, tokens=150)
+    error = rejected(limiter)
+    assert error.limit == "tpm" and error.headers["Retry-After"] == "10"
+
+
+def test_each_release_frees_its_slot_once(clock):
+    limiter = RateLimiter(Limits(concurrent=1), {"tokens-only": {"concurrent": 0, "tpm": 100}}, clock=clock)
+    lease = limiter.acquire("c")
+    limiter.release(lease)
+    limiter.release(lease)  # a second release of the same lease frees nothing more
+    limiter.acquire("c")
+    assert rejected(limiter).limit == "concurrent"
+    # A client without a concurrency limit is counted in flight too, and its release uncounts it: once idle, it goes.
+    limiter.release(limiter.acquire("tokens-only"))
+    clock.now += 61
+    limiter.acquire("c2")
+    assert limiter.tracked_clients() == 2  # "c" (still in flight) and "c2"
 
 
 def test_headers_and_reset_times(clock):

@@ -51,6 +51,12 @@ def test_keyring_maps_keys_to_clients():
     assert ring.client_ids == ["default", "team_a", "team_b", derived_client_id("key-c-789")]
 
 
+def test_several_keys_may_share_one_client():
+    ring = KeyRing.from_settings(load_settings({"OPENAI_API_KEYS": "key-1:team,key-2:team,key-3:other"}))
+    assert (ring.client_for("key-1"), ring.client_for("key-2"), ring.client_for("key-3")) == ("team", "team", "other")
+    assert ring.client_ids == ["team", "other"]
+
+
 def test_derived_client_id_is_stable_and_reveals_nothing():
     client = derived_client_id("key-c-789")
     assert client == derived_client_id("key-c-789")  # the same across restarts: no random salt

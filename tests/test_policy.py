@@ -53,6 +53,38 @@ def test_per_client_overrides(limited):
     assert [post(client, TEAM_B).status_code for _ in range(4)] == [200, 200, 200, 429]
 
 
+def test_keys_of_one_client_share_its_limits(make_app, httpserver):
+    httpserver.expect_request(CHAT).respond_with_json(COMPLETION)
+    client = make_app(httpserver.url_for("").rstrip("/"), OPENAI_API_KEYS="key-1:team,key-2:team",
+                      RATE_LIMIT_RPM="2").test_client()
+    key_1, key_2 = {"Authorization": "Bearer key-1"}, {"x-api-key": "key-2"}
+    first, second = post(client, key_1), post(client, key_2)
+    assert (first.status_code, second.status_code) == (200, 200)
+    assert second.headers["x-ratelimit-remaining-requests"] == "0"  # key-2's request counted after key-1's
+    for headers in (key_1, key_2):  # the client's two requests are used up, whichever key asks
+        error = assert_envelope(post(client, headers), 429)
+        assert error["message"].startswith("Rate limit reached for team:")
+    assert len(httpserver.log) == 2
+
+
+def test_open_access_callers_share_the_anonymous_limits(make_app, httpserver):
+    # With no key configured every caller is the one client "anonymous", whatever it sends or wherever it is.
+    httpserver.expect_request(CHAT).respond_with_json(COMPLETION)
+    client = make_app(httpserver.url_for("").rstrip("/"), RATE_LIMIT_RPM="2").test_client()
+    callers = [({}, "10.0.0.1"), ({"Authorization": "Bearer caller-2"}, "10.0.0.2"),
+               ({"x-api-key": "caller-3"}, "10.0.0.3"), ({"x-request-id": "caller-4"}, "10.0.0.4")]
+    answers = []
+    for headers, address in callers:
+        response = client.post(CHAT, json=CHAT_BODY, headers=headers, environ_base={"REMOTE_ADDR": address})
+        response.close()
+        answers.append(response)
+    assert [response.status_code for response in answers] == [200, 200, 429, 429]
+    assert answers[1].headers["x-ratelimit-remaining-requests"] == "0"
+    for refused in answers[2:]:
+        assert assert_envelope(refused, 429)["message"].startswith("Rate limit reached for anonymous:")
+    assert len(httpserver.log) == 2
+
+
 def test_tpm_counts_usage_from_answers(limited):
     client = limited(RATE_LIMIT_TPM="100")
     first = post(client, TEAM_A)

@@ -9,8 +9,6 @@ import requests
 from service.logs import JsonFormatter, TextFormatter, uses_json
 from service.request_log import RequestRecord, request_id_from
 
-pytestmark = pytest.mark.llama
-
 SECRET_KEY = "sk-very-secret-key-1234"
 SECRET_PROMPT = "my secret prompt about zebras"
 
@@ -27,6 +25,7 @@ def keyed_gateway(make_app, llama, live_gateway):
     return live_gateway(app)
 
 
+@pytest.mark.llama
 def test_one_line_per_request_with_its_fields(keyed_gateway, caplog):
     caplog.set_level(logging.INFO)
     headers = {"Authorization": f"Bearer {SECRET_KEY}", "x-request-id": "log-test-1"}
@@ -63,6 +62,34 @@ def test_one_line_per_request_with_its_fields(keyed_gateway, caplog):
     everything = "\n".join(JsonFormatter().format(r) + TextFormatter().format(r) for r in caplog.records)
     assert SECRET_KEY not in everything and "wrong-key" not in everything
     assert "zebras" not in everything
+
+
+def access_levels(caplog) -> dict:
+    """The level of each access-log line, by request id."""
+    return {record.fields["request_id"]: record.levelno for record in caplog.records
+            if record.name == "service.access"}
+
+
+def test_polled_paths_log_at_debug_unless_they_fail(make_app, httpserver, caplog):
+    caplog.set_level(logging.DEBUG, logger="service.access")
+    httpserver.expect_request("/health").respond_with_json({"status": "ok"})
+    httpserver.expect_request("/v1/models").respond_with_json({"data": [{"id": "m"}]})
+    up = make_app(httpserver.url_for("").rstrip("/"), OPENAI_API_KEYS="key-1:team", METRICS_REQUIRE_KEY="1")
+    down = make_app("http://127.0.0.1:9")  # nothing listens on the discard port: /health is 503
+    key = {"Authorization": "Bearer key-1"}
+    calls = {"health-ok": (up, "/health", {}), "metrics-ok": (up, "/metrics", key),
+             "health-503": (down, "/health", {}), "metrics-401": (up, "/metrics", {}),
+             "models-ok": (up, "/v1/models", key)}
+    statuses = {}
+    for request_id, (app, path, headers) in calls.items():
+        response = app.test_client().get(path, headers={**headers, "x-request-id": request_id})
+        response.close()  # as a server would: the line is written when the body is closed
+        statuses[request_id] = response.status_code
+    assert statuses == {"health-ok": 200, "metrics-ok": 200, "health-503": 503, "metrics-401": 401, "models-ok": 200}
+    levels = access_levels(caplog)
+    assert set(levels) == set(calls)  # one line each
+    assert levels["health-ok"] == levels["metrics-ok"] == logging.DEBUG  # polled often: quiet while they succeed
+    assert min(levels["health-503"], levels["metrics-401"], levels["models-ok"]) >= logging.INFO
 
 
 def test_formats():

@@ -1,5 +1,6 @@
 """Graceful shutdown of bin/serve: no new connections, in-flight streams finish within the grace, the rest end
 with an error event, exit code 0."""
+import http.client
 import json
 import os
 import signal
@@ -65,6 +66,47 @@ def test_in_flight_stream_finishes_and_new_connections_are_refused(gateway, slow
     response.close()
     assert serve.process.wait(10) == 0
     serve.wait_for_event("stopped")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="Ctrl-C on Windows is a console event (CTRL_C_EVENT) for a whole "
+                    "console group, which a test cannot send to bin/serve alone")
+def test_ctrl_c_drains_like_sigterm(gateway, slow_upstream):
+    serve = gateway("20")
+    response, chunks = open_stream(serve)
+    serve.process.send_signal(signal.SIGINT)  # what Ctrl-C at a terminal sends
+    assert serve.wait_for_event("draining")["in_flight"] == 1
+    assert serve.process.poll() is None  # still waiting for the stream
+    slow_upstream[1].set()
+    assert b"".join(chunks) == LAST  # the stream ended normally, nothing cut
+    response.close()
+    assert serve.process.wait(10) == 0
+    serve.wait_for_event("stopped")
+
+
+def test_new_request_on_an_open_keep_alive_connection_gets_503_while_draining(gateway, slow_upstream, httpserver):
+    httpserver.expect_request("/v1/models").respond_with_json({"object": "list", "data": []})
+    serve = gateway("20")
+    kept = http.client.HTTPConnection("127.0.0.1", serve.port, timeout=10)
+    kept.request("GET", "/v1/models")
+    first = kept.getresponse()
+    assert first.status == 200 and first.getheader("Connection") != "close"
+    first.read()  # the connection stays open for the next request
+    response, chunks = open_stream(serve)  # on another connection: keeps the drain going
+    serve.process.send_signal(signal.SIGTERM)
+    serve.wait_for_event("draining")
+    # waitress accepts no new connection, but this one it accepted before: waitress keeps it open (no
+    # Connection: close), and each request on it reaches the app, which refuses it in the OpenAI envelope.
+    for _ in range(2):
+        kept.request("GET", "/v1/models")
+        refused = kept.getresponse()
+        assert refused.status == 503 and refused.getheader("Retry-After") == "5"
+        assert json.loads(refused.read())["error"]["code"] == "server_shutting_down"
+    slow_upstream[1].set()
+    assert b"".join(chunks) == LAST
+    response.close()
+    kept.close()
+    assert serve.process.wait(10) == 0
+    assert len(httpserver.log) == 2  # the first /v1/models and the stream: the refused ones never went upstream
 
 
 def test_streams_past_the_grace_end_with_an_error_event(gateway):

@@ -4,16 +4,16 @@ __version__ = "0.3.0"
 from flask import Flask
 
 from .api import register_blueprints
-from .api.health import init_health
-from .disconnect import DisconnectWatch
 from .config import SETTINGS_BY_NAME, ConfigError, load_settings, route_timeouts
 from .errors import register_error_handlers
-from .lifecycle import Lifecycle
-from .metrics import init_metrics
-from .openapi import init_openapi
-from .policy import init_policy
-from .routing import Router, upstream_targets
-from .upstream import Upstream
+from .operations.health import init_health
+from .operations.lifecycle import Lifecycle
+from .operations.metrics import init_metrics
+from .operations.openapi import init_openapi
+from .policy.hooks import init_policy
+from .proxy.disconnect import DisconnectWatch
+from .proxy.routing import Router, upstream_targets
+from .proxy.upstream import Upstream
 
 
 def create_app(config=None) -> Flask:

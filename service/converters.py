@@ -113,6 +113,9 @@ def url(value):
         parts.port
     except ValueError:
         raise ValueError(f"has a bad port: {public_url(value)!r}") from None
+    if "@" in parts.path + parts.query + parts.fragment:
+        # An '@' past the host would make the URL's shown form (public_url) name another host.
+        raise ValueError(f"has an '@' after its host {parts.hostname}; write it as %40")
     return url
 
 
@@ -177,7 +180,8 @@ def rate_limits(value):
 
 # Model names: what clients send as "model", and what may appear in logs, metric labels and response bodies.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
-MODEL_OPTIONS = {"ctx": "positive", "parallel": "positive", "threads": "positive", "embeddings": "flag"}
+MODEL_OPTIONS = {"ctx": "positive", "parallel": "positive", "threads": "positive", "embeddings": "flag",
+                 "rerank": "flag"}
 
 
 def _model_name(name, entry):
@@ -251,7 +255,7 @@ def model_settings(value):
         first_option = next((i for i, part in enumerate(parts) if "=" in part), len(parts))
         name, options = ":".join(parts[:first_option]), parts[first_option:]
         if not options or any("=" not in option for option in options):
-            raise ValueError(f"bad entry {entry.strip()!r}: the format is model:ctx=N:parallel=N:threads=N:embeddings=on")
+            raise ValueError(f"bad entry {entry.strip()!r}: the format is model:ctx=N:parallel=N:threads=N:embeddings=on:rerank=on")
         name = _model_name(name, entry.strip())
         if name in overrides:
             raise ValueError(f"model {name} is listed twice")

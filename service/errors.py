@@ -1,43 +1,45 @@
-"""The one OpenAI error envelope, the gateway's exception tree, and the handlers that turn any error into JSON.
+"""The gateway's exception tree, and the handlers that turn any error into JSON in the client's API family.
 
-Contract: every error the gateway answers is {"error": {"message", "type", "param", "code"}}, built by
-error_body(); views raise ApiError subclasses and never build error JSON themselves.
+Contract: every error the gateway answers is in the envelope of the API family the client speaks (OpenAI's
+{"error": {"message", "type", "param", "code"}}, or Anthropic's {"type": "error", "error": {...}}), built by
+that family's error_body() (service/families); views raise ApiError subclasses and never build error JSON.
 """
-import json
 import logging
 
-from flask import Response, g, request
+from flask import Response, g, has_request_context, request
 from werkzeug.exceptions import HTTPException
 
-log = logging.getLogger(__name__)
+from .families import OPENAI, family_of_request
 
-# OpenAI's error type for a status; statuses not listed fall back by class (4xx or 5xx).
-STATUS_TYPES = {
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    429: "rate_limit_error",
-    501: "not_supported_error",
-    502: "upstream_error",
-    503: "unavailable_error",
-    504: "timeout_error",
-}
+log = logging.getLogger(__name__)
 
 
 def error_type(status: int) -> str:
     """Return the OpenAI error type for an HTTP status."""
-    return STATUS_TYPES.get(status) or ("invalid_request_error" if status < 500 else "server_error")
+    return OPENAI.error_type(status)
 
 
 def error_body(status: int, message: str, *, type: str = None, param: str = None, code: str = None) -> dict:
-    """Build the OpenAI error envelope; the only place its shape is written."""
-    return {"error": {"message": message, "type": type or error_type(status), "param": param, "code": code}}
+    """The OpenAI error envelope, for answers outside any API family (/health, waitress's own errors)."""
+    return OPENAI.error_body(status, message, type=type, param=param, code=code)
 
 
-def error_response(status: int, message: str, *, headers=None, **fields) -> Response:
-    """Return a JSON error response in the OpenAI envelope."""
-    body = json.dumps(error_body(status, message, **fields))
-    return Response(body, status=status, headers=headers, mimetype="application/json")
+def current_family():
+    """The API family of the request being answered (OpenAI's outside a request)."""
+    if not has_request_context():
+        return OPENAI
+    family = g.get("family")
+    if family is None:
+        family = g.family = family_of_request()
+    return family
+
+
+def error_response(status: int, message: str, *, headers=None, family=None, **fields) -> Response:
+    """Return a JSON error response in the envelope (and with the status) of the client's API family."""
+    family = family or current_family()
+    body = family.error_json(status, message, **fields)
+    return Response(body, status=family.status(status, fields.get("code")), headers=headers,
+                    mimetype="application/json")
 
 
 class ApiError(Exception):
@@ -55,14 +57,29 @@ class ApiError(Exception):
         self.code = code or self.code
         self.headers = headers or {}
 
-    def body(self) -> dict:
-        """This error as an OpenAI envelope."""
-        return error_body(self.status, self.message, type=self.type, param=self.param, code=self.code)
+    @property
+    def fields(self) -> dict:
+        """The envelope's optional fields: type, param and code."""
+        return {"type": self.type, "param": self.param, "code": self.code}
 
-    def response(self) -> Response:
-        """This error as a JSON response."""
-        return error_response(self.status, self.message, headers=self.headers, type=self.type,
-                              param=self.param, code=self.code)
+    def body(self, family=OPENAI) -> dict:
+        """This error in family's envelope (OpenAI's by default)."""
+        return family.error_body(self.status, self.client_message, **self.fields)
+
+    @property
+    def client_message(self) -> str:
+        """What the client is told: the message, and any detail that is the client's alone (never logged)."""
+        return self.message
+
+    def headers_for(self, family) -> dict:
+        """The headers this error answers with in family's conventions."""
+        return self.headers
+
+    def response(self, family=None) -> Response:
+        """This error as a JSON response in family's envelope (by default the request's)."""
+        family = family or current_family()
+        return error_response(self.status, self.client_message, headers=self.headers_for(family), family=family,
+                              **self.fields)
 
 
 class InvalidRequest(ApiError):
@@ -105,10 +122,18 @@ class UpstreamError(ApiError):
     code = "upstream_error"
     kind = "bad_answer"
 
-    def __init__(self, message, *, kind=None, upstream_status=None, **fields):
+    def __init__(self, message, *, kind=None, upstream_status=None, detail=None, **fields):
         super().__init__(message, **fields)
         self.kind = kind or self.kind
         self.upstream_status = upstream_status  # the upstream's HTTP status, when it answered with an error
+        # llama.cpp's own words, for the client only: they can quote the request (a tool call, a message), so
+        # they never reach a log line, a metric or an ejection's reason.
+        self.detail = detail
+
+    @property
+    def client_message(self) -> str:
+        """The message, with llama.cpp's own words where they are the client's to read."""
+        return f"{self.message}: {self.detail}" if self.detail else self.message
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -152,7 +177,7 @@ def _http_message(error: HTTPException) -> str:
 
 
 def register_error_handlers(app):
-    """Make every error the app can produce, from any layer, answer in the OpenAI envelope."""
+    """Make every error the app can produce, from any layer, answer in the envelope of the client's family."""
 
     def note_error(kind, upstream_kind=None):
         record = g.get("record")

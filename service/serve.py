@@ -11,7 +11,7 @@ from .config import ConfigError, exit_on_config_error, load_settings, settings_s
 from .converters import public_url
 from .llama.fleet import Fleet, local_models
 from .llama.supervisor import PROJECT_ROOT, LlamaStartError
-from .logs import configure_logging, uses_json
+from .operations.logs import configure_logging, uses_json
 from .wsgi_server import make_server, stop_listening, stop_server
 
 log = logging.getLogger("service")

@@ -157,7 +157,7 @@ def test_callers_get_the_cached_report_at_once_while_one_refreshes_it(make_app, 
     try:
         # Nine answer while llama.cpp still holds the tenth caller's probe: from the cache, saying its age.
         early = [answers.get(timeout=2) for _ in range(9)]
-        assert arrived.is_set() and answers.empty()
+        assert arrived.wait(5) and answers.empty()
     finally:
         gate.set()
     for thread in threads:

@@ -1,7 +1,7 @@
 """API keys: parsing, constant-time lookup, 401s in the envelope, and the paths that need no key."""
 import pytest
 
-from service.auth import KeyRing, derived_client_id
+from service.policy.auth import KeyRing, derived_client_id
 from service.config import ConfigError, load_settings
 from tests.test_errors import assert_envelope
 

@@ -102,6 +102,13 @@ def test_summary_hides_every_secret(name, value, shown):
     assert summary[name] == shown
 
 
+@pytest.mark.parametrize("value", ["http://h1:8080/api/@me", "http://h1:8080/x?a=@b", "http://h1:8080/#@me"])
+def test_an_at_sign_past_the_host_is_refused(value):
+    # Two replicas shown as "http://me" would share one label in logs, metrics and /health.
+    with pytest.raises(ValueError, match="after its host h1"):
+        url(value)
+
+
 def test_any_url_setting_is_shown_without_credentials_whatever_its_name():
     # The converter declares how its values are shown: a new URL setting needs no name in a list.
     setting = Setting("SOME_NEW_URL", url, None, "a URL")
@@ -120,6 +127,7 @@ def test_any_url_setting_is_shown_without_credentials_whatever_its_name():
     ("MODEL_UPSTREAMS", f"http://alice:{SECRET}@host:8080"),
     ("MODEL_UPSTREAMS", f"bad name=http://alice:{SECRET}@host:8080"),
     ("CORS_ORIGINS", f"https://alice:{SECRET}@host"),
+    ("LLAMA_SERVER_URL", f"http://alice:{SECRET}@host:8080/api/@me"),  # shown, it would name host "me"
 ])
 def test_bad_urls_are_named_without_their_credentials(name, value):
     with pytest.raises(ConfigError) as caught:

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from service.disconnect import DisconnectWatch, UpstreamCall
+from service.proxy.disconnect import DisconnectWatch, UpstreamCall
 from tests.fakes import SSE_HEAD, BrokenPeer, chunk
 
 CHAT = "/v1/chat/completions"

@@ -7,7 +7,7 @@ import pytest
 from werkzeug import Response
 
 from service.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
-from service.routing import ModelRoute
+from service.proxy.routing import ModelRoute
 from tests.fakes import BrokenPeer
 from tests.test_routing import ANSWER, chat, replica_samples, routed_app
 from tests.test_upstream import LOADING, unused_port_url

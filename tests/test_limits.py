@@ -4,7 +4,9 @@ import threading
 import pytest
 
 from service.config import ConfigError, load_settings
-from service.limits import Limits, RateLimited, RateLimiter, duration
+from service.families import OPENAI
+from service.families.catalog import duration
+from service.policy.limits import Limits, RateLimited, RateLimiter
 
 
 class Clock:
@@ -68,7 +70,7 @@ def test_tokens_per_window(clock):
     limiter.release(lease, tokens=60)
     clock.now += 5
     lease = limiter.acquire("c")
-    assert lease.headers["x-ratelimit-remaining-tokens"] == "40"
+    assert OPENAI.rate_headers(lease.rate)["x-ratelimit-remaining-tokens"] == "40"
     limiter.release(lease, tokens=50)  # 110 used: over the limit
     clock.now += 1
     error = rejected(limiter)
@@ -154,23 +156,23 @@ def test_each_release_frees_its_slot_once(clock):
 def test_headers_and_reset_times(clock):
     limiter = RateLimiter(Limits(rpm=5, tpm=1000), clock=clock)
     first = limiter.acquire("c")
-    assert first.headers["x-ratelimit-limit-requests"] == "5"
-    assert first.headers["x-ratelimit-remaining-requests"] == "4"
-    assert first.headers["x-ratelimit-reset-requests"] == "1m0s"
-    assert first.headers["x-ratelimit-reset-tokens"] == "0ms"
+    assert OPENAI.rate_headers(first.rate)["x-ratelimit-limit-requests"] == "5"
+    assert OPENAI.rate_headers(first.rate)["x-ratelimit-remaining-requests"] == "4"
+    assert OPENAI.rate_headers(first.rate)["x-ratelimit-reset-requests"] == "1m0s"
+    assert OPENAI.rate_headers(first.rate)["x-ratelimit-reset-tokens"] == "0ms"
     limiter.release(first, tokens=10)
     clock.now += 45.5
     second = limiter.acquire("c")
-    assert second.headers["x-ratelimit-remaining-requests"] == "3"
-    assert second.headers["x-ratelimit-reset-requests"] == "14.5s"
-    assert second.headers["x-ratelimit-remaining-tokens"] == "990"
-    assert second.headers["x-ratelimit-reset-tokens"] == "14.5s"
+    assert OPENAI.rate_headers(second.rate)["x-ratelimit-remaining-requests"] == "3"
+    assert OPENAI.rate_headers(second.rate)["x-ratelimit-reset-requests"] == "14.5s"
+    assert OPENAI.rate_headers(second.rate)["x-ratelimit-remaining-tokens"] == "990"
+    assert OPENAI.rate_headers(second.rate)["x-ratelimit-reset-tokens"] == "14.5s"
 
 
 def test_no_limits_no_headers_and_inactive():
     limiter = RateLimiter(Limits())
     assert not limiter.active
-    assert limiter.acquire("c").headers == {}
+    assert OPENAI.rate_headers(limiter.acquire("c").rate) == {}
 
 
 @pytest.mark.parametrize("seconds, text", [(0.02, "20ms"), (0.9999, "1s"), (1, "1s"), (1.5, "1.5s"),

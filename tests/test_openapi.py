@@ -14,8 +14,10 @@ from tests.conftest import FAST_SETTINGS
 def test_document_is_valid_openapi_and_public(fake_app, make_app, httpserver):
     document = fake_app.test_client().get("/openapi.json").get_json()
     validate(document)
-    assert set(document["paths"]) == {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models",
-                                      "/health", "/metrics"}
+    assert set(document["paths"]) == {
+        "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/models/{model}", "/health",
+        "/metrics", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/v1/rerank", "/tokenize",
+        "/detokenize", "/apply-template", "/infill"}
     keyed = make_app(httpserver.url_for("").rstrip("/"), OPENAI_API_KEY="k").test_client()
     assert keyed.get("/openapi.json").status_code == 200
 
@@ -43,7 +45,8 @@ def _fake_upstream_app():
     server.expect_request("/health").respond_with_json({"status": "ok"})
     server.expect_request("/metrics").respond_with_data("llamacpp:requests_deferred 0\n")
     server.expect_request("/v1/models").respond_with_json({"data": [{"id": "m", "object": "model"}]})
-    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
+                 "/v1/messages/count_tokens", "/v1/rerank", "/tokenize", "/detokenize", "/apply-template", "/infill"):
         server.expect_request(path).respond_with_handler(
             lambda request: _answer(request, completion))
     return server, create_app({**FAST_SETTINGS, "LLAMA_SERVER_URL": server.url_for("").rstrip("/"),
@@ -76,5 +79,8 @@ def test_fuzzed_requests_get_documented_answers(case):
     response = case.call_and_validate(headers={"Authorization": f"Bearer {FUZZ_KEY}"})
     if response.status_code >= 400:
         body = response.json()
-        assert set(body["error"]) == {"message", "type", "param", "code"}
+        if case.path.startswith("/v1/messages"):
+            assert body["type"] == "error" and set(body["error"]) == {"type", "message"}  # Anthropic's envelope
+        else:
+            assert set(body["error"]) == {"message", "type", "param", "code"}
     assert response.status_code < 500 or response.status_code == 503 and case.path == "/health"

@@ -25,6 +25,11 @@ USER = [{"role": "user", "content": "hi"}]
     (CHAT, {"messages": USER, "stream_options": {"include_usage": 1}}, "stream_options.include_usage", "boolean"),
     (CHAT, {"messages": USER, "stop": [1]}, "stop", "string"),
     (CHAT, {"messages": USER, "top_p": 2}, "top_p", "less than or equal to 1"),
+    # llama.cpp would answer these itself: any role, an overflowed token count, n > 1 with its own message.
+    (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "user, assistant"),
+    (CHAT, {"messages": USER, "max_tokens": 10**18}, "max_tokens", "less than or equal to 2147483647"),
+    (CHAT, {"messages": USER, "max_completion_tokens": 2**31}, "max_completion_tokens", "2147483647"),
+    (CHAT, {"messages": USER, "n": 5}, "n", "one choice per request"),
     (COMPLETIONS, {}, "prompt", "Missing data"),
     (COMPLETIONS, {"prompt": {"text": "hi"}}, "prompt", "string"),
     (COMPLETIONS, {"prompt": []}, "prompt", "string"),
@@ -52,7 +57,10 @@ def test_invalid_fields_are_400_with_param(fake_client, httpserver, path, body, 
     (b'"text"', "not a JSON string"),
     (b"null", "not a JSON null"),
     (b'{"messages": NaN}', "not valid JSON"),
-    (b"\xff\xfe{}", "not valid JSON"),
+    (b"\xff\xfe{}", "not UTF-8"),
+    # UTF-16, and a surrogate encoded as bytes (json.loads alone would take both): llama.cpp reads UTF-8 only.
+    ('{"messages": []}'.encode("utf-16"), "not UTF-8"),
+    (b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', "not UTF-8"),
     (b"[" * 100000, "not valid JSON"),
 ])
 def test_bodies_that_are_not_a_json_object_are_400(fake_client, httpserver, data, words):

@@ -6,8 +6,8 @@ import time
 import pytest
 import requests
 
-from service.logs import JsonFormatter, TextFormatter, uses_json
-from service.request_log import RequestRecord, request_id_from
+from service.operations.logs import JsonFormatter, TextFormatter, uses_json
+from service.operations.request_log import RequestRecord, request_id_from
 
 SECRET_KEY = "sk-very-secret-key-1234"
 SECRET_PROMPT = "my secret prompt about zebras"
@@ -117,6 +117,8 @@ def test_request_ids():
 
 def test_record_takes_usage():
     record = RequestRecord("r", "POST", "/", 0.0)
-    record.add_usage({"prompt_tokens": 7, "completion_tokens": 5})
-    record.add_usage("not a usage object")
+    record.add_tokens(7, None)
+    record.add_tokens(None, 5)  # a later event says only the completion (Anthropic's message_delta)
+    assert (record.prompt_tokens, record.completion_tokens, record.total_tokens) == (7, 5, 12)
+    record.add_tokens(None, None)
     assert record.total_tokens == 12

@@ -11,7 +11,7 @@ from werkzeug import Response
 
 from service.config import ConfigError, load_settings
 from service.errors import UpstreamUnavailable
-from service.routing import ModelRoute
+from service.proxy.routing import ModelRoute
 from tests.test_errors import assert_envelope
 from tests.test_upstream import unused_port_url
 

@@ -6,9 +6,10 @@ import time
 import pytest
 import redis
 
-from service import shared_limits
-from service.limits import Limits, RateLimited
-from service.shared_limits import ACQUIRE, LEASE_TTL_S, RETRY_S, WARN_EVERY_S, LimitStoreUnavailable, SharedRateLimiter
+from service.families import OPENAI
+from service.policy import shared_limits
+from service.policy.limits import Limits, RateLimited
+from service.policy.shared_limits import ACQUIRE, LEASE_TTL_S, RETRY_S, WARN_EVERY_S, LimitStoreUnavailable, SharedRateLimiter
 from tests.test_limits import Clock
 from tests.test_serve import posix_only
 
@@ -63,7 +64,7 @@ def test_two_limiters_share_one_request_limit(redis_server):
     first, second = limiter(redis_server, rpm=3), limiter(redis_server, rpm=3)
     first.acquire("team"), second.acquire("team")
     lease = first.acquire("team")
-    assert lease.headers["x-ratelimit-remaining-requests"] == "0"
+    assert OPENAI.rate_headers(lease.rate)["x-ratelimit-remaining-requests"] == "0"
     with pytest.raises(RateLimited) as refused:
         second.acquire("team")
     assert refused.value.limit == "rpm" and 58 <= int(refused.value.headers["Retry-After"]) <= 60
@@ -78,7 +79,7 @@ def test_concurrency_and_tokens_are_shared(redis_server):
     first.release(lease, tokens=100)
     with pytest.raises(RateLimited) as refused:
         second.acquire("team")
-    assert refused.value.limit == "tpm" and refused.value.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert refused.value.limit == "tpm" and refused.value.headers_for(OPENAI)["x-ratelimit-remaining-tokens"] == "0"
 
 
 def test_the_window_slides(redis_server):
@@ -87,7 +88,7 @@ def test_the_window_slides(redis_server):
     with pytest.raises(RateLimited):
         shared.acquire("team")
     time.sleep(0.35)
-    assert shared.acquire("team").headers["x-ratelimit-remaining-requests"] == "0"
+    assert OPENAI.rate_headers(shared.acquire("team").rate)["x-ratelimit-remaining-requests"] == "0"
 
 
 def unreachable_warnings(caplog) -> int:
@@ -101,8 +102,8 @@ def test_redis_gone_fails_open_or_closed_and_its_return_is_picked_up(redis_serve
     closed_limiter = limiter(redis_server, failure="closed", clock=clock, rpm=1)
     open_limiter.acquire("team")
     redis_server.stop()
-    with caplog.at_level(logging.WARNING, logger="service.shared_limits"):
-        assert [open_limiter.acquire("team").headers for _ in range(3)] == [{}, {}, {}]  # served, uncounted
+    with caplog.at_level(logging.WARNING, logger="service.policy.shared_limits"):
+        assert [open_limiter.acquire("team").rate for _ in range(3)] == [None, None, None]  # served, uncounted
         assert errors.value == 1 and unreachable_warnings(caplog) == 1  # then Redis is left alone for RETRY_S
         clock.now += RETRY_S
         open_limiter.acquire("team")

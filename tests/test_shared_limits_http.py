@@ -9,7 +9,7 @@ import redis
 import requests
 from werkzeug import Response
 
-from service.shared_limits import RETRY_S
+from service.policy.shared_limits import RETRY_S
 from tests.fakes import gated_stream
 from tests.test_serve import ServeProcess, posix_only
 

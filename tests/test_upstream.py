@@ -8,9 +8,9 @@ import pytest
 from urllib3.exceptions import NewConnectionError
 from werkzeug import Response
 
-from service.disconnect import UpstreamCall
+from service.proxy.disconnect import UpstreamCall
 from service.errors import ClientClosedRequest
-from service.upstream import Upstream, UpstreamRetry, make_retry
+from service.proxy.upstream import Upstream, UpstreamRetry, make_retry
 from tests.fakes import BrokenPeer, read_request
 from tests.test_errors import assert_envelope
 
@@ -125,7 +125,7 @@ def test_upstream_500_is_502_naming_it(fake_client, httpserver):
     httpserver.expect_request(CHAT).respond_with_json({"error": {"code": 500, "message": "boom",
                                                                  "type": "server_error"}}, status=500)
     error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
-    assert "HTTP 500 (server_error)" in error["message"]
+    assert "HTTP 500 (server_error)" in error["message"] and error["message"].endswith(": boom")
     assert len(httpserver.log) == 1  # 500 is not a transient status
 
 
@@ -146,12 +146,12 @@ def logged_text(caplog) -> str:
                      if record.getMessage() != "llama.cpp output")
 
 
-def test_a_500_quoting_the_request_keeps_it_out_of_the_logs(fake_client, httpserver, caplog):
+def test_a_500_quoting_the_request_tells_the_client_but_not_the_logs(fake_client, httpserver, caplog):
     caplog.set_level(logging.DEBUG)
     httpserver.expect_request(CHAT).respond_with_json(QUOTING_500, status=500)
     error = assert_envelope(fake_client.post(CHAT, json=BAD_TOOL_CALL), 502)
     assert SECRET not in logged_text(caplog)
-    assert SECRET not in error["message"]
+    assert SECRET in error["message"]  # llama.cpp's words are the client's own to read
     assert "HTTP 500 (server_error)" in logged_text(caplog)  # the operator still learns what failed
 
 

@@ -1,11 +1,12 @@
 """POST /v1/chat/completions."""
 from flask import Blueprint
 
-from ..relay import proxy_generation
-from ..request_body import read_json_body
+from ..proxy.relay import Endpoint, proxy_generation
 from ..schemas import ChatCompletionSchema
+from .request_body import read_json_body
 
 bp = Blueprint("chat", __name__)
+CHAT = Endpoint("/v1/chat/completions", "chat", asks_stream_usage=True)
 schema = ChatCompletionSchema()
 
 
@@ -14,4 +15,4 @@ schema = ChatCompletionSchema()
 def chat_completions():
     """Create a chat completion on llama-server, streamed as SSE when the body asks for it."""
     raw, body = read_json_body(schema)
-    return proxy_generation("/v1/chat/completions", "chat", raw, body)
+    return proxy_generation(CHAT, raw, body)

@@ -1,11 +1,12 @@
 """POST /v1/completions."""
 from flask import Blueprint
 
-from ..relay import proxy_generation
-from ..request_body import read_json_body
+from ..proxy.relay import Endpoint, proxy_generation
 from ..schemas import CompletionSchema
+from .request_body import read_json_body
 
 bp = Blueprint("completions", __name__)
+COMPLETIONS = Endpoint("/v1/completions", "completions")
 schema = CompletionSchema()
 
 
@@ -14,4 +15,4 @@ schema = CompletionSchema()
 def completions():
     """Create a text completion on llama-server, streamed as SSE when the body asks for it."""
     raw, body = read_json_body(schema)
-    return proxy_generation("/v1/completions", "completions", raw, body)
+    return proxy_generation(COMPLETIONS, raw, body)

@@ -1,11 +1,12 @@
 """POST /v1/embeddings."""
 from flask import Blueprint
 
-from ..relay import proxy_json_post
-from ..request_body import read_json_body
+from ..proxy.relay import Endpoint, proxy_json_post
 from ..schemas import EmbeddingSchema
+from .request_body import read_json_body
 
 bp = Blueprint("embeddings", __name__)
+EMBEDDINGS = Endpoint("/v1/embeddings", "embeddings")
 schema = EmbeddingSchema()
 
 
@@ -14,4 +15,4 @@ schema = EmbeddingSchema()
 def embeddings():
     """Embed the input on llama-server; base64 vectors come back byte for byte as llama.cpp encoded them."""
     raw, body = read_json_body(schema)
-    return proxy_json_post("/v1/embeddings", "embeddings", raw, body)
+    return proxy_json_post(EMBEDDINGS, raw, body)

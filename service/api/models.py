@@ -1,8 +1,8 @@
-"""GET /v1/models."""
+"""GET /v1/models and GET /v1/models/{model}."""
 from flask import Blueprint, current_app, g, jsonify
 
 from ..errors import UpstreamBadResponse, UpstreamError
-from ..relay import get_upstream
+from ..proxy.relay import get_upstream
 
 bp = Blueprint("models", __name__)
 
@@ -18,6 +18,18 @@ def list_models():
         # llama.cpp adds an ollama-style "models" list beside "data"; OpenAI clients expect only "data".
         return jsonify({"object": "list", "data": [_openai_model(entry) for entry in entries]})
     return jsonify({"object": "list", "data": [_routed_model(route) for route in router.routes.values()]})
+
+
+@bp.get("/v1/models/<path:model>")
+@bp.get("/models/<path:model>")
+def retrieve_model(model):
+    """One model in OpenAI's shape; 404 model_not_found for a name the gateway does not route. With one
+    llama-server for any name, every name is that server's model."""
+    router = current_app.extensions["router"]
+    if router.fallback is not None:
+        entries = _upstream_entries(router.fallback.replicas[0].url, record=g.record)
+        return jsonify(_openai_model({**entries[0], "id": model}))
+    return jsonify(_routed_model(router.route(model)))
 
 
 def _upstream_entries(base_url, record=None) -> list:

@@ -24,7 +24,7 @@ def parse_args(argv):
     parser.add_argument("--threads-batch", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--embeddings", action="store_true")
-    parser.add_argument("--pooling", choices=["mean"])
+    parser.add_argument("--pooling", choices=["mean", "rank"])
     parser.add_argument("--metrics", action="store_true")
     parser.add_argument("--alias")
     parser.add_argument("--threads-http", type=int)
@@ -52,13 +52,18 @@ def server_params(args):
         params.n_batch = args.batch_size
     if args.embeddings:
         params.embedding = True
-        params.pooling_type = xllamacpp.llama_pooling_type.LLAMA_POOLING_TYPE_MEAN
+        if args.pooling:  # else the model's own pooling, as its GGUF says
+            params.pooling_type = getattr(xllamacpp.llama_pooling_type, POOLING[args.pooling])
     if args.alias:
         params.model_alias = {args.alias}
     if args.threads_http:
         params.n_threads_http = args.threads_http
     params.endpoint_metrics = args.metrics
     return params
+
+
+# --pooling as llama-server spells it, to xllamacpp's names; rank makes the server a reranker (/v1/rerank).
+POOLING = {"mean": "LLAMA_POOLING_TYPE_MEAN", "rank": "LLAMA_POOLING_TYPE_RANK"}
 
 
 def _leave(*_):

@@ -53,8 +53,11 @@ def supervisor_for(model: LocalModel, settings, port=None) -> LlamaSupervisor:
     if traits.get("trained_ctx"):
         options["ctx"] = min(settings["LLAMA_CTX"], traits["trained_ctx"])
     if traits.get("embedding_only"):
-        options.update(embeddings=True, pooling=None)  # the model's own pooling
-    options.update((settings["MODEL_SETTINGS"] or {}).get(model.name, {}))
+        options.update(embeddings=True, pooling=None)  # the model's own pooling (rank for a reranker)
+    own = dict((settings["MODEL_SETTINGS"] or {}).get(model.name, {}))
+    if own.pop("rerank", False):
+        options.update(embeddings=True, pooling="rank")  # llama-server's --reranking: /v1/rerank
+    options.update(own)
     return LlamaSupervisor.from_settings(settings, model.path, alias=model.name, **options)
 
 

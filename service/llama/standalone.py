@@ -3,7 +3,7 @@ import signal
 import sys
 import threading
 
-from ..logs import configure_logging
+from ..operations.logs import configure_logging
 from ..serve import load_environment
 from .model_file import choose_model
 from .supervisor import LlamaStartError, LlamaSupervisor

@@ -46,11 +46,12 @@ class RequestRecord:
         """Milliseconds since the request arrived."""
         return round((time.perf_counter() - self.started) * 1000, 2)
 
-    def add_usage(self, usage):
-        """Take the token counts from an OpenAI usage object, if it is one."""
-        if isinstance(usage, dict):
-            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
-            self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
+    def add_tokens(self, prompt, completion):
+        """Take the token counts an answer reported (None for what it did not say)."""
+        if prompt is not None:
+            self.prompt_tokens = prompt
+        if completion is not None:
+            self.completion_tokens = completion
 
     @property
     def total_tokens(self) -> int:

@@ -3,7 +3,7 @@ import logging
 import threading
 import time
 
-from .errors import ShuttingDown
+from ..errors import ShuttingDown
 
 log = logging.getLogger(__name__)
 

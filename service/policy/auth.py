@@ -4,7 +4,7 @@ import hmac
 
 from flask import request
 
-from .errors import ApiError
+from ..errors import ApiError
 
 # The client id of requests when no key is configured (open access).
 OPEN_ACCESS_CLIENT = "anonymous"

@@ -9,7 +9,8 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .errors import ApiError
+from ..errors import ApiError
+from ..families import RateState
 
 WINDOW_S = 60.0
 
@@ -34,9 +35,14 @@ class RateLimited(ApiError):
     status = 429
     code = "rate_limit_exceeded"
 
-    def __init__(self, message, limit, retry_after_s, headers=None):
-        super().__init__(message, headers={**(headers or {}), "Retry-After": str(max(1, math.ceil(retry_after_s)))})
+    def __init__(self, message, limit, retry_after_s, rate=None):
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
         self.limit = limit
+        self.rate = rate  # the client's RateState, shown in the headers of the client's API family
+
+    def headers_for(self, family) -> dict:
+        """Retry-After and the family's rate-limit headers."""
+        return {**self.headers, **family.rate_headers(self.rate)} if self.rate else self.headers
 
 
 class _ClientState:
@@ -62,10 +68,10 @@ class _ClientState:
 
 @dataclass
 class Lease:
-    """One admitted request: its client, and the rate-limit headers to answer with."""
+    """One admitted request: its client, and its standing against its limits (for the rate-limit headers)."""
 
     client: str
-    headers: dict
+    rate: RateState = None
     holds_slot: bool = False  # counted among its client's requests in flight, until release() frees it (once)
     lease_id: str = None  # its entry in a shared store, if any
 
@@ -75,25 +81,11 @@ _REFUSALS = {"concurrent": ("requests in flight at once", "RATE_LIMIT_CONCURRENT
              "rpm": ("requests per minute", "RATE_LIMIT_RPM"), "tpm": ("tokens per minute", "RATE_LIMIT_TPM")}
 
 
-def refusal(client: str, limits: Limits, limit: str, retry_after_s: float, headers: dict) -> RateLimited:
+def refusal(client: str, limits: Limits, limit: str, retry_after_s: float, rate: RateState) -> RateLimited:
     """The 429 for client going over one of its limits ("concurrent", "rpm" or "tpm")."""
     words, setting = _REFUSALS[limit]
     return RateLimited(f"Rate limit reached for {client}: {getattr(limits, limit)} {words} ({setting})", limit,
-                       retry_after_s, headers)
-
-
-def rate_headers(limits: Limits, requests: int, requests_reset_s: float, tokens: int, tokens_reset_s: float) -> dict:
-    """OpenAI's x-ratelimit-* headers, from the requests and tokens in the window and when each resets."""
-    headers = {}
-    if limits.rpm:
-        headers["x-ratelimit-limit-requests"] = str(limits.rpm)
-        headers["x-ratelimit-remaining-requests"] = str(max(0, limits.rpm - requests))
-        headers["x-ratelimit-reset-requests"] = duration(requests_reset_s)
-    if limits.tpm:
-        headers["x-ratelimit-limit-tokens"] = str(limits.tpm)
-        headers["x-ratelimit-remaining-tokens"] = str(max(0, limits.tpm - tokens))
-        headers["x-ratelimit-reset-tokens"] = duration(max(0.0, tokens_reset_s))
-    return headers
+                       retry_after_s, rate)
 
 
 class LimitTable:
@@ -136,18 +128,18 @@ class RateLimiter(LimitTable):
                 state = self._clients[client] = _ClientState()
             state.prune(now, self.window)
             if limits.concurrent and state.in_flight >= limits.concurrent:
-                raise refusal(client, limits, "concurrent", 1, self._headers(limits, state, now))
+                raise refusal(client, limits, "concurrent", 1, self._rate(limits, state, now))
             if limits.rpm and len(state.requests) >= limits.rpm:
                 raise refusal(client, limits, "rpm", state.requests[0] + self.window - now,
-                              self._headers(limits, state, now))
+                              self._rate(limits, state, now))
             if limits.tpm and state.token_total >= limits.tpm:
                 raise refusal(client, limits, "tpm", self._token_wait(state, limits.tpm, now),
-                              self._headers(limits, state, now))
+                              self._rate(limits, state, now))
             state.requests.append(now)
             # Counted even without a concurrency limit: it keeps the client's state (and the tokens its release
             # will add) through a request that runs longer than the window.
             state.in_flight += 1
-            return Lease(client, self._headers(limits, state, now), holds_slot=True)
+            return Lease(client, self._rate(limits, state, now), holds_slot=True)
 
     def release(self, lease: Lease, tokens: int = 0):
         """End an admitted request: free its in-flight slot and count the tokens it used."""
@@ -171,11 +163,11 @@ class RateLimiter(LimitTable):
                 return stamp + self.window - now
         return self.window
 
-    def _headers(self, limits, state, now):
+    def _rate(self, limits, state, now) -> RateState:
         oldest_request = state.requests[0] if state.requests else now
         oldest_tokens = state.tokens[0][0] if state.tokens else now - self.window
-        return rate_headers(limits, len(state.requests), oldest_request + self.window - now, state.token_total,
-                            oldest_tokens + self.window - now)
+        return RateState(limits, len(state.requests), oldest_request + self.window - now, state.token_total,
+                         oldest_tokens + self.window - now)
 
     def _sweep(self, now):
         # Drop idle clients now and then so that memory stays bounded.
@@ -193,13 +185,3 @@ class RateLimiter(LimitTable):
     def tracked_clients(self) -> int:
         """How many clients have state in memory (for tests of eviction)."""
         return len(self._clients)
-
-
-def duration(seconds: float) -> str:
-    """OpenAI's (Go's) duration format: 20ms, 1s, 1.5s, 6m0s."""
-    milliseconds = max(0, round(seconds * 1000))
-    if milliseconds < 1000:
-        return f"{milliseconds}ms"
-    minutes, rest = divmod(milliseconds, 60000)
-    rest = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
-    return f"{minutes}m{rest}s" if minutes else f"{rest}s"

@@ -4,7 +4,7 @@ from apispec import APISpec
 from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, current_app, jsonify
 
-from .schemas import ChatCompletionSchema, CompletionSchema, EmbeddingSchema, ErrorSchema
+from .. import schemas
 
 bp = Blueprint("openapi", __name__)
 
@@ -21,11 +21,38 @@ def _field_openapi(self, field, **kwargs):
     return dict(getattr(field, "openapi", {}))
 
 
-def _errors(statuses) -> dict:
-    return {status: {"$ref": "#/components/responses/Error"} for status in statuses}
+def _errors(statuses, envelope="Error") -> dict:
+    return {status: {"$ref": f"#/components/responses/{envelope}"} for status in statuses}
 
 
-def _generation(summary, request_schema, streams=True) -> dict:
+# The request bodies, by component name; each family's endpoints and the schema of their body.
+REQUEST_SCHEMAS = {
+    "ChatCompletionRequest": schemas.ChatCompletionSchema, "CompletionRequest": schemas.CompletionSchema,
+    "EmbeddingRequest": schemas.EmbeddingSchema, "ResponseRequest": schemas.ResponseSchema,
+    "MessagesRequest": schemas.MessagesSchema, "CountTokensRequest": schemas.CountTokensSchema,
+    "RerankRequest": schemas.RerankSchema, "TokenizeRequest": schemas.TokenizeSchema,
+    "DetokenizeRequest": schemas.DetokenizeSchema, "ApplyTemplateRequest": schemas.ApplyTemplateSchema,
+    "InfillRequest": schemas.InfillSchema,
+}
+
+# path: (summary, request component, streams, error envelope)
+POST_ENDPOINTS = {
+    "/v1/chat/completions": ("Create a chat completion", "ChatCompletionRequest", True, "Error"),
+    "/v1/completions": ("Create a text completion", "CompletionRequest", True, "Error"),
+    "/v1/embeddings": ("Embed text or token ids", "EmbeddingRequest", False, "Error"),
+    "/v1/responses": ("Create a response (OpenAI's Responses API)", "ResponseRequest", True, "Error"),
+    "/v1/messages": ("Create a message (Anthropic's Messages API)", "MessagesRequest", True, "AnthropicError"),
+    "/v1/messages/count_tokens": ("Count a message's input tokens (Anthropic's API)", "CountTokensRequest", False,
+                                  "AnthropicError"),
+    "/v1/rerank": ("Rank documents by relevance to a query (llama.cpp)", "RerankRequest", False, "Error"),
+    "/tokenize": ("Text to token ids (llama.cpp)", "TokenizeRequest", False, "Error"),
+    "/detokenize": ("Token ids to text (llama.cpp)", "DetokenizeRequest", False, "Error"),
+    "/apply-template": ("Chat messages to the model's prompt (llama.cpp)", "ApplyTemplateRequest", False, "Error"),
+    "/infill": ("Fill in the middle between a prefix and a suffix (llama.cpp)", "InfillRequest", True, "Error"),
+}
+
+
+def _generation(summary, request_schema, streams=True, envelope="Error") -> dict:
     content = {"application/json": {"schema": ANY_JSON_OBJECT}}
     if streams:
         # Each event's data: a chunk object, an error object, or the closing [DONE].
@@ -34,7 +61,7 @@ def _generation(summary, request_schema, streams=True) -> dict:
         "summary": summary,
         "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}},
         "responses": {"200": {"description": "llama-server's answer, passed through", "content": content},
-                      **_errors(BODY_ERRORS + COMMON_ERRORS + UPSTREAM_ERRORS)},
+                      **_errors(BODY_ERRORS + COMMON_ERRORS + UPSTREAM_ERRORS, envelope)},
     }}
 
 
@@ -44,24 +71,32 @@ def build_openapi(version: str) -> dict:
     spec = APISpec(title="llama.cpp gateway", version=version, openapi_version="3.0.3", plugins=[plugin],
                    info={"description": "An OpenAI-compatible gateway for llama.cpp's llama-server."})
     plugin.converter.add_attribute_function(_field_openapi)
-    spec.components.schema("ChatCompletionRequest", schema=ChatCompletionSchema)
-    spec.components.schema("CompletionRequest", schema=CompletionSchema)
-    spec.components.schema("EmbeddingRequest", schema=EmbeddingSchema)
-    spec.components.schema("Error", schema=ErrorSchema)
+    for name, schema in REQUEST_SCHEMAS.items():
+        spec.components.schema(name, schema=schema)
+    spec.components.schema("Error", schema=schemas.ErrorSchema)
+    spec.components.schema("AnthropicError", schema=schemas.AnthropicErrorSchema)
     spec.components.response("Error", {"description": "An error, in OpenAI's envelope",
                                        "content": {"application/json": {"schema": "Error"}}})
+    spec.components.response("AnthropicError", {"description": "An error, in Anthropic's envelope",
+                                                "content": {"application/json": {"schema": "AnthropicError"}}})
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
     spec.components.security_scheme("apiKey", {"type": "apiKey", "in": "header", "name": "x-api-key"})
     keyed = [{"bearer": []}, {"apiKey": []}]
-    spec.path("/v1/chat/completions", operations=_generation("Create a chat completion", "ChatCompletionRequest"))
-    spec.path("/v1/completions", operations=_generation("Create a text completion", "CompletionRequest"))
-    spec.path("/v1/embeddings", operations=_generation("Embed text or token ids", "EmbeddingRequest", streams=False))
+    for path, (summary, request_schema, streams, envelope) in POST_ENDPOINTS.items():
+        spec.path(path, operations=_generation(summary, request_schema, streams, envelope))
     spec.path("/v1/models", operations={"get": {
         "summary": "List the models", "responses": {
             "200": {"description": "OpenAI's model list", "content": {"application/json": {"schema": {
                 "type": "object", "required": ["object", "data"], "properties": {
                     "object": {"type": "string", "enum": ["list"]},
                     "data": {"type": "array", "items": {"type": "object", "required": ["id", "object"]}}}}}}},
+            **_errors(COMMON_ERRORS + UPSTREAM_ERRORS)}}})
+    spec.path("/v1/models/{model}", operations={"get": {
+        "summary": "Retrieve a model", "parameters": [
+            {"name": "model", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}],
+        "responses": {
+            "200": {"description": "OpenAI's model object", "content": {"application/json": {"schema": {
+                "type": "object", "required": ["id", "object"]}}}},
             **_errors(COMMON_ERRORS + UPSTREAM_ERRORS)}}})
     spec.path("/health", operations={"get": {
         "summary": "Whether the gateway can serve", "security": [], "responses": {

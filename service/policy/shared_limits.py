@@ -14,8 +14,9 @@ import time
 import uuid
 from collections import deque
 
-from .errors import ApiError
-from .limits import WINDOW_S, LimitTable, Lease, rate_headers, refusal
+from ..errors import ApiError
+from ..families import RateState
+from .limits import WINDOW_S, LimitTable, Lease, refusal
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +153,10 @@ class SharedRateLimiter(LimitTable):
                 self._unreleased.append(self._release_call(client, lease_id, 0))
             self._failed(error)
             return self._without_store(client)
-        headers = rate_headers(limits, requests, requests_reset / 1000, tokens, tokens_reset / 1000)
+        rate = RateState(limits, requests, requests_reset / 1000, tokens, tokens_reset / 1000)
         if verdict != b"ok":
-            raise refusal(client, limits, verdict.decode(), wait / 1000, headers)
-        return Lease(client, headers, holds_slot=bool(limits.concurrent), lease_id=lease_id)
+            raise refusal(client, limits, verdict.decode(), wait / 1000, rate)
+        return Lease(client, rate, holds_slot=bool(limits.concurrent), lease_id=lease_id)
 
     def release(self, lease: Lease, tokens: int = 0):
         """End an admitted request: free its slot and count its tokens, in Redis (nothing to do for a request
@@ -190,7 +191,7 @@ class SharedRateLimiter(LimitTable):
     def _without_store(self, client) -> Lease:
         if self.failure == "closed":
             raise LimitStoreUnavailable()
-        return Lease(client, {})
+        return Lease(client)
 
     def _failed(self, error):
         now = self.clock()

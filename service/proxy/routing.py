@@ -8,8 +8,8 @@ import logging
 import threading
 import time
 
-from .converters import public_url
-from .errors import ApiError, InvalidRequest, UpstreamError, UpstreamUnavailable
+from ..converters import public_url
+from ..errors import ApiError, InvalidRequest, UpstreamError, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from urllib3.exceptions import ProtocolError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
-from .converters import public_url
-from .disconnect import SHUTDOWN, ClientGone, UpstreamCall, current_call
-from .errors import (ClientClosedRequest, ShuttingDown, UpstreamBadResponse, UpstreamError, UpstreamRejected,
+from ..converters import public_url
+from ..errors import (ClientClosedRequest, ShuttingDown, UpstreamBadResponse, UpstreamError, UpstreamRejected,
                      UpstreamTimeout, UpstreamUnavailable)
+from .disconnect import SHUTDOWN, ClientGone, UpstreamCall, current_call
 
 # What a relayed non-chunked stream reads at most per socket read; read1 returns as soon as any bytes arrive.
 STREAM_READ_BYTES = 64 * 1024
@@ -265,10 +265,10 @@ def _status_error(response, path) -> UpstreamError:
                                 code=UPSTREAM_ERROR_CODES.get(upstream_type), upstream_status=status)
     # A 5xx message is logged (errors.handle_api_error, a replica's ejection), and llama.cpp's 500s can quote the
     # request: a malformed tool call whole (common_chat_msgs_parse_oaicompat), the whole tools array
-    # (common_chat_tools_parse_oaicompat). So llama.cpp's own words stay out of it.
+    # (common_chat_tools_parse_oaicompat). So llama.cpp's own words go to the client only, as the detail.
     said = _describe(response, upstream_type)
-    return UpstreamBadResponse(f"llama-server answered {path} with HTTP {status} ({said}); its message is not "
-                               "repeated, as it can quote the request", kind="5xx", upstream_status=status)
+    return UpstreamBadResponse(f"llama-server answered {path} with HTTP {status} ({said})", kind="5xx",
+                               upstream_status=status, detail=message)
 
 
 def _cut(call):

@@ -3,8 +3,8 @@ import json
 
 from flask import request
 
-from .errors import InvalidRequest, UnsupportedMediaType
-from .schemas import first_error
+from ..errors import InvalidRequest, UnsupportedMediaType
+from ..schemas import first_error
 
 
 def _reject_constant(name):
@@ -26,7 +26,13 @@ def read_json_body(schema) -> tuple:
     if not raw.strip():
         raise InvalidRequest("Request body is empty; send a JSON object")
     try:
-        body = json.loads(raw, parse_constant=_reject_constant)
+        # Strictly UTF-8, as JSON travels (RFC 8259): llama.cpp reads nothing else, and json.loads alone would
+        # take UTF-16 or surrogates encoded as bytes.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InvalidRequest(f"Request body is not UTF-8 (byte {error.start}); send JSON in UTF-8") from None
+    try:
+        body = json.loads(text, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as error:
         raise InvalidRequest(f"Request body is not valid JSON: {error}") from None
     if not isinstance(body, dict):

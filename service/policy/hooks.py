@@ -4,16 +4,20 @@ import time
 from flask import current_app, g, request
 from flask_cors import CORS
 
+from ..errors import current_family
+from ..families import family_of_request
+from ..operations.request_log import RequestRecord, request_id_from
 from .auth import KeyRing, authenticate
 from .limits import WINDOW_S, Limits, RateLimited, RateLimiter
-from .request_log import RequestRecord, request_id_from
 from .shared_limits import SharedRateLimiter
 
 # Reachable without a key: load balancers and probes poll it.
 PUBLIC_PATHS = ("/health", "/openapi.json")
 
-RATE_LIMIT_HEADERS = [f"x-ratelimit-{kind}-{unit}" for unit in ("requests", "tokens")
-                      for kind in ("limit", "remaining", "reset")]
+# What a browser may read of an answer: the request id and every family's rate-limit headers.
+EXPOSED_HEADERS = ["x-request-id", "request-id"] + [
+    name.format(kind=kind, unit=unit) for name in ("x-ratelimit-{kind}-{unit}", "anthropic-ratelimit-{unit}-{kind}")
+    for unit in ("requests", "tokens") for kind in ("limit", "remaining", "reset")]
 
 
 def init_policy(app, settings):
@@ -31,8 +35,9 @@ def init_policy(app, settings):
         app.extensions["limiter"] = RateLimiter(default, settings["RATE_LIMITS"], window_s)
     if settings["CORS_ORIGINS"]:
         CORS(app, origins=list(settings["CORS_ORIGINS"]), methods=["GET", "POST", "OPTIONS"],
-             allow_headers=["Authorization", "Content-Type", "x-request-id", "x-api-key"],
-             expose_headers=["x-request-id", *RATE_LIMIT_HEADERS], max_age=600)
+             allow_headers=["Authorization", "Content-Type", "x-request-id", "x-api-key", "anthropic-version",
+                            "anthropic-beta"],
+             expose_headers=EXPOSED_HEADERS, max_age=600)
     app.before_request(begin_request)
     app.after_request(finish_request)
 
@@ -44,7 +49,9 @@ def _needs_key() -> bool:
 
 
 def begin_request():
-    """Give the request its id and record, then check its key and its client's limits (before any upstream call)."""
+    """Give the request its id, record and API family, then check its key and its client's limits (before any
+    upstream call)."""
+    g.family = family_of_request()
     g.record = record = RequestRecord(request_id_from(request.headers.get("x-request-id")), request.method,
                                       request.path, time.perf_counter(),
                                       route=request.url_rule.rule if request.url_rule else "unmatched")
@@ -68,9 +75,11 @@ def finish_request(response):
     if record is None:
         return response
     lease = g.get("lease")
-    response.headers["x-request-id"] = record.request_id
-    if lease is not None:
-        response.headers.update(lease.headers)
+    family = g.get("family") or current_family()
+    for name in family.request_id_headers:
+        response.headers[name] = record.request_id
+    if lease is not None and lease.rate is not None:
+        response.headers.update(family.rate_headers(lease.rate))
     record.status = response.status_code
     limiter = current_app.extensions["limiter"]
     metrics = current_app.extensions["gateway_metrics"]

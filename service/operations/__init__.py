@@ -1,0 +1,1 @@
+"""Operations: metrics, logs and the per-request log line, graceful shutdown, and the OpenAPI document."""

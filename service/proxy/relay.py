@@ -1,0 +1,242 @@
+"""Relay llama-server's answers to the client: whole JSON bodies as they came, SSE streams event by event.
+
+What differs between the API families (where usage is reported, how a broken stream ends, edits a family's
+events need) is asked of the request's family (service/families). Token usage is read from what passes through
+(for the token limit and the log line). The only request body the gateway ever rewrites is an OpenAI chat
+stream's, to ask for the usage chunk the client did not ask for (service/proxy/usage_request.py); that chunk is
+then taken out again so that the client gets exactly the stream it asked for. Where the gateway routes by model,
+the answers' "model" members are set to the name the client sent. llama.cpp's report of a failure mid-stream
+ends the relayed stream with the family's own error event.
+"""
+import json
+import logging
+import re
+from dataclasses import dataclass
+
+from flask import Response, current_app, g, request
+
+from ..errors import ClientClosedRequest, ShuttingDown, UpstreamError, current_family
+from . import sse
+from .disconnect import UpstreamCall
+from .usage_request import ask_for_usage, asks_for_usage
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+# A "model" member of a JSON object. Inside a JSON string every '"' is escaped, so this matches members only.
+_MODEL_MEMBER = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One of llama-server's endpoints, as a view sends to it."""
+
+    path: str  # on llama-server
+    timeouts: str  # the timeout group (CHAT_*, COMPLETIONS_*, EMBEDDINGS_*, MODELS_* settings)
+    asks_stream_usage: bool = False  # a stream reports usage only when asked (OpenAI's chat)
+
+
+def get_upstream():
+    """Return the app's Upstream (one per app, in app.extensions)."""
+    return current_app.extensions["upstream"]
+
+
+def send_watched(route, endpoint: Endpoint, raw: bytes, stream: bool):
+    """POST raw to a replica of route as an UpstreamCall that is cut if this request's client disconnects
+    (where waitress can tell) or when the shutdown grace runs out; return (response, call). The call stays
+    watched for a stream (its relay unwatches it) and is unwatched at once otherwise, or on any failure."""
+    record, watch, upstream = g.record, current_app.extensions["disconnect_watch"], get_upstream()
+    call = UpstreamCall()
+    watch.watch(call, request.environ.get("waitress.client_disconnected"))
+    headers = {"X-Request-Id": record.request_id}
+    try:
+        record.replica, response = route.send(
+            lambda replica: upstream.request("POST", endpoint.path, group=endpoint.timeouts, base_url=replica.url,
+                                             body=raw, stream=stream, record=record, headers=headers, call=call),
+            record)
+    except BaseException:
+        watch.unwatch(call)
+        raise
+    if not stream:
+        watch.unwatch(call)
+    return response, call
+
+
+def proxy_json_post(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
+    """POST the client's bytes to the model's llama-server and answer with its JSON body (unchanged, but for
+    the model's name where the gateway routes by model)."""
+    route = current_app.extensions["router"].route(body.get("model"))
+    response, _ = send_watched(route, endpoint, raw, stream=False)
+    answer, parsed = get_upstream().read_json(response, endpoint.path)
+    g.record.add_tokens(*current_family().usage.read(parsed))
+    if route.name is not None:
+        answer = rename_model(answer, model_member(route.name))
+    return Response(answer, status=response.status_code, mimetype="application/json")
+
+
+def model_member(name: str) -> bytes:
+    """The "model" member that gives the client back the name it asked for."""
+    return b'"model":' + json.dumps(name).encode()
+
+
+def rename_model(data: bytes, member: bytes) -> bytes:
+    """Put member in place of every "model" member in data (whatever the upstream calls its model file)."""
+    return _MODEL_MEMBER.sub(member.replace(b"\\", b"\\\\"), data)
+
+
+def proxy_generation(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
+    """POST a generation; relay it as SSE when the client asked for a stream."""
+    if body.get("stream") is not True:
+        return proxy_json_post(endpoint, raw, body)
+    route = current_app.extensions["router"].route(body.get("model"))
+    strip_usage = endpoint.asks_stream_usage and not asks_for_usage(body)
+    if strip_usage:
+        raw = ask_for_usage(raw, body)
+    response, call = send_watched(route, endpoint, raw, stream=True)
+    family, watch = current_family(), current_app.extensions["disconnect_watch"]
+    try:
+        stream = Stream(get_upstream(), response, endpoint.timeouts, g.record, call, watch,
+                        current_app.extensions["gateway_metrics"].open_streams, family, family.events(family),
+                        strip_usage, None if route.name is None else model_member(route.name))
+        relayed = Response(relay_events(stream), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
+        # Not the generator's finally: a generator that was never started does not run it when closed, and a
+        # server may close the body without reading any of it. Registered before the policy's own close (the
+        # log line and metrics), so that those see the stream ended.
+        relayed.call_on_close(stream.close)
+    except BaseException:
+        watch.unwatch(call)
+        response.close()
+        raise
+    stream.open_streams.inc()
+    return relayed
+
+
+@dataclass
+class Stream:
+    """One relayed stream and everything its generator needs once the request context is gone."""
+
+    upstream: object
+    response: object
+    group: str  # its timeout group
+    record: object
+    call: UpstreamCall
+    watch: object
+    open_streams: object
+    family: object  # the client's API family
+    editor: object  # the family's editor of this stream's events
+    strip_usage: bool
+    model: bytes = None  # the "model" member every event gets, where the gateway routes by model
+
+    def close(self):
+        """Let go of the upstream call (the response calls this once, when the server closes it): when the
+        client went away, llama.cpp sees its connection close and stops generating. It never raises: the
+        policy's own close (the client's lease, the log line) runs after it."""
+        self.watch.unwatch(self.call)
+        self.open_streams.dec()
+        try:
+            self.response.close()
+        except Exception:  # noqa: BLE001 - a connection that breaks while closing is closed all the same
+            log.debug("closing a relayed stream's upstream response failed", exc_info=True)
+
+    def fail(self, error) -> bytes:
+        """Record error on the request and return the family's event that ends the stream with it."""
+        self.record.error, self.record.upstream_error = error.code, getattr(error, "kind", None)
+        return self.editor.error_event(error.status, error.client_message, **error.fields)
+
+
+def relay_events(stream: Stream):
+    """Yield whole SSE events as soon as each arrives; end with an error event if the upstream breaks or
+    reports a failure.
+
+    Whole events only, so that an error event never lands in the middle of a half-sent one. The upstream
+    response is closed by stream.close, which the response calls when the server closes it: when the client
+    goes away, waitress closes the response (or the disconnect watch cuts the call).
+    """
+    record = stream.record
+    pending = b""
+    try:
+        for data in stream.upstream.iter_stream(stream.response, stream.group, stream.call):
+            pending += data
+            cut = sse.end_of_last_event(pending)
+            if cut:
+                events, pending = pending[:cut], pending[cut:]
+                events, failed = _edit(events, stream)
+                if events:
+                    if record.ttft_ms is None:
+                        record.ttft_ms = record.elapsed_ms()
+                    yield events
+                if failed:
+                    return
+        if pending:
+            events, _ = _edit(pending, stream)
+            if events:
+                yield events
+    except ClientClosedRequest as gone:
+        record.error = gone.code  # nobody is left to tell
+    except (ShuttingDown, UpstreamError) as error:
+        yield stream.fail(error)
+
+
+def _edit(events: bytes, stream: Stream) -> tuple:
+    """Return (what to send of these events, whether llama.cpp reported a failure in them)."""
+    failed = False
+    # Cheap tests first: most events are content chunks that need no parsing.
+    if stream.editor.edits or b"error" in events or stream.family.usage.marked(events):
+        events, failed = _read_events(events, stream)
+    if stream.model is not None:
+        events = rename_model(events, stream.model)
+    return events, failed
+
+
+def _read_events(events: bytes, stream: Stream) -> tuple:
+    """Record the usage these events carry, drop the usage-only chunk the gateway asked for on its own, let the
+    family edit each event, and stop at llama.cpp's report of a failure; return (what to send, failed)."""
+    kept = []
+    for event, end in sse.split_events(events):
+        if b"error" in event:
+            reported = reported_error(event)
+            if reported is not None:
+                kept.append(stream.fail(reported))
+                return b"".join(kept), True  # nothing after it (llama.cpp may still send [DONE])
+        if stream.family.usage.marked(event):
+            chunk = sse.data_json(event)
+            if isinstance(chunk, dict):
+                stream.record.add_tokens(*stream.family.usage.read(chunk))
+                if stream.strip_usage and chunk.get("choices") == []:
+                    continue
+        if stream.editor.edits and event:
+            event = stream.editor.edit(event)
+        kept.append(event + end)
+    return b"".join(kept), False
+
+
+def reported_error(event: bytes):
+    """The UpstreamError for llama.cpp's report of a failure mid-stream, if event is one; else None.
+
+    Later llama.cpp builds send it as a data event with an "error" member (in an `event: error` on Anthropic's
+    routes); earlier builds send an "error:" field, then [DONE], which OpenAI clients never read. Either way the
+    client gets its family's own error event, with llama.cpp's message.
+    """
+    fields = sse.field_values(event, b"error")
+    if fields:
+        return _reported_error(sse.loads(b"\n".join(fields)))
+    if b'"error"' in event:
+        chunk = sse.data_json(event)
+        if isinstance(chunk, dict) and "error" in chunk:
+            return _reported_error(chunk["error"])
+    return None
+
+
+def _reported_error(reported) -> UpstreamError:
+    """The gateway's error for llama.cpp's error object: its message is passed on (to the client only, as it can
+    quote the request), anything else only described."""
+    if isinstance(reported, dict) and isinstance(reported.get("message"), str):
+        message = reported["message"]
+    elif isinstance(reported, str):
+        message = reported
+    else:
+        message = "an error report that is not an error object"
+    status = reported.get("code") if isinstance(reported, dict) else None
+    return UpstreamError("llama-server failed mid-stream", kind="5xx", detail=message,
+                         upstream_status=status if type(status) is int else None)

@@ -1,0 +1,227 @@
+"""llama.cpp's own endpoints through the gateway (rerank, tokenize, detokenize, apply-template, infill), with a key
+and limits on: against real llama.cpp servers (one started with reranking on) and against fakes for what the
+demo model cannot do (a model with fill-in-the-middle tokens)."""
+import json
+
+import openai
+import pytest
+import requests
+from werkzeug import Response
+
+from service.llama.supervisor import LlamaSupervisor
+from tests.test_metrics import scrape, value
+from tests.test_responses_api import CLIENT, KEY, KEYED, access_log, rid, sdk  # noqa: F401 (access_log: a fixture)
+from tests.test_routing import routed_app
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+DOCUMENTS = ["the cat sat on the mat", "stock prices fell", "a kitten sleeps", "rain is forecast"]
+RERANK = {"model": "ranker", "query": "where is the cat", "documents": DOCUMENTS}
+RERANK_ROUTES = ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking")
+
+
+@pytest.fixture(scope="module")
+def ranker(demo_model_path):
+    """A real llama.cpp started as a reranker (rank pooling) on the demo model: it then serves /v1/rerank."""
+    supervisor = LlamaSupervisor(demo_model_path, ctx=1024, parallel=2, threads=1, embeddings=True, pooling="rank",
+                                 alias="ranker-file", startup_timeout=60).start()
+    yield supervisor
+    supervisor.stop()
+
+
+def gateway(make_app, live_gateway, upstream_url, **settings):
+    """(app, base URL) of a keyed, limited gateway in front of upstream_url, served by waitress."""
+    app = make_app(upstream_url, **{**KEYED, **settings})
+    return app, live_gateway(app)
+
+
+def post(base, path, body, **headers):
+    """POST body to path on the gateway with the key; return the response."""
+    return requests.post(base + path, json=body, headers={**AUTH, **headers}, timeout=30)
+
+
+def check_ranking(answer, documents, top_n=None):
+    """results: top_n (else all) documents' indexes, each once, by falling relevance_score."""
+    results = answer["results"]
+    assert len(results) == (top_n or len(documents))
+    indexes = [result["index"] for result in results]
+    assert len(set(indexes)) == len(indexes) and set(indexes) <= set(range(len(documents)))
+    scores = [result["relevance_score"] for result in results]
+    assert all(isinstance(score, float) for score in scores) and scores == sorted(scores, reverse=True)
+
+
+# --- rerank ---
+
+@pytest.mark.llama
+def test_rerank_orders_the_documents_and_counts_its_tokens(make_app, live_gateway, ranker, access_log):
+    app, base = gateway(make_app, live_gateway, ranker.url)
+    client = sdk(base)
+    answer = client.post("/rerank", body={**RERANK, "top_n": 2}, cast_to=object,
+                         options={"headers": rid("rerank-top")})
+    check_ranking(answer, DOCUMENTS, top_n=2)
+    everything = client.post("/rerank", body=RERANK, cast_to=object)
+    check_ranking(everything, DOCUMENTS)
+    used = answer["usage"]["prompt_tokens"]
+    assert used > 0 and everything["usage"]["prompt_tokens"] == used
+    line = access_log.line("rerank-top")
+    assert (line["path"], line["status"], line["client_id"], line["prompt_tokens"]) == ("/v1/rerank", 200, CLIENT,
+                                                                                         used)
+    assert value(scrape(app.test_client()), "gateway_tokens_total", client=CLIENT, kind="prompt") == 2 * used
+
+
+@pytest.mark.llama
+@pytest.mark.parametrize("path", RERANK_ROUTES)
+def test_every_rerank_route_answers(make_app, live_gateway, ranker, path):
+    _, base = gateway(make_app, live_gateway, ranker.url)
+    response = post(base, path, {**RERANK, "top_n": 1})
+    assert response.status_code == 200, response.text
+    check_ranking(response.json(), DOCUMENTS, top_n=1)
+    assert response.headers["x-ratelimit-limit-requests"] == "1000"
+
+
+@pytest.mark.llama
+def test_rerank_without_a_reranker_is_llama_cpps_501_in_the_envelope(make_app, live_gateway, llama):
+    _, base = gateway(make_app, live_gateway, llama.url)
+    with pytest.raises(openai.APIStatusError) as refused:
+        sdk(base).post("/rerank", body=RERANK, cast_to=object)
+    assert refused.value.status_code == 501
+    assert refused.value.body == {"message": "This server does not support reranking. Start it with `--reranking`",
+                                  "type": "not_supported_error", "param": None, "code": None}
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"query": "q"}, "documents"),
+    ({"query": "q", "documents": []}, "documents"),
+    ({"query": "q", "documents": ["a", 3]}, "documents[1]"),
+    ({"documents": ["a"]}, "query"),
+    ({"query": "q", "documents": ["a"], "top_n": 0}, "top_n"),
+])
+def test_rerank_without_what_it_needs_is_a_400_naming_it(make_app, live_gateway, httpserver, body, param):
+    _, base = gateway(make_app, live_gateway, httpserver.url_for("").rstrip("/"))
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk(base).post("/rerank", body=body, cast_to=object)
+    assert refused.value.param == param and refused.value.type == "invalid_request_error"
+    assert httpserver.log == []  # never reached llama.cpp
+
+
+# --- tokenize, detokenize, apply-template ---
+
+@pytest.mark.llama
+def test_tokenize_and_detokenize_round_trip(make_app, live_gateway, llama):
+    _, base = gateway(make_app, live_gateway, llama.url)
+    client = sdk(base, path="")  # llama.cpp's own routes have no /v1
+    tokens = client.post("/tokenize", body={"content": "hello world"}, cast_to=object)["tokens"]
+    assert tokens and all(isinstance(token, int) for token in tokens)
+    text = client.post("/detokenize", body={"tokens": tokens}, cast_to=object)["content"]
+    assert text.strip() == "hello world"
+    pieces = client.post("/tokenize", body={"content": "hello world", "with_pieces": True}, cast_to=object)["tokens"]
+    assert [piece["id"] for piece in pieces] == tokens
+    assert "".join(piece["piece"] for piece in pieces).strip() == "hello world"
+
+
+@pytest.mark.llama
+def test_apply_template_renders_the_prompt(make_app, live_gateway, llama):
+    _, base = gateway(make_app, live_gateway, llama.url)
+    answer = sdk(base, path="").post("/apply-template", body={"messages": [{"role": "user", "content": "hi there"}]},
+                                     cast_to=object)
+    assert isinstance(answer["prompt"], str) and "hi there" in answer["prompt"]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/tokenize", {}, "content"),
+    ("/detokenize", {"tokens": ["a"]}, "tokens[0]"),
+    ("/apply-template", {"messages": []}, "messages"),
+    ("/infill", {"input_prefix": 3}, "input_prefix"),
+])
+def test_tokens_and_infill_bodies_are_checked(make_app, live_gateway, httpserver, path, body, param):
+    _, base = gateway(make_app, live_gateway, httpserver.url_for("").rstrip("/"))
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk(base, path="").post(path, body=body, cast_to=object)
+    assert refused.value.param == param
+    assert httpserver.log == []
+
+
+# --- infill ---
+
+@pytest.mark.llama
+def test_infill_on_a_model_without_fim_tokens_is_llama_cpps_501_in_the_envelope(make_app, live_gateway, llama):
+    _, base = gateway(make_app, live_gateway, llama.url)
+    response = post(base, "/infill", {"input_prefix": "def add(a, b):\n    return ", "input_suffix": "\n"})
+    assert response.status_code == 501
+    error = response.json()["error"]
+    assert error["type"] == "not_supported_error" and "Infill is not supported" in error["message"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert response.headers["x-request-id"]
+
+
+INFILL = {"input_prefix": "def add(a, b):\n    return ", "input_suffix": "\n", "n_predict": 2}
+# As llama.cpp's /infill and /completion answer (measured on /completion of this build): counts on every chunk,
+# the final one with the model and the settings.
+INFILL_CHUNKS = (b'data: {"index":0,"content":"a","tokens":[79],"stop":false,"id_slot":-1,"tokens_predicted":1,'
+                 b'"tokens_evaluated":12}\n\n'
+                 b'data: {"index":0,"content":" + b","tokens":[62],"stop":false,"id_slot":-1,"tokens_predicted":2,'
+                 b'"tokens_evaluated":12}\n\n'
+                 b'data: {"index":0,"content":"","tokens":[],"id_slot":0,"stop":true,"model":"coder-file",'
+                 b'"tokens_predicted":2,"tokens_evaluated":12,"generation_settings":{"stop":[],"n_predict":2},'
+                 b'"timings":{"prompt_n":12,"predicted_n":2}}\n\n')
+INFILL_ANSWER = {"index": 0, "content": "a + b", "tokens": [], "stop": True, "model": "coder-file",
+                 "tokens_predicted": 2, "tokens_evaluated": 12, "generation_settings": {"n_predict": 2}}
+
+
+def fake_infill(httpserver):
+    """The fake upstream answers /infill as llama.cpp does for a model with FIM tokens: SSE or JSON."""
+    def answer(request):
+        if json.loads(request.data).get("stream"):
+            return Response([INFILL_CHUNKS], content_type="text/event-stream")
+        return Response(json.dumps(INFILL_ANSWER), content_type="application/json")
+    httpserver.expect_request("/infill", method="POST").respond_with_handler(answer)
+
+
+def test_infill_answer_and_stream_pass_through_and_count_their_tokens(make_app, live_gateway, httpserver,
+                                                                    access_log):
+    fake_infill(httpserver)
+    app, base = gateway(make_app, live_gateway, httpserver.url_for("").rstrip("/"))
+    answer = post(base, "/infill", INFILL, **rid("infill-json"))
+    assert answer.status_code == 200 and answer.json() == INFILL_ANSWER
+    stream = post(base, "/infill", {**INFILL, "stream": True}, **rid("infill-stream"))
+    assert stream.headers["content-type"].startswith("text/event-stream")
+    assert stream.content == INFILL_CHUNKS  # exactly as llama.cpp sent it
+    for request_id in ("infill-json", "infill-stream"):
+        line = access_log.line(request_id)
+        assert (line["status"], line["prompt_tokens"], line["completion_tokens"]) == (200, 12, 2)
+    samples = scrape(app.test_client())
+    assert value(samples, "gateway_tokens_total", client=CLIENT, kind="prompt") == 24
+    assert value(samples, "gateway_tokens_total", client=CLIENT, kind="completion") == 4
+
+
+# --- routing by model ---
+
+@pytest.mark.llama
+def test_routed_by_model_to_the_reranker_or_not(make_app, live_gateway, llama, ranker, access_log):
+    app = routed_app(make_app, {"chat": [llama.url], "ranker": [ranker.url]}, **KEYED)
+    base = live_gateway(app)
+    ranked = post(base, "/v1/rerank", RERANK, **rid("routed-rerank"))
+    assert ranked.status_code == 200 and ranked.json()["model"] == "ranker"
+    check_ranking(ranked.json(), DOCUMENTS)
+    assert access_log.line("routed-rerank")["model"] == "ranker"
+    assert post(base, "/v1/rerank", {**RERANK, "model": "chat"}).status_code == 501  # the other llama.cpp
+    tokens = post(base, "/tokenize", {"model": "chat", "content": "hello"})
+    assert tokens.status_code == 200 and tokens.json()["tokens"]
+    unknown = post(base, "/tokenize", {"model": "nope", "content": "hello"})
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    missing = post(base, "/v1/rerank", {key: RERANK[key] for key in ("query", "documents")})
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
+
+
+def test_routed_answers_give_back_the_clients_model_name(make_app, live_gateway, fake_upstreams):
+    coder, ranker_fake = fake_upstreams(2)
+    fake_infill(coder)
+    ranked = {"model": "ranker-file.gguf", "object": "list", "usage": {"prompt_tokens": 7, "total_tokens": 7},
+              "results": [{"index": 0, "relevance_score": 0.5}]}
+    ranker_fake.expect_request("/v1/rerank").respond_with_json(ranked)
+    app = routed_app(make_app, {"coder": [coder.url_for("").rstrip("/")],
+                                "rank": [ranker_fake.url_for("").rstrip("/")]}, **KEYED)
+    base = live_gateway(app)
+    assert post(base, "/v1/rerank", {**RERANK, "model": "rank"}).json() == {**ranked, "model": "rank"}
+    assert post(base, "/infill", {**INFILL, "model": "coder"}).json() == {**INFILL_ANSWER, "model": "coder"}
+    stream = post(base, "/infill", {**INFILL, "model": "coder", "stream": True}).content
+    assert stream == INFILL_CHUNKS.replace(b'"model":"coder-file"', b'"model":"coder"')

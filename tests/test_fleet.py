@@ -78,3 +78,43 @@ def test_each_model_gets_flags_from_its_file_and_its_own_settings(tmp_path):
     chatter = supervisor_for(chat, values)
     assert "--embeddings" not in chatter.flags
     assert (flag(chatter, "--ctx-size"), flag(chatter, "--parallel"), flag(chatter, "--threads")) == ("4096", "4", "3")
+
+
+def flag_value(supervisor, name):
+    """The value after flag name on a supervisor's command line (None without the flag)."""
+    return supervisor.flags[supervisor.flags.index(name) + 1] if name in supervisor.flags else None
+
+
+@pytest.mark.parametrize("embeddings", ["1", "0"])
+def test_rerank_on_starts_llama_cpp_with_rank_pooling(tmp_path, embeddings):
+    ranker = LocalModel("x", gguf_file(tmp_path / "x.gguf"), "MODEL_PATHS")
+    chat = LocalModel("y", gguf_file(tmp_path / "y.gguf"), "MODEL_PATHS")
+    values = settings(LLAMA_EMBEDDINGS=embeddings, MODEL_SETTINGS="x:rerank=on,y:rerank=off")
+    flags = supervisor_for(ranker, values).flags
+    assert flags[flags.index("--embeddings"):][:3] == ["--embeddings", "--pooling", "rank"]
+    assert flag_value(supervisor_for(chat, values), "--pooling") == ("mean" if embeddings == "1" else None)
+
+
+def test_rerank_on_overrides_an_embedding_models_own_pooling(tmp_path):
+    embed = LocalModel("e", gguf_file(tmp_path / "e.gguf", pooling=True), "MODEL_PATHS")
+    assert flag_value(supervisor_for(embed, settings(MODEL_SETTINGS="e:rerank=on")), "--pooling") == "rank"
+
+
+def child_params(*flags):
+    """The xllamacpp CommonParams the child process builds from llama-server flags."""
+    from service.llama import child
+
+    return child.server_params(child.parse_args(["--model", "m.gguf", "--port", "1", *flags]))
+
+
+def test_child_maps_pooling_rank_to_xllamacpps_rank_and_leaves_the_models_own_without_it():
+    import xllamacpp
+
+    pooling = xllamacpp.llama_pooling_type
+    ranking = child_params("--embeddings", "--pooling", "rank")
+    assert ranking.embedding and ranking.pooling_type == pooling.LLAMA_POOLING_TYPE_RANK
+    assert child_params("--embeddings", "--pooling", "mean").pooling_type == pooling.LLAMA_POOLING_TYPE_MEAN
+    own = child_params("--embeddings")
+    # Unspecified: llama.cpp takes the pooling the GGUF names (a reranker's rank, an embedder's cls or mean).
+    assert own.embedding and own.pooling_type == pooling.LLAMA_POOLING_TYPE_UNSPECIFIED
+    assert not child_params().embedding

@@ -53,28 +53,21 @@ def open_stream(serve):
     return response, chunks
 
 
-def test_in_flight_stream_finishes_and_new_connections_are_refused(gateway, slow_upstream):
+# SIGTERM (a service manager) and SIGINT (Ctrl-C at a terminal) stop the gateway alike.
+STOP_SIGNALS = [pytest.param(signal.SIGTERM, id="SIGTERM"), pytest.param(
+    signal.SIGINT, id="SIGINT", marks=pytest.mark.skipif(
+        os.name != "posix", reason="Ctrl-C on Windows is a console event (CTRL_C_EVENT) for a whole console group, "
+        "which a test cannot send to bin/serve alone"))]
+
+
+@pytest.mark.parametrize("stop_signal", STOP_SIGNALS)
+def test_in_flight_stream_finishes_and_new_connections_are_refused(gateway, slow_upstream, stop_signal):
     serve = gateway("20")
     response, chunks = open_stream(serve)
-    serve.process.send_signal(signal.SIGTERM)
+    serve.process.send_signal(stop_signal)
     assert serve.wait_for_event("draining")["in_flight"] == 1
     with pytest.raises(requests.ConnectionError):
         requests.get(serve.url + "/health", timeout=5)
-    assert serve.process.poll() is None  # still waiting for the stream
-    slow_upstream[1].set()
-    assert b"".join(chunks) == LAST  # the stream ended normally, nothing cut
-    response.close()
-    assert serve.process.wait(10) == 0
-    serve.wait_for_event("stopped")
-
-
-@pytest.mark.skipif(os.name != "posix", reason="Ctrl-C on Windows is a console event (CTRL_C_EVENT) for a whole "
-                    "console group, which a test cannot send to bin/serve alone")
-def test_ctrl_c_drains_like_sigterm(gateway, slow_upstream):
-    serve = gateway("20")
-    response, chunks = open_stream(serve)
-    serve.process.send_signal(signal.SIGINT)  # what Ctrl-C at a terminal sends
-    assert serve.wait_for_event("draining")["in_flight"] == 1
     assert serve.process.poll() is None  # still waiting for the stream
     slow_upstream[1].set()
     assert b"".join(chunks) == LAST  # the stream ended normally, nothing cut

@@ -6,7 +6,7 @@ from ..schemas import RerankSchema
 from .request_body import read_json_body
 
 bp = Blueprint("rerank", __name__)
-RERANK = Endpoint("/v1/rerank", "embeddings")
+RERANK = Endpoint("/v1/rerank", "embeddings", answers=(dict, list))
 schema = RerankSchema()
 
 

@@ -109,6 +109,9 @@ def build_openapi(version: str) -> dict:
             **_errors(("401",))}}})
     document = spec.to_dict()
     document["security"] = keyed
+    # What a schema checks across its fields (rerank: documents or texts), which apispec cannot see.
+    for name, schema in REQUEST_SCHEMAS.items():
+        document["components"]["schemas"][name].update(getattr(schema, "openapi", {}))
     return document
 
 

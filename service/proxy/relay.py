@@ -35,6 +35,7 @@ class Endpoint:
     path: str  # on llama-server
     timeouts: str  # the timeout group (CHAT_*, COMPLETIONS_*, EMBEDDINGS_*, MODELS_* settings)
     asks_stream_usage: bool = False  # a stream reports usage only when asked (OpenAI's chat)
+    answers: tuple = (dict,)  # the JSON types its answer may be (TEI's rerank format is a bare array)
 
 
 def get_upstream():
@@ -68,7 +69,7 @@ def proxy_json_post(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     the model's name where the gateway routes by model)."""
     route = current_app.extensions["router"].route(body.get("model"))
     response, _ = send_watched(route, endpoint, raw, stream=False)
-    answer, parsed = get_upstream().read_json(response, endpoint.path)
+    answer, parsed = get_upstream().read_json(response, endpoint.path, endpoint.answers)
     g.record.add_tokens(*current_family().usage.read(parsed))
     if route.name is not None:
         answer = rename_model(answer, model_member(route.name))

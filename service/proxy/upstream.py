@@ -210,14 +210,14 @@ class Upstream:
             return False
         return True
 
-    def read_json(self, response, path) -> tuple:
-        """Return the whole body of a non-streamed answer and its parsed object, checked to be a JSON object."""
+    def read_json(self, response, path, kinds=(dict,)) -> tuple:
+        """Return the whole body of a non-streamed answer and its parsed JSON, checked to be of kinds (an object)."""
         body = response.content  # already read: the Session read it inside request()
         try:
             parsed = json.loads(body)
         except ValueError:
             parsed = None
-        if not isinstance(parsed, dict):
+        if not isinstance(parsed, kinds):
             raise UpstreamBadResponse(f"llama-server's answer to {path} is not a JSON object")
         return body, parsed
 

@@ -1,17 +1,28 @@
 """marshmallow schemas for llama.cpp's own endpoints: rerank, tokenize, detokenize, apply-template and infill."""
-from marshmallow import fields, validate
+from marshmallow import ValidationError, fields, validate, validates_schema
 
 from .fields import INT32_MAX, JsonBoolean, JsonInteger, OpenSchema, optional
 from .openai import MessageSchema
 
 
 class RerankSchema(OpenSchema):
-    """POST /v1/rerank: a query and the documents to order by relevance to it (as Jina's and Cohere's APIs)."""
+    """POST /v1/rerank: a query and the documents to order by relevance to it (as Jina's and Cohere's APIs), or
+    the texts to order (Hugging Face TEI's body, which llama.cpp answers in TEI's shape: a bare array)."""
 
     model = optional(fields.String)
     query = fields.String(required=True)
-    documents = fields.List(fields.String(), required=True, validate=validate.Length(min=1))
+    documents = fields.List(fields.String(), validate=validate.Length(min=1))
+    texts = fields.List(fields.String(), validate=validate.Length(min=1))
     top_n = optional(JsonInteger, validate=validate.Range(min=1))
+    return_text = optional(JsonBoolean)
+    # For the OpenAPI document: what documents_or_texts checks.
+    openapi = {"anyOf": [{"required": ["documents"]}, {"required": ["texts"]}]}
+
+    @validates_schema
+    def documents_or_texts(self, data, **kwargs):
+        """One of documents (Jina, Cohere) or texts (TEI) is needed."""
+        if "documents" not in data and "texts" not in data:
+            raise ValidationError("Missing data for required field.", field_name="documents")
 
 
 class TokenizeSchema(OpenSchema):

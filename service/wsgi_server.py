@@ -1,15 +1,15 @@
-"""The waitress server the gateway runs in: its settings, its own errors in the OpenAI envelope, a clean stop."""
-import json
+"""The waitress server the gateway runs in: its settings, its own errors in the client's envelope, a clean stop."""
 import logging
 import threading
 import time
+import uuid
 
 import waitress
 from waitress.channel import HTTPChannel
 from waitress import wasyncore
 from waitress.task import ErrorTask
 
-from .errors import error_body
+from .families import family_for
 
 log = logging.getLogger(__name__)
 
@@ -18,16 +18,24 @@ class EnvelopeErrorTask(ErrorTask):
     """waitress's own answers (a body over the limit, refused before it is read; malformed HTTP) as JSON envelopes."""
 
     def execute(self):
-        """Write the error in the OpenAI envelope, then close the connection as waitress does."""
+        """Write the error in the envelope of the client's API family, then close the connection as waitress
+        does."""
         error = self.request.error
         if error.code == 413:
             message = (f"Request body is too large; the limit is {self.channel.adj.max_request_body_size} bytes "
                        "(MAX_BODY_BYTES)")
         else:
             message = f"{error.reason}: {error.body}"
-        body = json.dumps(error_body(error.code, message)).encode()
-        self.status = f"{error.code} {error.reason}"
+        # Flask never sees this request: its family comes from its path and headers, as the app would find it.
+        app_extensions = getattr(self.channel.server.application, "extensions", {})
+        family = family_for(app_extensions.get("families_by_path", {}), self.request.path,
+                            "ANTHROPIC_VERSION" in self.request.headers)
+        body = family.error_json(error.code, message).encode()
+        status = family.status(error.code)
+        self.status = f"{status} {error.reason}"
         self.response_headers.append(("Content-Type", "application/json"))
+        request_id = uuid.uuid4().hex
+        self.response_headers.extend((name, request_id) for name in family.request_id_headers)
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)

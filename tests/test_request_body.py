@@ -30,6 +30,9 @@ USER = [{"role": "user", "content": "hi"}]
     (CHAT, {"messages": USER, "max_tokens": 10**18}, "max_tokens", "less than or equal to 2147483647"),
     (CHAT, {"messages": USER, "max_completion_tokens": 2**31}, "max_completion_tokens", "2147483647"),
     (CHAT, {"messages": USER, "n": 5}, "n", "one choice per request"),
+    # llama.cpp answers these with a 500: a function tool without a name, token ids out of the vocabulary's range.
+    ("/v1/responses", {"input": "hi", "tools": [{"type": "function"}]}, "tools[0].name", "needs its name"),
+    ("/detokenize", {"tokens": [5, -1]}, "tokens[1]", "greater than or equal to 0"),
     (COMPLETIONS, {}, "prompt", "Missing data"),
     (COMPLETIONS, {"prompt": {"text": "hi"}}, "prompt", "string"),
     (COMPLETIONS, {"prompt": []}, "prompt", "string"),

@@ -136,6 +136,19 @@ def test_each_model_goes_to_its_own_upstream_and_gets_its_own_name_back(make_app
     assert json.loads(chat_up.log[0][0].data)["model"] == "chat"  # the client's bytes, as sent
 
 
+def test_only_the_answers_own_model_member_is_renamed(make_app, fake_upstreams):
+    # Anthropic's tool_use input is an object: a "model" inside it is what the model said, not its name.
+    up, = fake_upstreams(1)
+    answer = {"id": "msg_1", "type": "message", "model": "f.gguf", "content": [
+        {"type": "tool_use", "id": "t1", "name": "pick", "input": {"model": "gpt-4o", "note": "caf\u00e9"}}],
+        "usage": {"input_tokens": 3, "output_tokens": 4}}
+    up.expect_request("/v1/messages").respond_with_json(answer)
+    client = routed_app(make_app, {"chat": [up.url_for("")]}).test_client()
+    body = client.post("/v1/messages", json={"model": "chat", "max_tokens": 5,
+                                             "messages": [{"role": "user", "content": "hi"}]}).get_json()
+    assert body == {**answer, "model": "chat"}
+
+
 def test_renames_every_chunk_of_a_stream(make_app, fake_upstreams):
     up, = fake_upstreams(1)
     chunk = b'data: {"choices":[{"delta":{"content":"\\"model\\":\\"x\\""}}],"model":"f.gguf"}\n\n'
@@ -150,7 +163,8 @@ def test_renames_every_chunk_of_a_stream(make_app, fake_upstreams):
 def test_moves_to_another_replica_when_the_first_never_took_the_request(make_app, fake_upstreams, failure, caplog):
     broken, good = fake_upstreams(2)
     broken_url = unused_port_url() if failure == "refused" else broken.url_for("")
-    broken.expect_request(CHAT).respond_with_json({"error": {"message": "no"}}, status=failure if failure != "refused" else 500)
+    broken.expect_request(CHAT).respond_with_json({"error": {"message": "no"}},
+                                                  status=failure if failure != "refused" else 500)
     good.expect_request(CHAT).respond_with_json(ANSWER)
     app = routed_app(make_app, {"chat": [broken_url, good.url_for("")]})
     client = app.test_client()

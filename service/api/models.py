@@ -28,6 +28,8 @@ def retrieve_model(model):
     router = current_app.extensions["router"]
     if router.fallback is not None:
         entries = _upstream_entries(router.fallback.replicas[0].url, record=g.record)
+        if not entries:
+            raise UpstreamBadResponse("llama-server's /v1/models lists no model")
         return jsonify(_openai_model({**entries[0], "id": model}))
     return jsonify(_routed_model(router.route(model)))
 
@@ -53,6 +55,8 @@ def _routed_model(route) -> dict:
             try:
                 entries = _upstream_entries(replica.url)
             except UpstreamError:
+                continue
+            if not entries:
                 continue
             # Kept for good: what a model file is does not change while its server runs.
             route.metadata = {key: value for key, value in entries[0].items() if key not in ("id", "aliases")}

@@ -6,7 +6,7 @@ from ..schemas import ResponseSchema
 from .request_body import read_json_body
 
 bp = Blueprint("responses", __name__)
-RESPONSES = Endpoint("/v1/responses", "chat")
+CREATE_RESPONSE = Endpoint("/v1/responses", "chat")
 schema = ResponseSchema()
 
 
@@ -15,4 +15,4 @@ schema = ResponseSchema()
 def create_response():
     """Create a response on llama-server, streamed as SSE events (completed for the SDK's helper) when asked."""
     raw, body = read_json_body(schema)
-    return proxy_generation(RESPONSES, raw, body)
+    return proxy_generation(CREATE_RESPONSE, raw, body)

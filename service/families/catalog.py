@@ -1,7 +1,9 @@
 """The four API families the gateway speaks, each described once."""
 import json
 from datetime import datetime, timedelta, timezone
+from typing import Callable
 
+from .anthropic_events import AnthropicEvents
 from .family import Family, Usage
 from .responses_events import ResponsesEvents
 
@@ -31,10 +33,12 @@ def duration(seconds: float) -> str:
 def rfc3339_after(seconds: float) -> str:
     """The UTC time seconds from now, as Anthropic writes its reset times: 2026-01-01T12:00:00Z."""
     moment = datetime.now(timezone.utc) + timedelta(seconds=max(0.0, seconds))
+    if moment.microsecond:  # rounded up: a reset said too early would send the client back too soon
+        moment += timedelta(microseconds=1_000_000 - moment.microsecond)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _rate_headers(name: str, reset) -> callable:
+def _rate_headers(name: str, reset) -> Callable:
     """A family's rate-limit headers: name (with {kind} limit/remaining/reset and {unit} requests/tokens) for
     each limit that is on, the reset written by reset(seconds)."""
 
@@ -93,11 +97,11 @@ ANTHROPIC = Family("anthropic", anthropic_envelope, ANTHROPIC_ERROR_TYPES, error
                          completion=("output_tokens",)),
                    request_id_headers=("x-request-id", "request-id"),
                    statuses={503: 529, "upstream_unavailable": 529, "server_shutting_down": 529},
-                   keeps_upstream_types=False)
+                   keeps_upstream_types=False, events=AnthropicEvents)
 
 # llama.cpp's own endpoints (rerank, tokenize, infill, ...): OpenAI-style errors, as llama.cpp answers them;
 # /infill reports its use as tokens_evaluated and tokens_predicted, rerank as a usage object.
 LLAMA = Family("llama.cpp", openai_envelope, OPENAI_ERROR_TYPES, data_event, openai_rate_headers,
                Usage(paths=(("usage",), ()), prompt=("prompt_tokens", "tokens_evaluated"),
                      completion=("completion_tokens", "tokens_predicted"),
-                     markers=(b'"usage"', b'"tokens_evaluated"')))
+                     markers=(b'"usage"', b'"stop":true')))  # an infill stream's counts come in its last chunk

@@ -3,7 +3,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from flask import current_app, request
 
 
 @dataclass(frozen=True)
@@ -37,8 +36,11 @@ class Usage:
         return None, None
 
     def marked(self, data: bytes) -> bool:
-        """True when data may report usage (a cheap test before parsing it)."""
-        return any(marker in data for marker in self.markers)
+        """True when data may report usage (a cheap test before parsing it; it runs on every stream chunk)."""
+        for marker in self.markers:
+            if marker in data:
+                return True
+        return False
 
 
 def _sum(usage: dict, counters: tuple):
@@ -47,13 +49,22 @@ def _sum(usage: dict, counters: tuple):
     return sum(counts) if counts else None
 
 
+@dataclass(frozen=True)
+class StreamRequest:
+    """What a stream's editor may know of the request it relays."""
+
+    model: object  # the model the client asked for
+    ask: Callable  # path -> llama.cpp's parsed answer to the client's body POSTed there (on the stream's replica)
+
+
 class PlainEvents:
     """A stream whose events pass as they come; its error event is the family's."""
 
     edits = False
 
-    def __init__(self, family):
+    def __init__(self, family, request: StreamRequest = None):
         self.family = family
+        self.request = request
 
     def edit(self, event: bytes) -> bytes:
         """Return event unchanged."""
@@ -77,7 +88,7 @@ class Family:
     request_id_headers: tuple = ("x-request-id",)
     statuses: Mapping = field(default_factory=dict)  # a status or an error code -> the status this family shows
     keeps_upstream_types: bool = True  # pass llama.cpp's own error types on (they are OpenAI-style)
-    events: Callable = PlainEvents  # family -> the per-stream editor of its events
+    events: Callable = PlainEvents  # (family, StreamRequest) -> the per-stream editor of its events
 
     def status(self, status: int, code: str = None) -> int:
         """The status this family answers an error with (Anthropic says 529 where the server is overloaded)."""
@@ -96,19 +107,3 @@ class Family:
     def error_json(self, status: int, message: str, **fields) -> str:
         """The error envelope as JSON text."""
         return json.dumps(self.error_body(status, message, **fields))
-
-
-def family_for_blueprint(blueprint_name):
-    """The family of the routes a blueprint serves (None for a blueprint of no API family)."""
-    return current_app.extensions["families"].get(blueprint_name)
-
-
-def family_of_request():
-    """The family of this request: its matched route's, else its path's (a wrong method), else Anthropic's
-    where the client says it speaks it (the anthropic-version header every Anthropic SDK sends), else OpenAI's."""
-    from .catalog import ANTHROPIC, OPENAI
-
-    family = family_for_blueprint(request.blueprint) or current_app.extensions["families_by_path"].get(request.path)
-    if family is not None:
-        return family
-    return ANTHROPIC if "anthropic-version" in request.headers else OPENAI

@@ -19,17 +19,23 @@ class ResponsesEvents(PlainEvents):
 
     edits = True
 
-    def __init__(self, family):
-        super().__init__(family)
+    def __init__(self, family, request=None):
+        super().__init__(family, request)
         self.sequence = 0
         self.items = {}  # item id -> output index
         self.parts = {}  # output index -> index of its latest content part
 
     def edit(self, event: bytes) -> bytes:
-        """Return event with the sequence number and indexes it lacks."""
-        head, found, data = event.partition(b"data:")
+        """Return event with the sequence number and indexes it lacks (an event of one data line; others, which
+        llama.cpp does not send, pass as they came)."""
+        lines = event.split(b"\n")
+        data_lines = [index for index, line in enumerate(lines) if line.startswith(b"data:")]
+        if len(data_lines) != 1:
+            return event
+        at = data_lines[0]
+        value, cr = lines[at][len(b"data:"):], lines[at].endswith(b"\r")
         try:
-            payload = json.loads(data) if found else None
+            payload = json.loads(value)
         except ValueError:
             payload = None
         if not isinstance(payload, dict):
@@ -43,14 +49,17 @@ class ResponsesEvents(PlainEvents):
             self._indexes(kind, payload, added)
         if not added:
             return event
-        body = data.lstrip()
-        return head + found + b" {" + json.dumps(added)[1:-1].encode() + (b"," if body[1:].lstrip()[:1] != b"}" else b"") \
-            + body[1:]
+        body = value.strip()  # "{...}"
+        members = json.dumps(added)[1:-1].encode()
+        lines[at] = b"data: {" + members + (b"," if body[1:].lstrip()[:1] != b"}" else b"") + body[1:] \
+            + (b"\r" if cr else b"")
+        return b"\n".join(lines)
 
     def _indexes(self, kind, payload, added):
         item = payload.get("item") if isinstance(payload.get("item"), dict) else {}
         item_id = payload.get("item_id") or item.get("id")
-        if kind == "response.output_item.added":
+        item_id = item_id if isinstance(item_id, str) else None
+        if kind == "response.output_item.added" and item_id not in self.items:
             self.items[item_id] = len(self.items)
         index = self.items.get(item_id, max(len(self.items) - 1, 0))
         if "output_index" not in payload:

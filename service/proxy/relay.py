@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from flask import Response, current_app, g, request
 
 from ..errors import ClientClosedRequest, ShuttingDown, UpstreamError, current_family
+from ..families.family import StreamRequest
 from . import sse
 from .disconnect import UpstreamCall
 from .usage_request import ask_for_usage, asks_for_usage
@@ -72,8 +73,19 @@ def proxy_json_post(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     answer, parsed = get_upstream().read_json(response, endpoint.path, endpoint.answers)
     g.record.add_tokens(*current_family().usage.read(parsed))
     if route.name is not None:
-        answer = rename_model(answer, model_member(route.name))
+        answer = answer_with_model(answer, parsed, route.name)
     return Response(answer, status=response.status_code, mimetype="application/json")
+
+
+def answer_with_model(answer: bytes, parsed, name: str) -> bytes:
+    """The answer with its top-level "model" member set to name. A "model" member deeper in it is the model's
+    own words (Anthropic's tool_use input is an object, and may well say "model"): then, and only then, the
+    answer is encoded anew from what was parsed, so that those words stay as they were."""
+    if not isinstance(parsed, dict) or "model" not in parsed:
+        return answer
+    if len(_MODEL_MEMBER.findall(answer)) == 1:
+        return rename_model(answer, model_member(name))
+    return json.dumps({**parsed, "model": name}).encode()
 
 
 def model_member(name: str) -> bytes:
@@ -95,10 +107,22 @@ def proxy_generation(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     if strip_usage:
         raw = ask_for_usage(raw, body)
     response, call = send_watched(route, endpoint, raw, stream=True)
-    family, watch = current_family(), current_app.extensions["disconnect_watch"]
+    watch, upstream, replica_url = current_app.extensions["disconnect_watch"], get_upstream(), g.record.replica.url
+
+    def ask(path):
+        """An editor's question about this request, to the replica serving its stream: llama.cpp's parsed answer
+        to the client's body POSTed to path, or None if it has none (a stream that works goes on regardless)."""
+        try:
+            answer = upstream.request("POST", path, group=endpoint.timeouts, base_url=replica_url, body=raw)
+            return upstream.read_json(answer, path)[1]
+        except UpstreamError:
+            return None
+
     try:
-        stream = Stream(get_upstream(), response, endpoint.timeouts, g.record, call, watch,
-                        current_app.extensions["gateway_metrics"].open_streams, family, family.events(family),
+        family = current_family()
+        stream = Stream(upstream, response, endpoint.timeouts, g.record, call, watch,
+                        current_app.extensions["gateway_metrics"].open_streams, family,
+                        family.events(family, StreamRequest(body.get("model"), ask)),
                         strip_usage, None if route.name is None else model_member(route.name))
         relayed = Response(relay_events(stream), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
         # Not the generator's finally: a generator that was never started does not run it when closed, and a
@@ -133,12 +157,14 @@ class Stream:
         """Let go of the upstream call (the response calls this once, when the server closes it): when the
         client went away, llama.cpp sees its connection close and stops generating. It never raises: the
         policy's own close (the client's lease, the log line) runs after it."""
-        self.watch.unwatch(self.call)
-        self.open_streams.dec()
         try:
-            self.response.close()
-        except Exception:  # noqa: BLE001 - a connection that breaks while closing is closed all the same
-            log.debug("closing a relayed stream's upstream response failed", exc_info=True)
+            self.watch.unwatch(self.call)
+            self.open_streams.dec()
+        finally:
+            try:
+                self.response.close()
+            except Exception:  # noqa: BLE001 - a connection that breaks while closing is closed all the same
+                log.debug("closing a relayed stream's upstream response failed", exc_info=True)
 
     def fail(self, error) -> bytes:
         """Record error on the request and return the family's event that ends the stream with it."""
@@ -200,15 +226,17 @@ def _read_events(events: bytes, stream: Stream) -> tuple:
             if reported is not None:
                 kept.append(stream.fail(reported))
                 return b"".join(kept), True  # nothing after it (llama.cpp may still send [DONE])
-        if stream.family.usage.marked(event):
-            chunk = sse.data_json(event)
-            if isinstance(chunk, dict):
-                stream.record.add_tokens(*stream.family.usage.read(chunk))
-                if stream.strip_usage and chunk.get("choices") == []:
-                    continue
-        if stream.editor.edits and event:
-            event = stream.editor.edit(event)
-        kept.append(event + end)
+        parts = ((event, end),)
+        if event and stream.editor.edits:
+            parts = sse.split_events(stream.editor.edit(event) + end)  # it may put events of its own first
+        for part, part_end in parts:
+            if stream.family.usage.marked(part):
+                chunk = sse.data_json(part)
+                if isinstance(chunk, dict):
+                    stream.record.add_tokens(*stream.family.usage.read(chunk))
+                    if stream.strip_usage and chunk.get("choices") == []:
+                        continue
+            kept.append(part + part_end)
     return b"".join(kept), False
 
 

@@ -209,8 +209,8 @@ class Router:
     @classmethod
     def from_settings(cls, settings, probe=None):
         """Routes from MODEL_UPSTREAMS, or one route for any model to LLAMA_SERVER_URL."""
-        options = {"retries": settings["UPSTREAM_RETRIES"], "eject_after": settings["REPLICA_EJECT_AFTER"], "cooldown_s": settings["REPLICA_COOLDOWN_S"],
-                   "probe": probe}
+        options = {"retries": settings["UPSTREAM_RETRIES"], "eject_after": settings["REPLICA_EJECT_AFTER"],
+                   "cooldown_s": settings["REPLICA_COOLDOWN_S"], "probe": probe}
         if settings["MODEL_UPSTREAMS"]:
             return cls([ModelRoute(name, urls, **options) for name, urls in settings["MODEL_UPSTREAMS"].items()])
         return cls([], fallback=ModelRoute(None, [settings["LLAMA_SERVER_URL"]], **options))

@@ -8,6 +8,6 @@ from .errors import AnthropicErrorSchema, ErrorSchema, first_error
 from .llama import ApplyTemplateSchema, DetokenizeSchema, InfillSchema, RerankSchema, TokenizeSchema
 from .openai import ChatCompletionSchema, CompletionSchema, EmbeddingSchema, ResponseSchema
 
-__all__ = ["ErrorSchema", "AnthropicErrorSchema", "first_error", "ChatCompletionSchema", "CompletionSchema", "EmbeddingSchema",
-           "ResponseSchema", "MessagesSchema", "CountTokensSchema", "RerankSchema", "TokenizeSchema",
+__all__ = ["ErrorSchema", "AnthropicErrorSchema", "first_error", "ChatCompletionSchema", "CompletionSchema",
+           "EmbeddingSchema", "ResponseSchema", "MessagesSchema", "CountTokensSchema", "RerankSchema", "TokenizeSchema",
            "DetokenizeSchema", "ApplyTemplateSchema", "InfillSchema"]

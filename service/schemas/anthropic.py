@@ -21,6 +21,8 @@ class Content(fields.Field):
         for index, block in enumerate(value):
             if not isinstance(block, dict) or not isinstance(block.get("type"), str):
                 raise ValidationError({index: ["Must be a content block: an object with a type."]})
+            if block["type"] == "text" and not isinstance(block.get("text"), str):
+                raise ValidationError({index: {"text": ["A text block needs its text, a string."]}})
         return value
 
 
@@ -43,7 +45,7 @@ class CountTokensSchema(OpenSchema):
     """POST /v1/messages/count_tokens."""
 
     model = fields.String(required=True, validate=validate.Length(min=1))
-    messages = fields.List(fields.Nested(InputMessageSchema), required=True)
+    messages = fields.List(fields.Nested(InputMessageSchema), required=True, validate=validate.Length(min=1))
     system = Content()
     tools = fields.List(fields.Nested(ToolSchema))
 

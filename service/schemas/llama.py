@@ -38,7 +38,7 @@ class DetokenizeSchema(OpenSchema):
     """POST /detokenize: token ids to text."""
 
     model = optional(fields.String)
-    tokens = fields.List(JsonInteger(), required=True)
+    tokens = fields.List(JsonInteger(validate=validate.Range(min=0, max=INT32_MAX)), required=True)
 
 
 class ApplyTemplateSchema(OpenSchema):

@@ -3,10 +3,11 @@ field (llama.cpp's n_predict, grammar, json_schema, samplers, ...) through untou
 
 The gateway forwards the client's own bytes, so these schemas only validate; they never rewrite a body.
 """
-from marshmallow import ValidationError, fields, validate
+from marshmallow import ValidationError, fields, validate, validates_schema
 
 from .fields import (TOKEN_IDS, JsonBoolean, JsonInteger, JsonNumber, OpenSchema, Rejected, is_token_ids, optional,
                      token_count)
+
 
 class StopSequences(fields.Field):
     """OpenAI's stop: a string or a list of strings."""
@@ -123,6 +124,7 @@ class EmbeddingSchema(OpenSchema):
     user = optional(fields.String)
 
 
+RESPONSE_ROLES = ("system", "developer", "user", "assistant")
 
 
 class ResponseInput(fields.Field):
@@ -143,7 +145,16 @@ class ResponseInput(fields.Field):
         return value
 
 
-RESPONSE_ROLES = ("system", "developer", "user", "assistant")
+class FunctionToolSchema(OpenSchema):
+    """A tool of the Responses API; a function tool needs its name (llama.cpp answers a 500 without one)."""
+
+    type = fields.String(required=True)
+    name = fields.String(validate=validate.Length(min=1))
+
+    @validates_schema
+    def _function_has_a_name(self, data, **kwargs):
+        if data.get("type") == "function" and "name" not in data:
+            raise ValidationError("A function tool needs its name.", "name")
 
 
 class ResponseSchema(OpenSchema):
@@ -156,7 +167,7 @@ class ResponseSchema(OpenSchema):
     max_output_tokens = token_count(minimum=1)
     temperature = optional(JsonNumber, validate=validate.Range(min=0, max=2))
     top_p = optional(JsonNumber, validate=validate.Range(min=0, max=1))
-    tools = optional(fields.List, fields.Dict())
+    tools = optional(fields.List, fields.Nested(FunctionToolSchema))
     # llama.cpp keeps no responses: nothing to continue from, nothing to store.
     previous_response_id = Rejected("llama.cpp does not support 'previous_response_id': it keeps no responses; "
                                     "send the whole conversation as input")

@@ -1,5 +1,7 @@
-"""Shared fixtures: a real llama.cpp on the generated demo model, apps, live waitress servers, fake upstreams."""
+"""Shared fixtures: real llama.cpp servers on generated demo models, apps, live waitress servers, fake upstreams,
+a real Redis, the gateway's request log lines."""
 import contextlib
+import logging
 import threading
 import time
 
@@ -9,9 +11,8 @@ from service import create_app
 from service.llama.demo_model import write_demo_model
 from service.llama.supervisor import LlamaSupervisor
 from service.wsgi_server import make_server, stop_server
-
-# Short timeouts and fast backoff so that fault tests finish in milliseconds.
-FAST_SETTINGS = {"UPSTREAM_BACKOFF_S": "0.01", "UPSTREAM_BACKOFF_MAX_S": "0.05"}
+from tests.apps import FAST_SETTINGS
+from tests.processes import start_llama
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +26,20 @@ def llama(demo_model_path):
     """A real llama.cpp server (xllamacpp in a supervised child process) serving the demo model."""
     supervisor = LlamaSupervisor(demo_model_path, ctx=2048, parallel=2, threads=1, embeddings=True,
                                  startup_timeout=60).start()
+    yield supervisor
+    supervisor.stop()
+
+
+@pytest.fixture(scope="module")
+def other_model_path(tmp_path_factory):
+    """A second tiny model, different from the demo model (another seed, another width)."""
+    return write_demo_model(str(tmp_path_factory.mktemp("other") / "other.gguf"), seed=1, embedding_size=32)
+
+
+@pytest.fixture(scope="module")
+def other_llama(other_model_path):
+    """A second real llama.cpp, serving the second model."""
+    supervisor = start_llama(other_model_path)
     yield supervisor
     supervisor.stop()
 
@@ -71,8 +86,6 @@ def fake_client(fake_app):
 @pytest.fixture(scope="session")
 def _upstream_pool():
     """pytest-httpserver upstreams kept for the whole session (each stop waits out a 0.5 s poll)."""
-    from pytest_httpserver import HTTPServer
-
     servers = []
     yield servers
     for server in servers:
@@ -178,3 +191,52 @@ def live_gateway():
     """Start waitress servers for apps (the real server stack); all stop at the end of the test."""
     with contextlib.ExitStack() as stack:
         yield lambda app, threads=4: stack.enter_context(serving(app, threads))
+
+
+class AccessLog(logging.Handler):
+    """Collects the fields of the gateway's request log lines from whichever thread writes them, so that a test
+    can wait for one."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+        self.by_id = {}
+        self.written = threading.Condition()
+
+    def emit(self, record):
+        if record.getMessage() == "request":
+            with self.written:
+                self.lines.append(record.fields)
+                self.by_id[record.fields.get("request_id")] = record.fields
+                self.written.notify_all()
+
+    def line(self, request_id, timeout=10) -> dict:
+        """The log line of request_id, once written (when waitress closes the response, after its last byte)."""
+        with self.written:
+            assert self.written.wait_for(lambda: request_id in self.by_id, timeout), f"no log line for {request_id}"
+            return self.by_id[request_id]
+
+    def wait(self, count: int) -> list:
+        """The first count lines, once written (the gateway writes one when a response body is closed)."""
+        with self.written:
+            assert self.written.wait_for(lambda: len(self.lines) >= count, 10), f"log lines: {self.lines}"
+            return self.lines[:count]
+
+
+@pytest.fixture
+def access_log():
+    """The request lines the gateway writes during the test."""
+    logger = logging.getLogger("service.access")
+    handler, level = AccessLog(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.fixture
+def no_anthropic_environment(monkeypatch):
+    """The anthropic SDK reads its key and base URL from the environment: the tests say each one themselves."""
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)

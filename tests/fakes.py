@@ -1,13 +1,29 @@
-"""Fake upstreams: a raw-socket peer for the faults pytest-httpserver cannot make (resets, hangs mid-stream),
-and a pytest-httpserver handler for streams that wait for the test."""
+"""Fakes: llama-server's answers, an upstream URL nothing listens on, a raw-socket peer for the faults
+pytest-httpserver cannot make (resets, hangs mid-stream), a pytest-httpserver handler for streams that wait for the
+test, and a clock the test moves by hand."""
 import socket
 import struct
 import threading
 
 from werkzeug import Response
 
+# llama-server's 503 while it loads its model: retried by the gateway, reported as "loading".
+LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
+# The smallest chat completion llama-server answers.
+COMPLETION = {"object": "chat.completion", "choices": []}
+# A chat completion under the model's file name (what routing renames) and with usage (what the gateway counts).
+CHAT_ANSWER = {"object": "chat.completion", "model": "file-name.gguf", "choices": [],
+               "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}
+
 SSE_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n"
             b"Connection: close\r\n\r\n")
+
+
+def unused_port_url() -> str:
+    """The URL of a loopback port nothing listens on (a llama-server that refuses connections)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
 
 
 def chunk(data: bytes) -> bytes:
@@ -87,3 +103,13 @@ def gated_stream(first: bytes, rest: bytes, release: threading.Event, wait_s: fl
             yield rest
         return Response(events(), content_type="text/event-stream")
     return handle
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now

@@ -8,15 +8,13 @@ import requests
 from werkzeug import Response
 
 from service.llama.demo_model import write_demo_model
+from tests.apps import DEFAULT_KEY, DEFAULT_KEY_LIMITS, routed_app
+from tests.clients import ANTHROPIC_VERSION, GREEDY, HI, anthropic_sdk, assert_anthropic_envelope, reset_in
 from tests.fakes import SSE_HEAD, BrokenPeer, chunk
-# Fixtures too (no_anthropic_environment is autouse): until they move to conftest.py, importing them shares them.
-from tests.test_anthropic_api import (GREEDY, HI, KEY, LIMITS, VERSION, assert_envelope,  # noqa: F401
-                                      no_anthropic_environment, request_lines, reset_in, sdk)
-from tests.test_metrics import scrape, value
-from tests.test_routing import routed_app
-from tests.test_routing_llama import start_llama
+from tests.metrics_helpers import scrape, value
+from tests.processes import start_llama
 
-pytestmark = pytest.mark.llama
+pytestmark = [pytest.mark.llama, pytest.mark.usefixtures("no_anthropic_environment")]
 
 MISSING_START = ("the stream has no message_start: llama.cpp sends it only with the first token's text, and the "
                  "demo model's first greedy token is half a UTF-8 character, which llama.cpp holds back; the gateway "
@@ -38,9 +36,9 @@ def prompt_tokens(usage) -> int:
     return usage.input_tokens + (usage.cache_read_input_tokens or 0)
 
 
-def test_stream_text_final_message_headers_and_counted_usage(make_app, live_gateway, ascii_llama, request_lines):
-    app = make_app(ascii_llama.url, **LIMITS)
-    with sdk(live_gateway(app)).messages.stream(model="demo", messages=HI, max_tokens=4, **GREEDY) as stream:
+def test_stream_text_final_message_headers_and_counted_usage(make_app, live_gateway, ascii_llama, access_log):
+    app = make_app(ascii_llama.url, **DEFAULT_KEY_LIMITS)
+    with anthropic_sdk(live_gateway(app)).messages.stream(model="demo", messages=HI, max_tokens=4, **GREEDY) as stream:
         headers = stream.response.headers
         assert headers["request-id"] == headers["x-request-id"]
         assert headers["anthropic-ratelimit-requests-remaining"] == "49"
@@ -50,7 +48,7 @@ def test_stream_text_final_message_headers_and_counted_usage(make_app, live_gate
     assert text and message.content[0].text == text
     assert text.isascii(), "the seed-2 demo model no longer answers in ASCII: pick another seed for ascii_llama"
     assert message.stop_reason == "max_tokens" and message.usage.output_tokens == 4
-    [line] = request_lines.wait(1)
+    [line] = access_log.wait(1)
     assert (line["prompt_tokens"], line["completion_tokens"]) == (prompt_tokens(message.usage), 4)
     assert line["status"] == 200 and "error" not in line
     samples = scrape(app.test_client())
@@ -58,41 +56,42 @@ def test_stream_text_final_message_headers_and_counted_usage(make_app, live_gate
     assert value(samples, "gateway_tokens_total", kind="completion") == 4
 
 
-def test_tokens_spent_by_a_stream_exhaust_the_tpm_limit(make_app, live_gateway, ascii_llama, request_lines):
-    client = sdk(live_gateway(make_app(ascii_llama.url, **{**LIMITS, "RATE_LIMIT_TPM": "20"})))
+def test_tokens_spent_by_a_stream_exhaust_the_tpm_limit(make_app, live_gateway, ascii_llama, access_log):
+    client = anthropic_sdk(live_gateway(make_app(ascii_llama.url, **{**DEFAULT_KEY_LIMITS, "RATE_LIMIT_TPM": "20"})))
     events = list(client.messages.create(model="demo", messages=HI, max_tokens=2, stream=True, **GREEDY))
     assert events[0].type == "message_start" and prompt_tokens(events[0].message.usage) > 20
-    request_lines.wait(1)  # the stream's tokens are counted when it has been sent
+    access_log.wait(1)  # the stream's tokens are counted when it has been sent
     with pytest.raises(anthropic.RateLimitError) as caught:
         client.messages.create(model="demo", messages=HI, max_tokens=1, stream=True)
-    assert_envelope(caught.value, "rate_limit_error", "tokens per minute")
+    assert_anthropic_envelope(caught.value, "rate_limit_error", "tokens per minute")
     assert caught.value.response.headers["anthropic-ratelimit-tokens-remaining"] == "0"
 
 
 def test_routed_mode_gives_back_the_model_name_the_client_sent(make_app, live_gateway, llama, ascii_llama):
-    base = live_gateway(routed_app(make_app, {"small": [llama.url], "smaller": [ascii_llama.url]}, **LIMITS))
-    client = sdk(base)
+    base = live_gateway(routed_app(make_app, {"small": [llama.url], "smaller": [ascii_llama.url]},
+                                   **DEFAULT_KEY_LIMITS))
+    client = anthropic_sdk(base)
     for model in ("small", "smaller"):
         assert client.messages.create(model=model, messages=HI, max_tokens=1).model == model
     events = list(client.messages.create(model="smaller", messages=HI, max_tokens=2, stream=True, **GREEDY))
     assert events[0].type == "message_start" and events[0].message.model == "smaller"
-    raw = requests.post(base + "/v1/messages", headers={"x-api-key": KEY, **VERSION}, timeout=30,
+    raw = requests.post(base + "/v1/messages", headers={"x-api-key": DEFAULT_KEY, **ANTHROPIC_VERSION}, timeout=30,
                         json={"model": "smaller", "messages": HI, "max_tokens": 2, "stream": True, "temperature": 0})
     assert raw.content.count(b'"model":') == raw.content.count(b'"model":"smaller"') == 1  # in message_start
 
 
 def test_a_stream_llama_cpp_opens_without_message_start_still_gives_the_sdk_its_message(
-        make_app, live_gateway, llama, request_lines):
+        make_app, live_gateway, llama, access_log):
     # KNOWN BUG (fails until the gateway supplies message_start): llama.cpp sends message_start only in the partial
     # result of the first token, and sends no partial for a token that is half a UTF-8 character (an emoji or
     # CJK character in byte-fallback vocabularies; every greedy answer of the seed-0 demo model).
-    client = sdk(live_gateway(make_app(llama.url, **LIMITS)))
+    client = anthropic_sdk(live_gateway(make_app(llama.url, **DEFAULT_KEY_LIMITS)))
     events = list(client.messages.create(model="demo", messages=HI, max_tokens=3, stream=True, **GREEDY))
     assert events[0].type == "message_start", MISSING_START + f"; events: {[event.type for event in events]}"
     with client.messages.stream(model="demo", messages=HI, max_tokens=3, **GREEDY) as stream:
         message = stream.get_final_message()
     assert message.usage.output_tokens == 3
-    line = request_lines.wait(2)[1]
+    line = access_log.wait(2)[1]
     assert line["prompt_tokens"] == prompt_tokens(message.usage) > 0, "the stream's prompt tokens went uncounted"
 
 
@@ -125,15 +124,16 @@ def read_events(stream) -> tuple:
     return events, caught.value
 
 
-def test_a_stream_cut_mid_way_ends_with_an_error_event_the_sdk_raises(make_app, live_gateway, request_lines):
+def test_a_stream_cut_mid_way_ends_with_an_error_event_the_sdk_raises(make_app, live_gateway, access_log):
     peer = BrokenPeer(lambda peer, conn: conn.sendall(SSE_HEAD + chunk(START + BLOCK + DELTA)))  # then it closes
     try:
-        base = live_gateway(make_app(peer.url, **LIMITS))
-        events, error = read_events(sdk(base).messages.create(model="demo", messages=HI, max_tokens=9, stream=True))
+        base = live_gateway(make_app(peer.url, **DEFAULT_KEY_LIMITS))
+        events, error = read_events(anthropic_sdk(base).messages.create(model="demo", messages=HI, max_tokens=9,
+                                                                        stream=True))
         assert [event.type for event in events] == ["message_start", "content_block_start", "content_block_delta"]
         assert error.status_code == 200  # the stream had begun: the error comes as its last event
-        assert_envelope(error, "api_error", "llama-server broke off the stream")
-        [line] = request_lines.wait(1)
+        assert_anthropic_envelope(error, "api_error", "llama-server broke off the stream")
+        [line] = access_log.wait(1)
         assert line["status"] == 200 and line["error"] == "upstream_bad_response"
         assert line["prompt_tokens"] == 42  # what message_start reported before the break
     finally:
@@ -142,16 +142,17 @@ def test_a_stream_cut_mid_way_ends_with_an_error_event_the_sdk_raises(make_app, 
 
 @pytest.mark.parametrize("report", REPORTS.values(), ids=REPORTS.keys())
 def test_llama_cpp_error_mid_stream_becomes_anthropics_error_event(make_app, live_gateway, httpserver,
-                                                                    request_lines, report):
+                                                                    access_log, report):
     httpserver.expect_request("/v1/messages").respond_with_handler(
         lambda request: Response([START, BLOCK + DELTA, report + STOP], content_type="text/event-stream"))
-    base = live_gateway(make_app(httpserver.url_for("").rstrip("/"), **LIMITS))
-    events, error = read_events(sdk(base).messages.create(model="demo", messages=HI, max_tokens=9, stream=True))
+    base = live_gateway(make_app(httpserver.url_for("").rstrip("/"), **DEFAULT_KEY_LIMITS))
+    events, error = read_events(anthropic_sdk(base).messages.create(model="demo", messages=HI, max_tokens=9,
+                                                                    stream=True))
     assert [event.type for event in events] == ["message_start", "content_block_start", "content_block_delta"]
-    assert_envelope(error, "api_error", "llama.cpp ran out of memory")
-    assert request_lines.wait(1)[0]["error"] == "upstream_error"
+    assert_anthropic_envelope(error, "api_error", "llama.cpp ran out of memory")
+    assert access_log.wait(1)[0]["error"] == "upstream_error"
     # On the wire: exactly one `event: error` in Anthropic's envelope, and nothing after it.
-    raw = requests.post(base + "/v1/messages", headers={"x-api-key": KEY, **VERSION}, timeout=30,
+    raw = requests.post(base + "/v1/messages", headers={"x-api-key": DEFAULT_KEY, **ANTHROPIC_VERSION}, timeout=30,
                         json={"model": "demo", "messages": HI, "max_tokens": 9, "stream": True}).content
     assert raw.startswith(START + BLOCK + DELTA)
     tail = raw[len(START + BLOCK + DELTA):]

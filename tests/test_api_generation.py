@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.test_errors import assert_envelope
+from tests.clients import assert_openai_envelope
 
 pytestmark = pytest.mark.llama
 
@@ -99,6 +99,6 @@ def test_json_schema_constrains_chat_output(llama_client):
 
 def test_prompt_longer_than_context_is_400_from_llama(llama_client):
     response = llama_client.post("/v1/completions", json={"prompt": "a " * 5000, "max_tokens": 1})
-    error = assert_envelope(response, 400)
+    error = assert_openai_envelope(response, 400)
     assert error["code"] == "context_length_exceeded"
     assert "context" in error["message"]

@@ -5,8 +5,10 @@ import threading
 import pytest
 from werkzeug import Response
 
-from tests.test_errors import assert_envelope
-from tests.test_upstream import LOADING, unused_port_url
+from tests.apps import routed_app
+from tests.clients import assert_openai_envelope
+from tests.fakes import LOADING, unused_port_url
+from tests.metrics_helpers import scrape, value
 
 LLAMA_METRICS = "llamacpp:requests_processing {busy}\nllamacpp:requests_deferred {queued}\n"
 
@@ -34,7 +36,7 @@ def test_loading_is_503_down_and_not_retried(fake_client, httpserver):
 def assert_envelope_with_status(response):
     body = response.get_json()
     assert response.status_code == 503 and body["status"] == "down"
-    return assert_envelope(response, 503)
+    return assert_openai_envelope(response, 503)
 
 
 def test_refused_is_503(make_app):
@@ -92,8 +94,6 @@ def test_health_needs_no_key_and_reports_no_secret(make_app, httpserver):
 
 
 def test_routed_health_reports_each_model_and_replica(make_app, fake_upstreams):
-    from tests.test_routing import routed_app
-
     chat_a, chat_b, embed = fake_upstreams(3)
     for up in (chat_a, chat_b):
         up.expect_request("/health").respond_with_json({"status": "ok"})
@@ -114,8 +114,6 @@ def test_routed_health_reports_each_model_and_replica(make_app, fake_upstreams):
 
 
 def test_routed_health_is_503_only_when_no_model_can_serve(make_app):
-    from tests.test_routing import routed_app
-
     app = routed_app(make_app, {"chat": [unused_port_url()], "embed": [unused_port_url()]})
     response = app.test_client().get("/health")
     assert_envelope_with_status(response)
@@ -186,8 +184,6 @@ def test_the_first_report_is_waited_for_once_by_every_caller(make_app, httpserve
 
 
 def test_each_refresh_sets_the_up_gauge(make_app, httpserver):
-    from tests.test_metrics import scrape, value
-
     httpserver.expect_request("/health").respond_with_json({"status": "ok"})
     client = make_app(httpserver.url_for("").rstrip("/"), HEALTH_CACHE_S="0").test_client()
     assert client.get("/health").status_code == 200

@@ -1,7 +1,9 @@
 """GET /v1/models: llama-server's list in OpenAI's shape."""
 import pytest
 
-from tests.test_errors import assert_envelope
+from tests.apps import routed_app
+from tests.clients import assert_openai_envelope
+from tests.fakes import unused_port_url
 
 
 @pytest.mark.llama
@@ -30,13 +32,10 @@ def test_also_served_without_the_v1_prefix(fake_client, httpserver):
 @pytest.mark.parametrize("answer", [{"data": "nope"}, {"models": []}, {"data": [{"name": "no id"}]}])
 def test_a_listing_without_models_is_502(fake_client, httpserver, answer):
     httpserver.expect_request("/v1/models").respond_with_json(answer)
-    assert_envelope(fake_client.get("/v1/models"), 502)
+    assert_openai_envelope(fake_client.get("/v1/models"), 502)
 
 
 def test_routed_models_are_listed_whether_up_or_not_with_what_their_upstream_tells(make_app, fake_upstreams):
-    from tests.test_routing import routed_app
-    from tests.test_upstream import unused_port_url
-
     up, = fake_upstreams(1)
     up.expect_request("/v1/models").respond_with_json(
         {"data": [{"id": "file", "created": 7, "owned_by": "llamacpp", "meta": {"n_ctx": 2048}}]})

@@ -3,7 +3,7 @@ import pytest
 
 from service.policy.auth import KeyRing, derived_client_id
 from service.config import ConfigError, load_settings
-from tests.test_errors import assert_envelope
+from tests.clients import assert_openai_envelope
 
 KEYS = {"OPENAI_API_KEY": "local", "OPENAI_API_KEYS": "key-a-123:team_a,key-b-456:team_b,key-c-789"}
 
@@ -92,7 +92,7 @@ def test_accepted_keys(keyed_client, headers):
 ])
 def test_refused_keys_are_401(keyed_client, httpserver, headers, words):
     response = keyed_client.get("/v1/models", headers=headers)
-    error = assert_envelope(response, 401)
+    error = assert_openai_envelope(response, 401)
     assert words in error["message"]
     assert error["code"] == "invalid_api_key" and error["type"] == "authentication_error"
     assert response.headers["WWW-Authenticate"] == "Bearer"
@@ -101,7 +101,7 @@ def test_refused_keys_are_401(keyed_client, httpserver, headers, words):
 
 
 def test_unknown_routes_need_a_key_too(keyed_client):
-    assert_envelope(keyed_client.get("/v1/secret-route"), 401)
+    assert_openai_envelope(keyed_client.get("/v1/secret-route"), 401)
 
 
 def test_health_and_preflight_need_no_key(keyed_client):
@@ -113,7 +113,7 @@ def test_metrics_are_public_unless_configured(make_app, httpserver):
     url = httpserver.url_for("").rstrip("/")
     assert make_app(url, **KEYS).test_client().get("/metrics").status_code == 200
     guarded = make_app(url, METRICS_REQUIRE_KEY="1", **KEYS).test_client()
-    assert_envelope(guarded.get("/metrics"), 401)
+    assert_openai_envelope(guarded.get("/metrics"), 401)
     assert guarded.get("/metrics", headers={"Authorization": "Bearer local"}).status_code == 200
 
 

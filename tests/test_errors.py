@@ -2,15 +2,7 @@
 import pytest
 
 from service.errors import ApiError, error_body, error_type
-
-
-def assert_envelope(response, status):
-    assert response.status_code == status
-    assert response.mimetype == "application/json"
-    error = response.get_json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"] and isinstance(error["message"], str)
-    return error
+from tests.clients import assert_openai_envelope
 
 
 def test_error_body_shape():
@@ -27,19 +19,19 @@ def test_status_to_type(status, kind):
 
 
 def test_unknown_route_is_404_naming_it(fake_client):
-    error = assert_envelope(fake_client.get("/v1/nothing-here"), 404)
+    error = assert_openai_envelope(fake_client.get("/v1/nothing-here"), 404)
     assert "/v1/nothing-here" in error["message"]
 
 
 def test_wrong_method_is_405_with_allow(fake_client):
     response = fake_client.get("/v1/chat/completions")
-    error = assert_envelope(response, 405)
+    error = assert_openai_envelope(response, 405)
     assert "POST" in error["message"] and "POST" in response.headers["Allow"]
 
 
 def test_too_large_body_is_413(make_app, httpserver):
     client = make_app(httpserver.url_for("").rstrip("/"), MAX_BODY_BYTES="100").test_client()
-    error = assert_envelope(client.post("/v1/embeddings", json={"input": "x" * 200}), 413)
+    error = assert_openai_envelope(client.post("/v1/embeddings", json={"input": "x" * 200}), 413)
     assert "MAX_BODY_BYTES" in error["message"]
     assert httpserver.log == []
 
@@ -50,7 +42,7 @@ def test_unexpected_exception_is_500_without_traceback(fake_app):
         raise RuntimeError("secret internals")
 
     response = fake_app.test_client().get("/boom")
-    error = assert_envelope(response, 500)
+    error = assert_openai_envelope(response, 500)
     assert "secret internals" not in response.get_data(as_text=True)
     assert "Traceback" not in response.get_data(as_text=True)
     assert error["type"] == "server_error"
@@ -62,5 +54,5 @@ def test_api_error_carries_headers(fake_app):
         raise ApiError("come back later", status=503, headers={"Retry-After": "3"})
 
     response = fake_app.test_client().get("/busy")
-    assert_envelope(response, 503)
+    assert_openai_envelope(response, 503)
     assert response.headers["Retry-After"] == "3"

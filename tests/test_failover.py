@@ -8,9 +8,10 @@ from werkzeug import Response
 
 from service.errors import UpstreamBadResponse, UpstreamTimeout, UpstreamUnavailable
 from service.proxy.routing import ModelRoute
-from tests.fakes import BrokenPeer
-from tests.test_routing import ANSWER, chat, replica_samples, routed_app
-from tests.test_upstream import LOADING, unused_port_url
+from tests.apps import routed_app
+from tests.clients import chat
+from tests.fakes import CHAT_ANSWER, LOADING, BrokenPeer, unused_port_url
+from tests.metrics_helpers import replica_samples
 
 
 @pytest.fixture
@@ -54,7 +55,7 @@ def test_the_stalled_listener_gives_a_connect_timeout(make_app, stalled_url):
 
 def test_a_connect_timeout_moves_to_another_replica(make_app, fake_upstreams, stalled_url):
     good, = fake_upstreams(1)
-    good.expect_request("/v1/chat/completions").respond_with_json(ANSWER)
+    good.expect_request("/v1/chat/completions").respond_with_json(CHAT_ANSWER)
     app = routed_app(make_app, {"chat": [stalled_url, good.url_for("")]}, CHAT_CONNECT_TIMEOUT_S="0.2")
     response = chat(app.test_client())
     assert response.status_code == 200 and response.get_json()["model"] == "chat"
@@ -78,7 +79,7 @@ def test_with_every_replica_out_requests_still_go_to_them(make_app, fake_upstrea
     for up in (first, second):
         for _ in range(2):
             up.expect_oneshot_request("/v1/chat/completions").respond_with_json(LOADING, status=503)
-        up.expect_request("/v1/chat/completions").respond_with_json(ANSWER)
+        up.expect_request("/v1/chat/completions").respond_with_json(CHAT_ANSWER)
     app = routed_app(make_app, {"chat": [first.url_for(""), second.url_for("")]}, REPLICA_EJECT_AFTER="2",
                      REPLICA_COOLDOWN_S="60")
     client = app.test_client()
@@ -159,7 +160,7 @@ def test_one_clients_bad_requests_cannot_eject_every_replica(make_app, fake_upst
 @pytest.mark.parametrize("failure", ["refused", "closed before any answer", "503"])
 def test_a_replica_that_cannot_take_requests_is_ejected_after_eject_after(make_app, fake_upstreams, failure):
     bad, good = fake_upstreams(2)
-    good.expect_request("/v1/chat/completions").respond_with_json(ANSWER)
+    good.expect_request("/v1/chat/completions").respond_with_json(CHAT_ANSWER)
     peer = BrokenPeer(lambda peer, conn: None)  # reads the request, then closes without a word
     try:
         bad_url = {"refused": unused_port_url(), "closed before any answer": peer.url}.get(failure)

@@ -5,8 +5,11 @@ from datetime import datetime, timezone
 
 import pytest
 
-from service.families import ANTHROPIC, LLAMA, OPENAI, RESPONSES, RateState
+from service.families import ANTHROPIC, LLAMA, OPENAI, RESPONSES, RateState, anthropic_events
+from service.families.anthropic_events import AnthropicEvents
 from service.families.catalog import duration
+from service.families.family import StreamRequest
+from service.proxy import sse
 from service.policy.limits import Limits
 
 
@@ -124,3 +127,85 @@ def test_responses_editor_passes_what_is_not_json():
     editor = RESPONSES.events(RESPONSES)
     assert editor.edit(b": ping") == b": ping"
     assert editor.edit(b"data: [DONE]") == b"data: [DONE]"
+
+
+# Anthropic stream events as the relay hands them to the editor: one at a time, without the blank line after it.
+MESSAGE_START = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"m1","type":"message",'
+                 b'"role":"assistant","content":[],"model":"demo","usage":{"input_tokens":5,"output_tokens":0}}}')
+BLOCK_START = (b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+               b'"content_block":{"type":"text","text":""}}')
+BLOCK_DELTA = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+               b'"delta":{"type":"text_delta","text":"Hel"}}')
+
+
+def anthropic_editor(counted):
+    """(an AnthropicEvents for a request of model "chat" whose token count answers counted, the paths asked)."""
+    asked = []
+
+    def ask(path):
+        asked.append(path)
+        return counted
+
+    return AnthropicEvents(ANTHROPIC, StreamRequest(model="chat", ask=ask)), asked
+
+
+def split(edited: bytes) -> list:
+    """The events in what the editor returned (the relay adds the blank line after the last one)."""
+    return [event for event, _ in sse.split_events(edited)]
+
+
+def test_anthropic_stream_opening_with_message_start_passes_untouched():
+    editor, asked = anthropic_editor({"input_tokens": 17})
+    assert ANTHROPIC.events is AnthropicEvents and editor.edits
+    assert editor.edit(MESSAGE_START) == MESSAGE_START
+    assert asked == []  # llama.cpp reported the input tokens itself: nothing to count
+    assert editor.edit(BLOCK_START) == BLOCK_START
+
+
+def test_anthropic_stream_opening_without_message_start_gets_one_with_counted_input_tokens():
+    editor, asked = anthropic_editor({"input_tokens": 17})
+    start, block = split(editor.edit(BLOCK_START))
+    assert block == BLOCK_START
+    assert start.startswith(b"event: message_start\ndata: ")
+    payload = sse.data_json(start)
+    assert payload["type"] == "message_start"
+    message = payload["message"]
+    assert message["usage"] == {"input_tokens": 17, "output_tokens": 0}
+    assert message["model"] == "chat"  # the client's name for it, not llama.cpp's
+    assert (message["type"], message["role"], message["content"]) == ("message", "assistant", [])
+    assert message["id"].startswith("msg_")
+    assert asked == ["/v1/messages/count_tokens"]
+    assert editor.edit(BLOCK_DELTA) == BLOCK_DELTA and asked == ["/v1/messages/count_tokens"]  # counted once
+
+
+@pytest.mark.parametrize("counted", [None, {"error": {"message": "no"}}, {"input_tokens": "12"},
+                                     {"input_tokens": True}],
+                         ids=["count failed", "error answer", "a string", "a bool"])
+def test_anthropic_stream_goes_on_with_zero_input_tokens_when_the_count_fails(counted):
+    editor, asked = anthropic_editor(counted)
+    start, block = split(editor.edit(BLOCK_START))
+    assert sse.data_json(start)["message"]["usage"] == {"input_tokens": 0, "output_tokens": 0}
+    assert block == BLOCK_START and asked == ["/v1/messages/count_tokens"]
+    assert editor.edit(BLOCK_DELTA) == BLOCK_DELTA
+
+
+def test_a_ping_comment_before_the_first_event_does_not_open_the_anthropic_stream():
+    editor, asked = anthropic_editor({"input_tokens": 3})
+    assert editor.edit(b": ping") == b": ping"
+    assert editor.edits and asked == []
+    start, block = split(editor.edit(BLOCK_START))  # the first event still gets its message_start
+    assert sse.data_json(start)["type"] == "message_start" and block == BLOCK_START
+
+
+def test_an_opened_anthropic_stream_is_no_longer_edited_nor_parsed(monkeypatch):
+    editor, asked = anthropic_editor({"input_tokens": 3})
+    editor.edit(BLOCK_START)
+    assert not editor.edits  # the relay stops handing it events to parse
+
+    def parsed(event):
+        raise AssertionError(f"an opened stream's event was parsed: {event!r}")
+
+    monkeypatch.setattr(anthropic_events.sse, "data_json", parsed)
+    assert editor.edit(BLOCK_START) == BLOCK_START  # no second message_start
+    assert editor.edit(BLOCK_DELTA) == BLOCK_DELTA
+    assert asked == ["/v1/messages/count_tokens"]

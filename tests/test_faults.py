@@ -7,8 +7,7 @@ import pytest
 import requests
 from werkzeug import Response
 
-from tests.fakes import SSE_HEAD, BrokenPeer, chunk
-from tests.test_upstream import COMPLETION, LOADING, unused_port_url
+from tests.fakes import COMPLETION, LOADING, SSE_HEAD, BrokenPeer, chunk, unused_port_url
 
 CHAT = "/v1/chat/completions"
 BODY = {"messages": [{"role": "user", "content": "hi"}]}

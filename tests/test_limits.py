@@ -7,16 +7,7 @@ from service.config import ConfigError, load_settings
 from service.families import OPENAI
 from service.families.catalog import duration
 from service.policy.limits import Limits, RateLimited, RateLimiter
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
+from tests.fakes import Clock
 
 
 @pytest.fixture

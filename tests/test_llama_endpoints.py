@@ -9,11 +9,11 @@ import requests
 from werkzeug import Response
 
 from service.llama.supervisor import LlamaSupervisor
-from tests.test_metrics import scrape, value
-from tests.test_responses_api import CLIENT, KEY, KEYED, access_log, rid, sdk  # noqa: F401 (access_log: a fixture)
-from tests.test_routing import routed_app
+from tests.apps import TEAM_ID, TEAM_KEY, TEAM_KEY_SETTINGS, routed_app
+from tests.clients import openai_sdk, request_id_header
+from tests.metrics_helpers import scrape, value
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
+AUTH = {"Authorization": f"Bearer {TEAM_KEY}"}
 DOCUMENTS = ["the cat sat on the mat", "stock prices fell", "a kitten sleeps", "rain is forecast"]
 RERANK = {"model": "ranker", "query": "where is the cat", "documents": DOCUMENTS}
 RERANK_ROUTES = ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking")
@@ -30,7 +30,7 @@ def ranker(demo_model_path):
 
 def gateway(make_app, live_gateway, upstream_url, **settings):
     """(app, base URL) of a keyed, limited gateway in front of upstream_url, served by waitress."""
-    app = make_app(upstream_url, **{**KEYED, **settings})
+    app = make_app(upstream_url, **{**TEAM_KEY_SETTINGS, **settings})
     return app, live_gateway(app)
 
 
@@ -54,19 +54,20 @@ def check_ranking(answer, documents, top_n=None):
 @pytest.mark.llama
 def test_rerank_orders_the_documents_and_counts_its_tokens(make_app, live_gateway, ranker, access_log):
     app, base = gateway(make_app, live_gateway, ranker.url)
-    client = sdk(base)
+    client = openai_sdk(base)
     answer = client.post("/rerank", body={**RERANK, "top_n": 2}, cast_to=object,
-                         options={"headers": rid("rerank-top")})
+                         options={"headers": request_id_header("rerank-top")})
     check_ranking(answer, DOCUMENTS, top_n=2)
-    everything = client.post("/rerank", body=RERANK, cast_to=object, options={"headers": rid("rerank-all")})
+    everything = client.post("/rerank", body=RERANK, cast_to=object,
+                             options={"headers": request_id_header("rerank-all")})
     check_ranking(everything, DOCUMENTS)
     used = answer["usage"]["prompt_tokens"]
     assert used > 0 and everything["usage"]["prompt_tokens"] == used
     line = access_log.line("rerank-top")
-    assert (line["path"], line["status"], line["client_id"], line["prompt_tokens"]) == ("/v1/rerank", 200, CLIENT,
+    assert (line["path"], line["status"], line["client_id"], line["prompt_tokens"]) == ("/v1/rerank", 200, TEAM_ID,
                                                                                          used)
     access_log.line("rerank-all")  # its metrics are taken just before its line is written
-    assert value(scrape(app.test_client()), "gateway_tokens_total", client=CLIENT, kind="prompt") == 2 * used
+    assert value(scrape(app.test_client()), "gateway_tokens_total", client=TEAM_ID, kind="prompt") == 2 * used
 
 
 @pytest.mark.llama
@@ -97,7 +98,7 @@ def test_rerank_in_text_embeddings_inference_format_passes_as_llama_cpp_answers_
 def test_rerank_without_a_reranker_is_llama_cpps_501_in_the_envelope(make_app, live_gateway, llama):
     _, base = gateway(make_app, live_gateway, llama.url)
     with pytest.raises(openai.APIStatusError) as refused:
-        sdk(base).post("/rerank", body=RERANK, cast_to=object)
+        openai_sdk(base).post("/rerank", body=RERANK, cast_to=object)
     assert refused.value.status_code == 501
     body = refused.value.body  # llama.cpp's own 501, its message kept, in OpenAI's envelope
     assert (body["type"], body["param"], body["code"]) == ("not_supported_error", None, None)
@@ -114,7 +115,7 @@ def test_rerank_without_a_reranker_is_llama_cpps_501_in_the_envelope(make_app, l
 def test_rerank_without_what_it_needs_is_a_400_naming_it(make_app, live_gateway, httpserver, body, param):
     _, base = gateway(make_app, live_gateway, httpserver.url_for("").rstrip("/"))
     with pytest.raises(openai.BadRequestError) as refused:
-        sdk(base).post("/rerank", body=body, cast_to=object)
+        openai_sdk(base).post("/rerank", body=body, cast_to=object)
     assert refused.value.param == param and refused.value.type == "invalid_request_error"
     assert httpserver.log == []  # never reached llama.cpp
 
@@ -124,7 +125,7 @@ def test_rerank_without_what_it_needs_is_a_400_naming_it(make_app, live_gateway,
 @pytest.mark.llama
 def test_tokenize_and_detokenize_round_trip(make_app, live_gateway, llama):
     _, base = gateway(make_app, live_gateway, llama.url)
-    client = sdk(base, path="")  # llama.cpp's own routes have no /v1
+    client = openai_sdk(base, path="")  # llama.cpp's own routes have no /v1
     tokens = client.post("/tokenize", body={"content": "hello world"}, cast_to=object)["tokens"]
     assert tokens and all(isinstance(token, int) for token in tokens)
     text = client.post("/detokenize", body={"tokens": tokens}, cast_to=object)["content"]
@@ -137,8 +138,9 @@ def test_tokenize_and_detokenize_round_trip(make_app, live_gateway, llama):
 @pytest.mark.llama
 def test_apply_template_renders_the_prompt(make_app, live_gateway, llama):
     _, base = gateway(make_app, live_gateway, llama.url)
-    answer = sdk(base, path="").post("/apply-template", body={"messages": [{"role": "user", "content": "hi there"}]},
-                                     cast_to=object)
+    answer = openai_sdk(base, path="").post("/apply-template",
+                                            body={"messages": [{"role": "user", "content": "hi there"}]},
+                                            cast_to=object)
     assert isinstance(answer["prompt"], str) and "hi there" in answer["prompt"]
 
 
@@ -151,7 +153,7 @@ def test_apply_template_renders_the_prompt(make_app, live_gateway, llama):
 def test_tokens_and_infill_bodies_are_checked(make_app, live_gateway, httpserver, path, body, param):
     _, base = gateway(make_app, live_gateway, httpserver.url_for("").rstrip("/"))
     with pytest.raises(openai.BadRequestError) as refused:
-        sdk(base, path="").post(path, body=body, cast_to=object)
+        openai_sdk(base, path="").post(path, body=body, cast_to=object)
     assert refused.value.param == param
     assert httpserver.log == []
 
@@ -196,26 +198,26 @@ def test_infill_answer_and_stream_pass_through_and_count_their_tokens(make_app, 
                                                                     access_log):
     fake_infill(httpserver)
     app, base = gateway(make_app, live_gateway, httpserver.url_for("").rstrip("/"))
-    answer = post(base, "/infill", INFILL, **rid("infill-json"))
+    answer = post(base, "/infill", INFILL, **request_id_header("infill-json"))
     assert answer.status_code == 200 and answer.json() == INFILL_ANSWER
-    stream = post(base, "/infill", {**INFILL, "stream": True}, **rid("infill-stream"))
+    stream = post(base, "/infill", {**INFILL, "stream": True}, **request_id_header("infill-stream"))
     assert stream.headers["content-type"].startswith("text/event-stream")
     assert stream.content == INFILL_CHUNKS  # exactly as llama.cpp sent it
     for request_id in ("infill-json", "infill-stream"):
         line = access_log.line(request_id)
         assert (line["status"], line["prompt_tokens"], line["completion_tokens"]) == (200, 12, 2)
     samples = scrape(app.test_client())
-    assert value(samples, "gateway_tokens_total", client=CLIENT, kind="prompt") == 24
-    assert value(samples, "gateway_tokens_total", client=CLIENT, kind="completion") == 4
+    assert value(samples, "gateway_tokens_total", client=TEAM_ID, kind="prompt") == 24
+    assert value(samples, "gateway_tokens_total", client=TEAM_ID, kind="completion") == 4
 
 
 # --- routing by model ---
 
 @pytest.mark.llama
 def test_routed_by_model_to_the_reranker_or_not(make_app, live_gateway, llama, ranker, access_log):
-    app = routed_app(make_app, {"chat": [llama.url], "ranker": [ranker.url]}, **KEYED)
+    app = routed_app(make_app, {"chat": [llama.url], "ranker": [ranker.url]}, **TEAM_KEY_SETTINGS)
     base = live_gateway(app)
-    ranked = post(base, "/v1/rerank", RERANK, **rid("routed-rerank"))
+    ranked = post(base, "/v1/rerank", RERANK, **request_id_header("routed-rerank"))
     assert ranked.status_code == 200 and ranked.json()["model"] == "ranker"
     check_ranking(ranked.json(), DOCUMENTS)
     assert access_log.line("routed-rerank")["model"] == "ranker"
@@ -235,7 +237,7 @@ def test_routed_answers_give_back_the_clients_model_name(make_app, live_gateway,
               "results": [{"index": 0, "relevance_score": 0.5}]}
     ranker_fake.expect_request("/v1/rerank").respond_with_json(ranked)
     app = routed_app(make_app, {"coder": [coder.url_for("").rstrip("/")],
-                                "rank": [ranker_fake.url_for("").rstrip("/")]}, **KEYED)
+                                "rank": [ranker_fake.url_for("").rstrip("/")]}, **TEAM_KEY_SETTINGS)
     base = live_gateway(app)
     assert post(base, "/v1/rerank", {**RERANK, "model": "rank"}).json() == {**ranked, "model": "rank"}
     assert post(base, "/infill", {**INFILL, "model": "coder"}).json() == {**INFILL_ANSWER, "model": "coder"}

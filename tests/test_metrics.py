@@ -4,31 +4,15 @@ import time
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 from werkzeug import Response
 
-from tests.fakes import gated_stream
-from tests.test_upstream import LOADING, unused_port_url
+from tests.apps import routed_app
+from tests.fakes import LOADING, gated_stream, unused_port_url
+from tests.metrics_helpers import scrape, value
 
 CHAT = "/v1/chat/completions"
 CHAT_BODY = {"messages": [{"role": "user", "content": "hi"}]}
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
-
-
-def scrape(client) -> dict:
-    """Parse /metrics into {sample name: [(labels, value)]} with prometheus_client's own parser."""
-    response = client.get("/metrics")
-    assert response.status_code == 200
-    samples = {}
-    for family in text_string_to_metric_families(response.get_data(as_text=True)):
-        for sample in family.samples:
-            samples.setdefault(sample.name, []).append((sample.labels, sample.value))
-    return samples
-
-
-def value(samples, name, **labels) -> float:
-    """The value of the sample name whose labels include labels (0 when there is none)."""
-    return sum(v for sample_labels, v in samples.get(name, []) if labels.items() <= sample_labels.items())
 
 
 def call(client, method, path, **kwargs):
@@ -164,8 +148,6 @@ def test_unreachable_upstream_metrics_do_not_break_the_scrape(make_app):
 
 
 def test_llamacpp_metrics_of_several_replicas_carry_model_and_replica(make_app, fake_upstreams):
-    from tests.test_routing import routed_app
-
     first, second = fake_upstreams(2)
     first.expect_request("/metrics").respond_with_data("# TYPE llamacpp:requests_processing gauge\n"
                                                        "llamacpp:requests_processing 2\n")

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, settings
 from openapi_spec_validator import validate
 
 from service import create_app
-from tests.conftest import FAST_SETTINGS
+from tests.apps import FAST_SETTINGS
 
 
 def test_document_is_valid_openapi_and_public(fake_app, make_app, httpserver):

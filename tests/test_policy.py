@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests.fakes import gated_stream
-from tests.test_errors import assert_envelope
+from tests.clients import assert_openai_envelope
 
 CHAT = "/v1/chat/completions"
 CHAT_BODY = {"model": "llama", "messages": [{"role": "user", "content": "hi"}]}
@@ -39,7 +39,7 @@ def test_rpm_limit_is_per_client_and_never_reaches_upstream(limited, httpserver)
     client = limited(RATE_LIMIT_RPM="2")
     assert [post(client, TEAM_A).status_code for _ in range(2)] == [200, 200]
     response = post(client, TEAM_A)
-    error = assert_envelope(response, 429)
+    error = assert_openai_envelope(response, 429)
     assert error["code"] == "rate_limit_exceeded" and "2 requests per minute" in error["message"]
     assert 1 <= int(response.headers["Retry-After"]) <= 60
     assert response.headers["x-ratelimit-remaining-requests"] == "0"
@@ -62,7 +62,7 @@ def test_keys_of_one_client_share_its_limits(make_app, httpserver):
     assert (first.status_code, second.status_code) == (200, 200)
     assert second.headers["x-ratelimit-remaining-requests"] == "0"  # key-2's request counted after key-1's
     for headers in (key_1, key_2):  # the client's two requests are used up, whichever key asks
-        error = assert_envelope(post(client, headers), 429)
+        error = assert_openai_envelope(post(client, headers), 429)
         assert error["message"].startswith("Rate limit reached for team:")
     assert len(httpserver.log) == 2
 
@@ -81,7 +81,7 @@ def test_open_access_callers_share_the_anonymous_limits(make_app, httpserver):
     assert [response.status_code for response in answers] == [200, 200, 429, 429]
     assert answers[1].headers["x-ratelimit-remaining-requests"] == "0"
     for refused in answers[2:]:
-        assert assert_envelope(refused, 429)["message"].startswith("Rate limit reached for anonymous:")
+        assert assert_openai_envelope(refused, 429)["message"].startswith("Rate limit reached for anonymous:")
     assert len(httpserver.log) == 2
 
 
@@ -91,7 +91,7 @@ def test_tpm_counts_usage_from_answers(limited):
     assert first.headers["x-ratelimit-limit-tokens"] == "100"
     assert first.headers["x-ratelimit-remaining-tokens"] == "100"
     assert post(client, TEAM_A).headers["x-ratelimit-remaining-tokens"] == "50"
-    error = assert_envelope(post(client, TEAM_A), 429)
+    error = assert_openai_envelope(post(client, TEAM_A), 429)
     assert "100 tokens per minute" in error["message"]
 
 

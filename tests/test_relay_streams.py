@@ -11,7 +11,7 @@ from werkzeug import Response
 from werkzeug.test import EnvironBuilder
 
 from tests.fakes import SSE_HEAD, BrokenPeer, chunk
-from tests.test_metrics import scrape, value
+from tests.metrics_helpers import scrape, value
 
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": "hi"}]

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.test_errors import assert_envelope
+from tests.clients import assert_openai_envelope
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -45,7 +45,7 @@ USER = [{"role": "user", "content": "hi"}]
     (EMBEDDINGS, {"input": "hi", "encoding_format": "hex"}, "encoding_format", "float, base64"),
 ])
 def test_invalid_fields_are_400_with_param(fake_client, httpserver, path, body, param, words):
-    error = assert_envelope(fake_client.post(path, json=body), 400)
+    error = assert_openai_envelope(fake_client.post(path, json=body), 400)
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
     assert words in error["message"] and param in error["message"]
@@ -68,7 +68,7 @@ def test_invalid_fields_are_400_with_param(fake_client, httpserver, path, body, 
 ])
 def test_bodies_that_are_not_a_json_object_are_400(fake_client, httpserver, data, words):
     response = fake_client.post(CHAT, data=data, content_type="application/json")
-    error = assert_envelope(response, 400)
+    error = assert_openai_envelope(response, 400)
     assert words in error["message"]
     assert httpserver.log == []
 
@@ -76,7 +76,7 @@ def test_bodies_that_are_not_a_json_object_are_400(fake_client, httpserver, data
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data"])
 def test_wrong_content_type_is_415(fake_client, httpserver, content_type):
     response = fake_client.post(CHAT, data=json.dumps({"messages": USER}), content_type=content_type)
-    error = assert_envelope(response, 415)
+    error = assert_openai_envelope(response, 415)
     assert "Content-Type must be application/json" in error["message"]
     assert httpserver.log == []
 

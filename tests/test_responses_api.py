@@ -1,23 +1,16 @@
 """OpenAI's Responses API (POST /v1/responses) and GET /v1/models/{model}, with the official openai SDK through
 waitress, with a key and limits on: against the real llama.cpp for answers, streams, the SDK's stream helper,
 token counting and routing by model; against fakes for a stream that breaks."""
-import logging
-import threading
-
 import openai
 import pytest
 from openai.types.responses import ResponseErrorEvent
 from werkzeug import Response
 
+from tests.apps import TEAM_ID, TEAM_KEY_SETTINGS, routed_app
+from tests.clients import openai_sdk, request_id_header
 from tests.fakes import SSE_HEAD, BrokenPeer, chunk
-from tests.test_metrics import scrape, value
-from tests.test_routing import routed_app
-from tests.test_routing_llama import other_llama, other_model_path  # noqa: F401 (fixtures)
+from tests.metrics_helpers import scrape, value
 
-KEY = "sk-responses-test"
-CLIENT = "team_r"
-KEYED = {"OPENAI_API_KEYS": f"{KEY}:{CLIENT}", "RATE_LIMIT_RPM": "1000", "RATE_LIMIT_TPM": "1000000",
-         "RATE_LIMIT_CONCURRENT": "4"}
 # The random demo model may stop early, or say only bytes that are no text: llama.cpp then streams no event but
 # response.completed (2 streams in 300, measured). Letters only, and no stopping before max_output_tokens.
 EXACT = {"ignore_eos": True, "grammar": "root ::= [a-z ]+"}
@@ -26,63 +19,20 @@ ITEM_EVENTS = ("response.output_item.", "response.content_part.", "response.outp
 PART_EVENTS = ("response.content_part.", "response.output_text.")
 
 
-class AccessLog(logging.Handler):
-    """Collects the gateway's request lines as they are written, so that a test can wait for one."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines = {}
-        self.written = threading.Condition()
-
-    def emit(self, record):
-        if record.getMessage() == "request":
-            with self.written:
-                self.lines[record.fields["request_id"]] = record.fields
-                self.written.notify_all()
-
-    def line(self, request_id, timeout=10) -> dict:
-        """The log line of request_id, once written (when waitress closes the response, after its last byte)."""
-        with self.written:
-            assert self.written.wait_for(lambda: request_id in self.lines, timeout), f"no log line for {request_id}"
-            return self.lines[request_id]
-
-
-@pytest.fixture
-def access_log():
-    """The request lines the gateway writes during the test."""
-    logger = logging.getLogger("service.access")
-    handler, level = AccessLog(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
-
-
-def sdk(base, path="/v1", key=KEY):
-    """An openai client for the gateway at base, as a user would configure it (no retries: tests see every answer)."""
-    return openai.OpenAI(base_url=base + path, api_key=key, max_retries=0, timeout=30)
-
-
-def rid(name):
-    """Headers that give a request a known id (to find its log line)."""
-    return {"x-request-id": name}
-
-
 @pytest.fixture
 def keyed_llama(make_app, live_gateway, llama):
     """(app, openai client) of a keyed, limited gateway in front of the real llama.cpp (one model, any name)."""
-    app = make_app(llama.url, **KEYED)
-    client = sdk(live_gateway(app))
+    app = make_app(llama.url, **TEAM_KEY_SETTINGS)
+    client = openai_sdk(live_gateway(app))
     yield app, client
     client.close()
 
 
 @pytest.fixture
-def two_models(make_app, live_gateway, llama, other_llama):  # noqa: F811
+def two_models(make_app, live_gateway, llama, other_llama):
     """(app, openai client) of a keyed gateway routing "small" and "smaller" to two real llama.cpp servers."""
-    app = routed_app(make_app, {"small": [llama.url], "smaller": [other_llama.url]}, **KEYED)
-    client = sdk(live_gateway(app))
+    app = routed_app(make_app, {"small": [llama.url], "smaller": [other_llama.url]}, **TEAM_KEY_SETTINGS)
+    client = openai_sdk(live_gateway(app))
     yield app, client
     client.close()
 
@@ -103,25 +53,25 @@ def check_sequence_and_indexes(events):
 def test_create_answers_text_with_usage_and_counts_it(keyed_llama, access_log):
     app, client = keyed_llama
     raw = client.responses.with_raw_response.create(model="llama", input="Say hello", max_output_tokens=4,
-                                                    extra_body=EXACT, extra_headers=rid("resp-create"))
+                                                    extra_body=EXACT, extra_headers=request_id_header("resp-create"))
     answer = raw.parse()
     assert raw.headers["x-request-id"] == "resp-create" and raw.headers["x-ratelimit-limit-tokens"] == "1000000"
     assert answer.object == "response" and answer.status == "completed"
     assert isinstance(answer.output_text, str) and answer.output[0].content[0].type == "output_text"
     assert answer.usage.output_tokens == 4 and answer.usage.input_tokens > 0
     line = access_log.line("resp-create")
-    assert (line["path"], line["status"], line["client_id"]) == ("/v1/responses", 200, CLIENT)
+    assert (line["path"], line["status"], line["client_id"]) == ("/v1/responses", 200, TEAM_ID)
     assert (line["prompt_tokens"], line["completion_tokens"]) == (answer.usage.input_tokens, 4)
     samples = scrape(app.test_client())
-    assert value(samples, "gateway_tokens_total", client=CLIENT, kind="completion") == 4
-    assert value(samples, "gateway_tokens_total", client=CLIENT, kind="prompt") == answer.usage.input_tokens
+    assert value(samples, "gateway_tokens_total", client=TEAM_ID, kind="completion") == 4
+    assert value(samples, "gateway_tokens_total", client=TEAM_ID, kind="prompt") == answer.usage.input_tokens
 
 
 @pytest.mark.llama
 def test_raw_stream_numbers_its_events_and_its_usage_is_counted(keyed_llama, access_log):
     app, client = keyed_llama
     events = list(client.responses.create(model="llama", input="Say hello", max_output_tokens=5, stream=True,
-                                          extra_body=EXACT, extra_headers=rid("resp-stream")))
+                                          extra_body=EXACT, extra_headers=request_id_header("resp-stream")))
     check_sequence_and_indexes(events)
     kinds = [event.type for event in events]
     assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
@@ -136,8 +86,8 @@ def test_raw_stream_numbers_its_events_and_its_usage_is_counted(keyed_llama, acc
     assert (line["prompt_tokens"], line["completion_tokens"]) == (usage.input_tokens, usage.output_tokens)
     assert line["status"] == 200 and "error" not in line and line["ttft_ms"] > 0
     samples = scrape(app.test_client())
-    assert value(samples, "gateway_tokens_total", client=CLIENT, kind="prompt") == usage.input_tokens
-    assert value(samples, "gateway_tokens_total", client=CLIENT, kind="completion") == usage.output_tokens
+    assert value(samples, "gateway_tokens_total", client=TEAM_ID, kind="prompt") == usage.input_tokens
+    assert value(samples, "gateway_tokens_total", client=TEAM_ID, kind="completion") == usage.output_tokens
 
 
 @pytest.mark.llama
@@ -181,7 +131,7 @@ def test_what_openai_allows_and_llama_cpp_does_too_passes(keyed_llama):
 ])
 def test_what_llama_cpp_cannot_do_is_a_400_naming_the_param(make_app, live_gateway, httpserver, fields, param):
     # The fake upstream expects nothing: a refused request never reaches llama.cpp.
-    client = sdk(live_gateway(make_app(httpserver.url_for("").rstrip("/"), **KEYED)))
+    client = openai_sdk(live_gateway(make_app(httpserver.url_for("").rstrip("/"), **TEAM_KEY_SETTINGS)))
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(**{"model": "llama", "input": "hi", **fields})
     assert refused.value.param == param and refused.value.type == "invalid_request_error"
@@ -218,7 +168,7 @@ def test_the_clients_model_name_comes_back_in_answers_and_stream_events(two_mode
     for name in ("small", "smaller"):
         assert client.responses.create(model=name, input="hi", max_output_tokens=2).model == name
     events = list(client.responses.create(model="smaller", input="hi", max_output_tokens=3, stream=True,
-                                          extra_body=EXACT, extra_headers=rid("resp-routed")))
+                                          extra_body=EXACT, extra_headers=request_id_header("resp-routed")))
     check_sequence_and_indexes(events)
     models = [event.response.model for event in events if getattr(getattr(event, "response", None), "model", None)]
     assert models and set(models) == {"smaller"}  # llama.cpp calls it "other"
@@ -233,19 +183,19 @@ def test_the_clients_model_name_comes_back_in_answers_and_stream_events(two_mode
 
 @pytest.mark.llama
 def test_the_token_limit_refuses_once_a_stream_has_spent_it(make_app, live_gateway, llama, access_log):
-    app = make_app(llama.url, **{**KEYED, "RATE_LIMIT_TPM": "20"})
-    client = sdk(live_gateway(app))
+    app = make_app(llama.url, **{**TEAM_KEY_SETTINGS, "RATE_LIMIT_TPM": "20"})
+    client = openai_sdk(live_gateway(app))
     stream = client.responses.create(model="llama", input="hi", max_output_tokens=2, stream=True,
-                                     extra_headers=rid("resp-spend"))
+                                     extra_headers=request_id_header("resp-spend"))
     usage = [event for event in stream][-1].response.usage
     assert usage.input_tokens + usage.output_tokens > 20  # admitted before it spent the limit
     access_log.line("resp-spend")  # the tokens are counted when the stream has ended
     with pytest.raises(openai.RateLimitError) as refused:
         client.responses.create(model="llama", input="hi", max_output_tokens=2, stream=True,
-                                extra_headers=rid("resp-refused"))
+                                extra_headers=request_id_header("resp-refused"))
     assert refused.value.code == "rate_limit_exceeded" and "token" in refused.value.message
     assert access_log.line("resp-refused")["status"] == 429  # its metrics are taken just before its line
-    assert value(scrape(app.test_client()), "gateway_rate_limited_total", client=CLIENT, limit="tpm") == 1
+    assert value(scrape(app.test_client()), "gateway_rate_limited_total", client=TEAM_ID, limit="tpm") == 1
 
 
 # --- streams that break ---
@@ -273,7 +223,7 @@ def broken_after(begun: bytes):
 def broken_gateway(make_app, live_gateway):
     """An openai client of a keyed gateway whose upstream breaks every Responses stream after four events."""
     peer = BrokenPeer(broken_after(BEGUN))
-    client = sdk(live_gateway(make_app(peer.url, **KEYED)))
+    client = openai_sdk(live_gateway(make_app(peer.url, **TEAM_KEY_SETTINGS)))
     yield client
     client.close()
     peer.close()
@@ -281,7 +231,7 @@ def broken_gateway(make_app, live_gateway):
 
 def test_a_broken_stream_ends_with_the_responses_error_event(broken_gateway, access_log):
     events = list(broken_gateway.responses.create(model="llama", input="hi", stream=True,
-                                                  extra_headers=rid("resp-broken")))
+                                                  extra_headers=request_id_header("resp-broken")))
     # The SDK does not raise on the Responses API's error event: it yields it, typed.
     *begun, error = events
     assert [event.type for event in begun] == ["response.created", "response.output_item.added",
@@ -313,8 +263,9 @@ def test_llama_cpps_error_report_mid_stream_becomes_the_responses_error_event(ma
                                                                               access_log, report):
     httpserver.expect_request("/v1/responses").respond_with_handler(
         lambda request: Response([BEGUN + report], content_type="text/event-stream"))
-    client = sdk(live_gateway(make_app(httpserver.url_for("").rstrip("/"), **KEYED)))
-    events = list(client.responses.create(model="llama", input="hi", stream=True, extra_headers=rid("resp-oom")))
+    client = openai_sdk(live_gateway(make_app(httpserver.url_for("").rstrip("/"), **TEAM_KEY_SETTINGS)))
+    events = list(client.responses.create(model="llama", input="hi", stream=True,
+                                          extra_headers=request_id_header("resp-oom")))
     assert [event.type for event in events] == ["response.created", "response.output_item.added",
                                                 "response.content_part.added", "response.output_text.delta", "error"]
     assert events[-1].message == "llama-server failed mid-stream: llama.cpp ran out of memory"
@@ -330,9 +281,9 @@ def test_text_that_mentions_an_error_is_relayed_as_text(make_app, live_gateway, 
     httpserver.expect_request("/v1/responses").respond_with_handler(
         lambda request: Response([CREATED + ITEM_ADDED + PART_ADDED + said + completed],
                                  content_type="text/event-stream"))
-    app = make_app(httpserver.url_for("").rstrip("/"), **KEYED)
-    events = list(sdk(live_gateway(app)).responses.create(model="llama", input="hi", stream=True,
-                                                          extra_headers=rid("resp-talk")))
+    app = make_app(httpserver.url_for("").rstrip("/"), **TEAM_KEY_SETTINGS)
+    events = list(openai_sdk(live_gateway(app)).responses.create(model="llama", input="hi", stream=True,
+                                                                 extra_headers=request_id_header("resp-talk")))
     assert [event.type for event in events][-2:] == ["response.output_text.delta", "response.completed"]
     assert events[-2].delta == 'error: "error"'
     line = access_log.line("resp-talk")

@@ -6,37 +6,17 @@ import threading
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from werkzeug import Response
 
 from service.config import ConfigError, load_settings
 from service.errors import UpstreamUnavailable
 from service.proxy.routing import ModelRoute
-from tests.test_errors import assert_envelope
-from tests.test_upstream import unused_port_url
+from tests.apps import routed_app
+from tests.clients import assert_openai_envelope, chat
+from tests.fakes import CHAT_ANSWER, unused_port_url
+from tests.metrics_helpers import replica_samples
 
 CHAT = "/v1/chat/completions"
-ANSWER = {"object": "chat.completion", "model": "file-name.gguf", "choices": [],
-          "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}
-
-
-def chat(client, model="chat", **fields):
-    """POST a chat request for model."""
-    return client.post(CHAT, json={"model": model, "messages": [{"role": "user", "content": "hi"}], **fields})
-
-
-def routed_app(make_app, routes, **settings):
-    """An app with MODEL_UPSTREAMS built from {name: [url, ...]}."""
-    spec = ",".join(f"{name}={'|'.join(urls)}" for name, urls in routes.items())
-    return make_app(None, MODEL_UPSTREAMS=spec, **settings)
-
-
-def replica_samples(app) -> dict:
-    """{(metric, model, replica): value} of the gateway_replica_* metrics on /metrics."""
-    text = app.test_client().get("/metrics").get_data(as_text=True)
-    return {(sample.name, sample.labels["model"], sample.labels["replica"]): sample.value
-            for family in text_string_to_metric_families(text) if family.name.startswith("gateway_replica")
-            for sample in family.samples}
 
 
 def test_least_busy_replica_wins_and_ties_go_round_robin():
@@ -116,17 +96,17 @@ def test_unknown_model_is_404_model_not_found(make_app, fake_upstreams):
     up, = fake_upstreams(1)
     client = routed_app(make_app, {"chat": [up.url_for("")]}).test_client()
     response = chat(client, model="gpt-4o")
-    error = assert_envelope(response, 404)
+    error = assert_openai_envelope(response, 404)
     assert error["code"] == "model_not_found" and error["param"] == "model" and "gpt-4o" in error["message"]
     assert up.url_for("") not in error["message"]  # nothing about the upstreams
-    error = assert_envelope(client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}]}), 400)
+    error = assert_openai_envelope(client.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}]}), 400)
     assert error["param"] == "model"
     assert not up.log
 
 
 def test_each_model_goes_to_its_own_upstream_and_gets_its_own_name_back(make_app, fake_upstreams):
     chat_up, embed_up = fake_upstreams(2)
-    chat_up.expect_request(CHAT).respond_with_json(ANSWER)
+    chat_up.expect_request(CHAT).respond_with_json(CHAT_ANSWER)
     embed_up.expect_request("/v1/embeddings").respond_with_json(
         {"object": "list", "model": "e.gguf", "data": [], "usage": {"prompt_tokens": 1, "total_tokens": 1}})
     client = routed_app(make_app, {"chat": [chat_up.url_for("")], "embed": [embed_up.url_for("")]}).test_client()
@@ -165,7 +145,7 @@ def test_moves_to_another_replica_when_the_first_never_took_the_request(make_app
     broken_url = unused_port_url() if failure == "refused" else broken.url_for("")
     broken.expect_request(CHAT).respond_with_json({"error": {"message": "no"}},
                                                   status=failure if failure != "refused" else 500)
-    good.expect_request(CHAT).respond_with_json(ANSWER)
+    good.expect_request(CHAT).respond_with_json(CHAT_ANSWER)
     app = routed_app(make_app, {"chat": [broken_url, good.url_for("")]})
     client = app.test_client()
     with caplog.at_level(logging.INFO, logger="service.access"):
@@ -192,7 +172,7 @@ def test_an_answer_that_is_not_a_refusal_is_final(make_app, fake_upstreams, stat
 
 def test_every_request_succeeds_while_a_replica_is_dead_and_it_is_ejected(make_app, fake_upstreams):
     good, = fake_upstreams(1)
-    good.expect_request(CHAT).respond_with_json(ANSWER)
+    good.expect_request(CHAT).respond_with_json(CHAT_ANSWER)
     good.expect_request("/health").respond_with_json({"status": "ok"})
     dead = unused_port_url()
     app = routed_app(make_app, {"chat": [dead, good.url_for("")]}, REPLICA_EJECT_AFTER="2",

@@ -6,32 +6,11 @@ import openai
 import pytest
 import requests
 
-from service.llama.demo_model import write_demo_model
-from service.llama.supervisor import LlamaSupervisor
-from tests.test_routing import routed_app
+from tests.apps import routed_app
+from tests.clients import HI
+from tests.processes import start_llama
 
 pytestmark = pytest.mark.llama
-
-HI = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def other_model_path(tmp_path_factory):
-    """A second tiny model, different from the demo model (another seed, another width)."""
-    return write_demo_model(str(tmp_path_factory.mktemp("other") / "other.gguf"), seed=1, embedding_size=32)
-
-
-def start_llama(path):
-    """A supervised llama.cpp on path: one thread, small context, embeddings on."""
-    return LlamaSupervisor(path, ctx=1024, parallel=2, threads=1, startup_timeout=60).start()
-
-
-@pytest.fixture(scope="module")
-def other_llama(other_model_path):
-    """A second real llama.cpp, serving the second model."""
-    supervisor = start_llama(other_model_path)
-    yield supervisor
-    supervisor.stop()
 
 
 def metric(base, name, **labels) -> float:

@@ -10,8 +10,8 @@ from service.families import OPENAI
 from service.policy import shared_limits
 from service.policy.limits import Limits, RateLimited
 from service.policy.shared_limits import ACQUIRE, LEASE_TTL_S, RETRY_S, WARN_EVERY_S, LimitStoreUnavailable, SharedRateLimiter
-from tests.test_limits import Clock
-from tests.test_serve import posix_only
+from tests.fakes import Clock
+from tests.processes import posix_only
 
 # The keys of client "team" under the default prefix: requests, tokens, in flight.
 TEAM_KEYS = [f"gateway:ratelimit:{{team}}:{name}" for name in ("requests", "tokens", "in_flight")]

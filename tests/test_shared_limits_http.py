@@ -11,7 +11,7 @@ from werkzeug import Response
 
 from service.policy.shared_limits import RETRY_S
 from tests.fakes import gated_stream
-from tests.test_serve import ServeProcess, posix_only
+from tests.processes import ServeProcess, posix_only
 
 CHAT = "/v1/chat/completions"
 KEY = {"Authorization": "Bearer k1"}  # OPENAI_API_KEY's client id is "default"

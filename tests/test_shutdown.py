@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from tests.fakes import gated_stream
-from tests.test_serve import ServeProcess
+from tests.processes import ServeProcess
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="sends SIGTERM")
 

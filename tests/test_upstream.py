@@ -11,21 +11,11 @@ from werkzeug import Response
 from service.proxy.disconnect import UpstreamCall
 from service.errors import ClientClosedRequest
 from service.proxy.upstream import Upstream, UpstreamRetry, make_retry
-from tests.fakes import BrokenPeer, read_request
-from tests.test_errors import assert_envelope
+from tests.clients import assert_openai_envelope
+from tests.fakes import COMPLETION, LOADING, BrokenPeer, read_request, unused_port_url
 
 CHAT = "/v1/chat/completions"
 CHAT_BODY = {"model": "llama", "messages": [{"role": "user", "content": "hi"}]}
-LOADING = {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}
-COMPLETION = {"object": "chat.completion", "choices": []}
-
-
-def unused_port_url():
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}"
 
 
 def test_503_loading_is_retried_until_ready(fake_client, httpserver):
@@ -41,7 +31,7 @@ def test_503_loading_is_retried_until_ready(fake_client, httpserver):
 @pytest.mark.parametrize("status", [502, 504])
 def test_gateway_statuses_are_retried_then_502(fake_client, httpserver, status):
     httpserver.expect_request(CHAT).respond_with_data("bad gateway", status=status)
-    error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
+    error = assert_openai_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
     assert f"HTTP {status}" in error["message"]
     assert len(httpserver.log) == 3  # the first try and UPSTREAM_RETRIES=2
 
@@ -49,14 +39,14 @@ def test_gateway_statuses_are_retried_then_502(fake_client, httpserver, status):
 def test_retry_count_is_a_setting(make_app, httpserver):
     client = make_app(httpserver.url_for("").rstrip("/"), UPSTREAM_RETRIES="0").test_client()
     httpserver.expect_request(CHAT).respond_with_json(LOADING, status=503)
-    assert_envelope(client.post(CHAT, json=CHAT_BODY), 503)
+    assert_openai_envelope(client.post(CHAT, json=CHAT_BODY), 503)
     assert len(httpserver.log) == 1
 
 
 def test_still_loading_after_retries_is_503_with_retry_after(fake_client, httpserver):
     httpserver.expect_request(CHAT).respond_with_json(LOADING, status=503)
     response = fake_client.post(CHAT, json=CHAT_BODY)
-    error = assert_envelope(response, 503)
+    error = assert_openai_envelope(response, 503)
     assert "Loading model" in error["message"]
     assert response.headers["Retry-After"] == "1"
     assert len(httpserver.log) == 3
@@ -88,7 +78,7 @@ def test_backoff_grows_exponentially():
 
 def test_connection_refused_is_502_after_retries(make_app):
     client = make_app(unused_port_url()).test_client()
-    error = assert_envelope(client.post(CHAT, json=CHAT_BODY), 502)
+    error = assert_openai_envelope(client.post(CHAT, json=CHAT_BODY), 502)
     assert "connection refused" in error["message"]
     assert error["code"] == "upstream_unavailable"
 
@@ -99,7 +89,7 @@ def test_upstream_client_errors_pass_through_unretried(fake_client, httpserver, 
     message = f"llama.cpp says no ({status})"
     httpserver.expect_request(CHAT).respond_with_json({"error": {"code": status, "message": message, "type": kind}},
                                                       status=status)
-    error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), status)
+    error = assert_openai_envelope(fake_client.post(CHAT, json=CHAT_BODY), status)
     assert error["message"] == message
     assert error["type"] == kind
     assert len(httpserver.log) == 1
@@ -109,14 +99,14 @@ def test_context_overflow_gets_openai_code(fake_client, httpserver):
     httpserver.expect_request(CHAT).respond_with_json(
         {"error": {"code": 400, "message": "request exceeds the available context size",
                    "type": "exceed_context_size_error", "n_prompt_tokens": 5000, "n_ctx": 4096}}, status=400)
-    error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), 400)
+    error = assert_openai_envelope(fake_client.post(CHAT, json=CHAT_BODY), 400)
     assert error["code"] == "context_length_exceeded"
     assert error["type"] == "invalid_request_error"
 
 
 def test_a_non_json_error_body_is_described_not_quoted(fake_client, httpserver):
     httpserver.expect_request(CHAT).respond_with_data("echo: my secret prompt", status=500, content_type="text/plain")
-    error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
+    error = assert_openai_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
     assert "secret" not in error["message"]
     assert "HTTP 500" in error["message"] and "text/plain" in error["message"]
 
@@ -124,7 +114,7 @@ def test_a_non_json_error_body_is_described_not_quoted(fake_client, httpserver):
 def test_upstream_500_is_502_naming_it(fake_client, httpserver):
     httpserver.expect_request(CHAT).respond_with_json({"error": {"code": 500, "message": "boom",
                                                                  "type": "server_error"}}, status=500)
-    error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
+    error = assert_openai_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
     assert "HTTP 500 (server_error)" in error["message"] and error["message"].endswith(": boom")
     assert len(httpserver.log) == 1  # 500 is not a transient status
 
@@ -149,7 +139,7 @@ def logged_text(caplog) -> str:
 def test_a_500_quoting_the_request_tells_the_client_but_not_the_logs(fake_client, httpserver, caplog):
     caplog.set_level(logging.DEBUG)
     httpserver.expect_request(CHAT).respond_with_json(QUOTING_500, status=500)
-    error = assert_envelope(fake_client.post(CHAT, json=BAD_TOOL_CALL), 502)
+    error = assert_openai_envelope(fake_client.post(CHAT, json=BAD_TOOL_CALL), 502)
     assert SECRET not in logged_text(caplog)
     assert SECRET in error["message"]  # llama.cpp's words are the client's own to read
     assert "HTTP 500 (server_error)" in logged_text(caplog)  # the operator still learns what failed
@@ -166,7 +156,7 @@ def test_llama_errors_quoting_the_request_stay_out_of_the_logs(llama_client, cap
 @pytest.mark.parametrize("body", [b"<html>oops</html>", b'{"choices": [', b"[1, 2]", b""])
 def test_unparseable_answer_is_502(fake_client, httpserver, body):
     httpserver.expect_request(CHAT).respond_with_data(body, content_type="application/json")
-    error = assert_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
+    error = assert_openai_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
     assert "not a JSON object" in error["message"]
 
 
@@ -184,7 +174,7 @@ def test_read_timeouts_are_per_route(make_app, httpserver):
     httpserver.expect_request(CHAT).respond_with_handler(_slow_handler(release_chat, 5))
     httpserver.expect_request("/v1/embeddings").respond_with_handler(_slow_handler(threading.Event(), 0.4))
     try:
-        error = assert_envelope(client.post(CHAT, json=CHAT_BODY), 504)
+        error = assert_openai_envelope(client.post(CHAT, json=CHAT_BODY), 504)
         assert "within 0.2 s" in error["message"]
         assert error["code"] == "upstream_timeout"
     finally:

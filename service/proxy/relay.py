@@ -107,19 +107,19 @@ def proxy_generation(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     if strip_usage:
         raw = ask_for_usage(raw, body)
     response, call = send_watched(route, endpoint, raw, stream=True)
-    watch, upstream, replica_url = current_app.extensions["disconnect_watch"], get_upstream(), g.record.replica.url
-
-    def ask(path):
-        """An editor's question about this request, to the replica serving its stream: llama.cpp's parsed answer
-        to the client's body POSTed to path, or None if it has none (a stream that works goes on regardless)."""
-        try:
-            answer = upstream.request("POST", path, group=endpoint.timeouts, base_url=replica_url, body=raw)
-            return upstream.read_json(answer, path)[1]
-        except UpstreamError:
-            return None
-
+    watch = current_app.extensions["disconnect_watch"]
     try:
-        family = current_family()
+        upstream, replica_url, family = get_upstream(), g.record.replica.url, current_family()
+
+        def ask(path):
+            """An editor's question about this request, to the replica serving its stream: llama.cpp's parsed
+            answer to the client's body POSTed to path, or None (a stream that works goes on regardless)."""
+            try:
+                answer = upstream.request("POST", path, group=endpoint.timeouts, base_url=replica_url, body=raw)
+                return upstream.read_json(answer, path)[1]
+            except UpstreamError:
+                return None
+
         stream = Stream(upstream, response, endpoint.timeouts, g.record, call, watch,
                         current_app.extensions["gateway_metrics"].open_streams, family,
                         family.events(family, StreamRequest(body.get("model"), ask)),

@@ -62,10 +62,6 @@ class ApiError(Exception):
         """The envelope's optional fields: type, param and code."""
         return {"type": self.type, "param": self.param, "code": self.code}
 
-    def body(self, family=OPENAI) -> dict:
-        """This error in family's envelope (OpenAI's by default)."""
-        return family.error_body(self.status, self.client_message, **self.fields)
-
     @property
     def client_message(self) -> str:
         """What the client is told: the message, and any detail that is the client's alone (never logged)."""

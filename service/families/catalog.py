@@ -84,6 +84,7 @@ OPENAI_USAGE = Usage(paths=(("usage",),), prompt=("prompt_tokens",), completion=
 OPENAI = Family("openai", openai_envelope, OPENAI_ERROR_TYPES, data_event, openai_rate_headers, OPENAI_USAGE)
 
 # The Responses API: OpenAI's envelope; usage in the answer, or in response.completed's response in a stream.
+# Its stream's error event is its editor's (ResponsesEvents.error_event: `event: error`, with a sequence number).
 RESPONSES = Family("openai-responses", openai_envelope, OPENAI_ERROR_TYPES, data_event, openai_rate_headers,
                    Usage(paths=(("usage",), ("response", "usage")), prompt=("input_tokens",),
                          completion=("output_tokens",)),

@@ -39,6 +39,10 @@ SETTINGS = (
     Setting("API_HOST", text, "127.0.0.1", "address the gateway listens on; 0.0.0.0 serves the network"),
     Setting("API_PORT", port, 8000, "port the gateway listens on"),
     Setting("WAITRESS_THREADS", positive_count, 8, "worker threads; each open stream holds one for its life"),
+    Setting("MAX_CONNECTIONS", positive_count, 4096, "open client connections waitress holds at most (idle and "
+            "half-open ones count); past it, new ones wait in the listen queue"),
+    Setting("IDLE_CONNECTION_TIMEOUT_S", positive_count, 30, "whole seconds before a connection with nothing running "
+            "(idle, or its headers never finished) is dropped"),
     Setting("SHUTDOWN_GRACE_S", nonnegative_seconds, 30.0, "on SIGTERM or Ctrl-C, how long requests may finish"),
     Setting("MAX_BODY_BYTES", positive_count, 8 * 1024 * 1024, "largest request body accepted (413 above it)"),
     Setting("HEALTH_CACHE_S", nonnegative_seconds, 1.0, "how long /health reuses its probe of llama-server; 0 = a new probe per poll"),

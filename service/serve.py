@@ -95,6 +95,24 @@ def announce(settings, fleet):
         log.warning("open access: no API key is configured (set OPENAI_API_KEY or OPENAI_API_KEYS)")
 
 
+def raise_open_file_limit():
+    """Raise this process's soft open-file limit to its hard limit, so that it can hold MAX_CONNECTIONS sockets;
+    return the soft limit now in force, or None where the OS has no such limit (Windows)."""
+    if os.name != "posix":
+        return None  # Windows: no RLIMIT_NOFILE; waitress uses select() there, capped at 512 sockets by CPython
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # macOS reports an unlimited hard limit but refuses a soft one above its per-process cap: aim finite there.
+    target = 65536 if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # the OS refused: keep the soft limit there is, which the log line shows
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 class StopRequest:
     """Set by SIGTERM or Ctrl-C. A plain flag: a signal handler that took a lock could deadlock."""
 
@@ -128,6 +146,7 @@ def main() -> int:
     configure_logging(settings["LOG_LEVEL"], settings["LOG_FORMAT"])
     fleet = make_fleet(settings)  # first: a bad ENABLED_MODELS stops the start with one line
     log.info("config", extra={"fields": settings_summary(settings)})
+    log.info("open files", extra={"fields": {"soft_limit": raise_open_file_limit()}})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # while llama.cpp loads: the finally stops it
     if fleet:
         settings.update(fleet.route_settings(settings))
@@ -136,7 +155,9 @@ def main() -> int:
             fleet.start()
         app = create_app(settings)
         server = make_server(app, host=settings["API_HOST"], port=settings["API_PORT"],
-                             threads=settings["WAITRESS_THREADS"], max_body_bytes=settings["MAX_BODY_BYTES"])
+                             threads=settings["WAITRESS_THREADS"], max_body_bytes=settings["MAX_BODY_BYTES"],
+                             max_connections=settings["MAX_CONNECTIONS"],
+                             idle_timeout_s=settings["IDLE_CONNECTION_TIMEOUT_S"])
         announce(settings, fleet)
         run_until_stopped(app, server, settings)
     except LlamaStartError as error:

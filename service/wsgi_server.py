@@ -7,6 +7,7 @@ import uuid
 import waitress
 from waitress.channel import HTTPChannel
 from waitress import wasyncore
+from waitress.parser import HTTPRequestParser, ParsingError, TransferEncodingNotImplemented
 from waitress.task import ErrorTask
 
 from .families import family_for
@@ -41,10 +42,51 @@ class EnvelopeErrorTask(ErrorTask):
         self.write(body)
 
 
+class _Headers(dict):
+    """The parser's header mapping, keeping the Transfer-Encoding that waitress pops before anyone can see it."""
+
+    transfer_encoding = None
+
+    def pop(self, key, *default):
+        """Remove key as dict does; remember the Transfer-Encoding's value."""
+        value = super().pop(key, *default)
+        if key == "TRANSFER_ENCODING" and value:
+            self.transfer_encoding = value
+        return value
+
+
+class StrictFramingParser(HTTPRequestParser):
+    """waitress's request parser, refusing a request whose body framing a proxy in front could read otherwise
+    (RFC 9112 section 6.3): both Content-Length and Transfer-Encoding, or a Transfer-Encoding other than one
+    `chunked`. The 400 goes through EnvelopeErrorTask, which closes the connection after it."""
+
+    def __init__(self, adj):
+        super().__init__(adj)
+        self.headers = _Headers()
+
+    def parse_header(self, header_plus):
+        """Parse as waitress does, then refuse ambiguous framing as a ParsingError (waitress's 400)."""
+        try:
+            super().parse_header(header_plus)
+        except TransferEncodingNotImplemented:
+            # waitress answers 501 and closes; a coding it cannot decode is a framing it cannot trust: 400.
+            raise ParsingError("Transfer-Encoding other than chunked is not accepted") from None
+        # HTTP/1.1: waitress popped it into _Headers; HTTP/1.0: waitress ignores it and it is still in headers.
+        transfer_encoding = self.headers.transfer_encoding or self.headers.get("TRANSFER_ENCODING")
+        if transfer_encoding is None:
+            return
+        if "CONTENT_LENGTH" in self.headers:
+            raise ParsingError("both Content-Length and Transfer-Encoding are set; send one of them")
+        if self.version != "1.1" or transfer_encoding.strip(" \t").lower() != "chunked":
+            raise ParsingError("Transfer-Encoding other than chunked (on HTTP/1.1) is not accepted")
+
+
 class EnvelopeChannel(HTTPChannel):
-    """waitress's connection handler, answering its own errors with EnvelopeErrorTask."""
+    """waitress's connection handler, answering its own errors with EnvelopeErrorTask and refusing ambiguous
+    framing with StrictFramingParser."""
 
     error_task_class = EnvelopeErrorTask
+    parser_class = StrictFramingParser
 
 
 def _listeners(server) -> list:
@@ -53,13 +95,21 @@ def _listeners(server) -> list:
     return listeners or [server]
 
 
-def make_server(app, *, host, port, threads, max_body_bytes):
+def make_server(app, *, host, port, threads, max_body_bytes, max_connections=4096, idle_timeout_s=30):
     """Create (not yet run) the waitress server for app."""
     server = waitress.create_server(app, host=host, port=port, threads=threads, ident="llama-gateway",
                                     max_request_body_size=max_body_bytes,
                                     # Keep reading while a request runs, so waitress can tell that its client
                                     # has gone (waitress.client_disconnected) and llama.cpp can be cut off.
-                                    channel_request_lookahead=5)
+                                    channel_request_lookahead=5,
+                                    # Connection floods (half-open or idle sockets): select() stops at 1024
+                                    # descriptors, poll() does not (on Windows waitress uses select() anyway).
+                                    asyncore_use_poll=True,
+                                    connection_limit=max_connections,
+                                    # waitress drops a connection idle this long (none of its requests running),
+                                    # checked every cleanup_interval: so an idle one lives at most about twice it.
+                                    channel_timeout=idle_timeout_s,
+                                    cleanup_interval=min(10, idle_timeout_s))
     for listener in _listeners(server):
         listener.channel_class = EnvelopeChannel
     return server

@@ -1,10 +1,14 @@
 """The waitress server: its own errors in the client's envelope, and stopping it from another thread, even when
-waitress has already closed its trigger."""
+waitress has already closed its trigger; ambiguous request framing refused."""
+import json
+import socket
 import threading
 
+import pytest
 import requests
 
 from service.wsgi_server import make_server, stop_server
+from tests.fakes import CHAT_ANSWER
 
 
 def test_a_stop_that_finds_the_trigger_closed_still_ends_the_loop(make_app, httpserver):
@@ -36,3 +40,75 @@ def test_waitress_own_413_speaks_the_clients_family(make_app, httpserver, live_g
     assert openai.status_code == 413 and set(openai.json()["error"]) == {"message", "type", "param", "code"}
     assert "request-id" not in openai.headers and openai.headers["x-request-id"]
     assert httpserver.log == []
+
+
+def raw_exchange(base, request: bytes) -> tuple:
+    """Send request bytes on a new connection; return (status line, headers, body) of the answer and what the
+    connection gives after it (b"" once the server has closed it)."""
+    host, port = base.rsplit("/", 1)[-1].split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += sock.recv(65536)
+        head, body = answer.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines[1:])}
+        while len(body) < int(headers["content-length"]):
+            body += sock.recv(65536)
+        try:
+            after = sock.recv(65536)
+        except ConnectionResetError:
+            after = b""
+    return lines[0], headers, json.loads(body), after
+
+
+CHAT_BODY = b'{"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}'
+CHUNKED_BODY = b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHAT_BODY), CHAT_BODY)
+
+
+@pytest.mark.parametrize("version, framing, body", [
+    ("1.1", b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n" % len(CHUNKED_BODY), CHUNKED_BODY),
+    ("1.1", b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n", CHUNKED_BODY),
+    ("1.1", b"Transfer-Encoding: gzip\r\n", b""),
+    ("1.1", b"Transfer-Encoding: gzip, chunked\r\n", CHUNKED_BODY),
+    ("1.1", b"Transfer-Encoding: chunked, chunked\r\n", CHUNKED_BODY),
+    ("1.1", b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", CHUNKED_BODY),
+    ("1.0", b"Transfer-Encoding: chunked\r\n", CHUNKED_BODY),
+], ids=["length-then-chunked", "chunked-then-length", "gzip", "gzip-chunked", "chunked-twice", "two-te-lines",
+        "http-1.0-chunked"])
+def test_ambiguous_framing_is_refused_and_the_connection_closed(make_app, httpserver, live_gateway, version,
+                                                                  framing, body):
+    # RFC 9112 section 6.3: a proxy in front could frame it the other way (request smuggling).
+    base = live_gateway(make_app(httpserver.url_for("").rstrip("/")))
+    request = (b"POST /v1/chat/completions HTTP/%s\r\nHost: gateway\r\nContent-Type: application/json\r\n%s\r\n%s"
+               % (version.encode(), framing, body))
+    status, headers, envelope, after = raw_exchange(base, request + b"GET /health HTTP/1.1\r\nHost: gateway\r\n\r\n")
+    assert status.split()[1] == "400"
+    assert set(envelope["error"]) == {"message", "type", "param", "code"}
+    assert "Transfer-Encoding" in envelope["error"]["message"]
+    assert headers["connection"] == "close"
+    assert after == b""  # closed: neither the body nor the request after it is read as a request
+    assert httpserver.log == []
+
+
+def test_ambiguous_framing_speaks_the_clients_family(make_app, httpserver, live_gateway):
+    base = live_gateway(make_app(httpserver.url_for("").rstrip("/")))
+    request = (b"POST /v1/messages HTTP/1.1\r\nHost: gateway\r\nanthropic-version: 2023-06-01\r\n"
+               b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n%s" % (len(CHUNKED_BODY), CHUNKED_BODY))
+    status, headers, envelope, after = raw_exchange(base, request)
+    assert status.split()[1] == "400"
+    assert envelope["type"] == "error" and envelope["error"]["type"] == "invalid_request_error"
+    assert headers["request-id"] == headers["x-request-id"]
+    assert after == b""
+
+
+def test_plain_chunked_body_still_reaches_the_upstream(make_app, httpserver, live_gateway):
+    httpserver.expect_request("/v1/chat/completions", method="POST").respond_with_json(CHAT_ANSWER)
+    base = live_gateway(make_app(httpserver.url_for("").rstrip("/")))
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n%s" % CHUNKED_BODY)
+    status, _, answer, _ = raw_exchange(base, request)
+    assert status.split()[1] == "200"
+    assert answer["object"] == "chat.completion"
+    assert json.loads(httpserver.log[0][0].data)["messages"] == [{"role": "user", "content": "hi"}]

@@ -43,6 +43,8 @@ SETTINGS = (
             "half-open ones count); past it, new ones wait in the listen queue"),
     Setting("IDLE_CONNECTION_TIMEOUT_S", positive_count, 30, "whole seconds before a connection with nothing running "
             "(idle, or its headers never finished) is dropped"),
+    Setting("STREAM_STALL_TIMEOUT_S", nonnegative_seconds, 30.0, "seconds a stream's client may take no bytes "
+            "before the stream is cut and llama.cpp's slot freed; 0 = never"),
     Setting("SHUTDOWN_GRACE_S", nonnegative_seconds, 30.0, "on SIGTERM or Ctrl-C, how long requests may finish"),
     Setting("MAX_BODY_BYTES", positive_count, 8 * 1024 * 1024, "largest request body accepted (413 above it)"),
     Setting("HEALTH_CACHE_S", nonnegative_seconds, 1.0, "how long /health reuses its probe of llama-server; 0 = a new probe per poll"),

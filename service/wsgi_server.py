@@ -95,7 +95,13 @@ def _listeners(server) -> list:
     return listeners or [server]
 
 
-def make_server(app, *, host, port, threads, max_body_bytes, max_connections=4096, idle_timeout_s=30):
+# Bytes waitress holds for one connection before a write to it blocks (its default is 16 MiB): what a client
+# that stops reading costs in memory, until STREAM_STALL_TIMEOUT_S cuts its stream.
+OUTBUF_HIGH_WATERMARK = 1024 * 1024
+
+
+def make_server(app, *, host, port, threads, max_body_bytes, max_connections=4096, idle_timeout_s=30,
+                outbuf_high_watermark=OUTBUF_HIGH_WATERMARK):
     """Create (not yet run) the waitress server for app."""
     server = waitress.create_server(app, host=host, port=port, threads=threads, ident="llama-gateway",
                                     max_request_body_size=max_body_bytes,
@@ -109,7 +115,10 @@ def make_server(app, *, host, port, threads, max_body_bytes, max_connections=409
                                     # waitress drops a connection idle this long (none of its requests running),
                                     # checked every cleanup_interval: so an idle one lives at most about twice it.
                                     channel_timeout=idle_timeout_s,
-                                    cleanup_interval=min(10, idle_timeout_s))
+                                    cleanup_interval=min(10, idle_timeout_s),
+                                    # A write blocks past this many unsent bytes, so that a slow reader's stream
+                                    # waits (and the stall check sees it) instead of piling up in memory.
+                                    outbuf_high_watermark=outbuf_high_watermark)
     for listener in _listeners(server):
         listener.channel_class = EnvelopeChannel
     return server

@@ -240,3 +240,16 @@ def no_anthropic_environment(monkeypatch):
     """The anthropic SDK reads its key and base URL from the environment: the tests say each one themselves."""
     for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def slow_llama(tmp_path_factory):
+    """A real llama.cpp on a bigger random model: 4000 tokens take 20-70 s on a 2-core box."""
+    from service.llama.demo_model import write_demo_model
+    from service.llama.supervisor import LlamaSupervisor
+
+    path = write_demo_model(str(tmp_path_factory.mktemp("slow") / "slow.gguf"), embedding_size=512, layers=8,
+                            feed_forward_size=2048)
+    supervisor = LlamaSupervisor(path, ctx=8192, parallel=1, threads=1, embeddings=False, startup_timeout=60).start()
+    yield supervisor
+    supervisor.stop()

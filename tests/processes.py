@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import requests
 
 from service.llama.supervisor import LlamaSupervisor, free_port
 
@@ -97,3 +98,24 @@ posix_only = pytest.mark.skipif(os.name != "posix", reason="uses POSIX signals a
 def start_llama(path):
     """A supervised llama.cpp on path: one thread, small context, embeddings on."""
     return LlamaSupervisor(path, ctx=1024, parallel=2, threads=1, startup_timeout=60).start()
+
+
+def llama_metric(llama, name) -> float:
+    """One of the upstream's own llamacpp:* metrics, from its /metrics."""
+    for line in requests.get(llama.url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in llama.cpp's /metrics")
+
+
+def wait_processing(llama, expected, timeout) -> float:
+    """Seconds until llamacpp:requests_processing equals expected; fails after timeout."""
+    started = time.monotonic()
+    while llama_metric(llama, "llamacpp:requests_processing") != expected:
+        assert time.monotonic() - started < timeout, f"requests_processing never became {expected}"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+# ignore_eos: nothing but max_tokens (or a cut) ends it; the prompt and all of it fit the slot's context.
+LONG = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True}

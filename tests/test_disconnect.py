@@ -8,8 +8,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from service.proxy.disconnect import DisconnectWatch, UpstreamCall
-from tests.fakes import SSE_HEAD, BrokenPeer, chunk
+from service.proxy.disconnect import CLIENT_LEFT, CLIENT_STALLED, DisconnectWatch, StallClock, UpstreamCall
+from tests.fakes import SSE_HEAD, BrokenPeer, Clock, chunk
+from tests.processes import LONG, llama_metric, wait_processing
 
 CHAT = "/v1/chat/completions"
 EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
@@ -35,6 +36,33 @@ def test_watch_cuts_only_calls_whose_client_left():
         time.sleep(0.01)
     assert gone.aborted and not staying.aborted
     watch.unwatch(staying)
+
+
+def test_watch_cuts_calls_whose_client_stalled_and_says_why():
+    watch = DisconnectWatch(interval_s=0.01)
+    stalled, left, reading = UpstreamCall(), UpstreamCall(), UpstreamCall()
+    watch.watch(stalled, lambda: False, lambda: True)
+    watch.watch(left, lambda: True, lambda: True)  # gone is gone, whether or not it read
+    watch.watch(reading, lambda: False, lambda: False)
+    deadline = time.monotonic() + 2
+    while not (stalled.aborted and left.aborted) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (stalled.aborted, left.aborted, reading.aborted) == (CLIENT_STALLED, CLIENT_LEFT, None)
+    watch.unwatch(reading)
+
+
+def test_stall_clock_counts_only_a_write_in_progress():
+    clock = Clock()
+    stall = StallClock(30, clock=clock)
+    clock.now += 100  # waiting on llama.cpp, between writes
+    assert not stall.stalled()
+    stall.writing()
+    clock.now += 29.9
+    assert not stall.stalled()
+    clock.now += 0.1
+    assert stall.stalled()
+    stall.written()
+    assert not stall.stalled()
 
 
 def test_a_call_cut_between_connections_shuts_the_next_one_at_once():
@@ -109,42 +137,6 @@ def test_unanswered_request_is_closed_when_the_client_leaves(make_app, live_gate
     assert peer.requests == 1  # a call cut for a client that left is never retried
     lines = [record for record in caplog.records if record.getMessage() == "request"]
     assert lines and lines[-1].fields["status"] == 499 and lines[-1].fields["error"] == "client_closed_request"
-
-
-@pytest.fixture(scope="module")
-def slow_llama(tmp_path_factory):
-    """A real llama.cpp on a bigger random model: 4000 tokens take 20-70 s on a 2-core box."""
-    from service.llama.demo_model import write_demo_model
-    from service.llama.supervisor import LlamaSupervisor
-
-    path = write_demo_model(str(tmp_path_factory.mktemp("slow") / "slow.gguf"), embedding_size=512, layers=8,
-                            feed_forward_size=2048)
-    supervisor = LlamaSupervisor(path, ctx=8192, parallel=1, threads=1, embeddings=False, startup_timeout=60).start()
-    yield supervisor
-    supervisor.stop()
-
-
-def llama_metric(llama, name) -> float:
-    """One of the upstream's own llamacpp:* metrics, from its /metrics."""
-    import requests
-
-    for line in requests.get(llama.url + "/metrics", timeout=5).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"no {name} in llama.cpp's /metrics")
-
-
-def wait_processing(llama, expected, timeout) -> float:
-    """Seconds until llamacpp:requests_processing equals expected; fails after timeout."""
-    started = time.monotonic()
-    while llama_metric(llama, "llamacpp:requests_processing") != expected:
-        assert time.monotonic() - started < timeout, f"requests_processing never became {expected}"
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
-# ignore_eos: nothing but max_tokens (or a cut) ends it; the prompt and all of it fit the slot's context.
-LONG = {"prompt": "Once upon a time", "max_tokens": 4000, "ignore_eos": True}
 
 
 @pytest.mark.llama

@@ -12,6 +12,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_flask_exporter import PrometheusMetrics
 
+from ..proxy.disconnect import CLIENT_STALLED
+
 log = logging.getLogger(__name__)
 
 # LLM latencies run from milliseconds (embeddings, cached prompts) to minutes (long generations on a CPU).
@@ -34,6 +36,8 @@ class GatewayMetrics:
                                            ["route"], buckets=LATENCY_BUCKETS, registry=registry)
         self.upstream_errors = Counter("gateway_upstream_errors", "llama-server failures by kind",
                                        ["kind"], registry=registry)
+        self.stalled_streams = Counter("gateway_stalled_streams", "Streams cut because their client stopped "
+                                       "reading (STREAM_STALL_TIMEOUT_S)", registry=registry)
         self.retries = Counter("gateway_upstream_retries", "Retries of upstream calls", registry=registry)
         self.rate_limited = Counter("gateway_rate_limited", "Requests refused by a limit, by client and limit",
                                     ["client", "limit"], registry=registry)
@@ -72,6 +76,8 @@ class GatewayMetrics:
             self.upstream_up.set(0 if record.upstream_error in UNREACHABLE else 1)
         if record.upstream_error:
             self.upstream_errors.labels(record.upstream_error).inc()
+        if record.error == CLIENT_STALLED:
+            self.stalled_streams.inc()
         if record.retries:
             self.retries.inc(record.retries)
         if record.rate_limited:

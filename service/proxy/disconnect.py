@@ -4,10 +4,12 @@ waitress notices a vanished client only when it next writes to it, which may be 
 a non-streamed answer). With waitress's channel_request_lookahead on, it puts waitress.client_disconnected
 into the environ; one watcher thread polls that for every upstream call in flight and, for a client that has
 gone, shuts the call's socket, so the blocked read ends at once and llama.cpp sees the connection close.
+The same thread cuts a stream whose client has stopped reading (a StallClock says so), to free llama.cpp's slot.
 """
 import logging
 import socket
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +23,7 @@ class ClientGone(Exception):
 
 # Why a call was cut.
 CLIENT_LEFT = "client_left"
+CLIENT_STALLED = "client_stalled"
 SHUTDOWN = "shutdown"
 
 
@@ -35,7 +38,7 @@ class UpstreamCall:
 
     def __init__(self):
         self.sock = None  # the socket carrying it, once the request is sent; None between connections
-        self.aborted = None  # why it was cut: CLIENT_LEFT or SHUTDOWN
+        self.aborted = None  # why it was cut: CLIENT_LEFT, CLIENT_STALLED or SHUTDOWN
         self._lock = threading.Lock()
 
     def __enter__(self):
@@ -75,6 +78,30 @@ class UpstreamCall:
                 pass
 
 
+class StallClock:
+    """Times a stream's writes to its client: waitress asks the relay for its next event only once the last
+    one was written, and a write blocks while waitress holds outbuf_high_watermark bytes the client has not
+    taken. A write that has not returned for timeout_s seconds is a stalled client."""
+
+    def __init__(self, timeout_s: float, clock=time.monotonic):
+        self.timeout = timeout_s
+        self.clock = clock
+        self.since = None  # when the write in progress began; None between writes
+
+    def writing(self):
+        """Note that an event was handed to the server."""
+        self.since = self.clock()
+
+    def written(self):
+        """Note that the server asked for the next event (its write returned)."""
+        self.since = None
+
+    def stalled(self) -> bool:
+        """Whether the write in progress has waited timeout_s or more."""
+        since = self.since
+        return since is not None and self.clock() - since >= self.timeout
+
+
 def current_call():
     """The UpstreamCall this thread is making, if any."""
     return getattr(_current, "call", None)
@@ -82,7 +109,7 @@ def current_call():
 
 class DisconnectWatch:
     """Knows every upstream call in flight; polls the clients of those it can every interval seconds, and cuts
-    the calls of clients that have gone (or all calls, at shutdown)."""
+    the calls of clients that have gone or stopped reading (or all calls, at shutdown)."""
 
     def __init__(self, interval_s=0.25):
         self.interval = interval_s
@@ -90,10 +117,10 @@ class DisconnectWatch:
         self._lock = threading.Lock()
         self._thread = None
 
-    def watch(self, call: UpstreamCall, client_gone=None) -> None:
-        """Track call until unwatch(call), and cut it when client_gone() (if given) turns true."""
+    def watch(self, call: UpstreamCall, client_gone=None, stalled=None) -> None:
+        """Track call until unwatch(call), and cut it when client_gone() or stalled() (each if given) turns true."""
         with self._lock:
-            self._watched[call] = client_gone
+            self._watched[call] = (client_gone, stalled)
             if self._thread is None:
                 # Started on first use, not when the app is built: nothing runs until there is work.
                 self._thread = threading.Thread(target=self._run, name="disconnect-watch", daemon=True)
@@ -108,12 +135,14 @@ class DisconnectWatch:
         while True:
             threading.Event().wait(self.interval)
             with self._lock:
-                gone = [call for call, client_gone in self._watched.items() if client_gone and client_gone()]
-                for call in gone:
+                cut = [(call, reason) for call, checks in self._watched.items()
+                       for reason in [_reason(*checks)] if reason]
+                for call, _ in cut:
                     del self._watched[call]
-            for call in gone:
-                log.info("client disconnected; closing its llama-server call")
-                call.abort(CLIENT_LEFT)
+            for call, reason in cut:
+                log.info("client %s; closing its llama-server call",
+                         "stopped reading" if reason == CLIENT_STALLED else "disconnected")
+                call.abort(reason)
 
     def abort_all(self) -> int:
         """Cut every call in flight (the shutdown grace is over); return how many."""
@@ -122,3 +151,12 @@ class DisconnectWatch:
         for call in calls:
             call.abort(SHUTDOWN)
         return len(calls)
+
+
+def _reason(client_gone, stalled):
+    """Why a watched call must be cut now, or None."""
+    if client_gone and client_gone():
+        return CLIENT_LEFT
+    if stalled and stalled():
+        return CLIENT_STALLED
+    return None

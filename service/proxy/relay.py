@@ -6,7 +6,8 @@ events need) is asked of the request's family (service/families). Token usage is
 stream's, to ask for the usage chunk the client did not ask for (service/proxy/usage_request.py); that chunk is
 then taken out again so that the client gets exactly the stream it asked for. Where the gateway routes by model,
 the answers' "model" members are set to the name the client sent. llama.cpp's report of a failure mid-stream
-ends the relayed stream with the family's own error event.
+ends the relayed stream with the family's own error event. A stream whose client takes no bytes for
+STREAM_STALL_TIMEOUT_S is cut (disconnect.StallClock): llama.cpp's slot is freed, and the client gets nothing more.
 """
 import json
 import logging
@@ -18,7 +19,7 @@ from flask import Response, current_app, g, request
 from ..errors import ClientClosedRequest, ShuttingDown, UpstreamError, current_family
 from ..families.family import StreamRequest
 from . import sse
-from .disconnect import UpstreamCall
+from .disconnect import CLIENT_STALLED, StallClock, UpstreamCall
 from .usage_request import ask_for_usage, asks_for_usage
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,14 @@ def get_upstream():
     return current_app.extensions["upstream"]
 
 
-def send_watched(route, endpoint: Endpoint, raw: bytes, stream: bool):
+def send_watched(route, endpoint: Endpoint, raw: bytes, stream: bool, stalled=None):
     """POST raw to a replica of route as an UpstreamCall that is cut if this request's client disconnects
-    (where waitress can tell) or when the shutdown grace runs out; return (response, call). The call stays
-    watched for a stream (its relay unwatches it) and is unwatched at once otherwise, or on any failure."""
+    (where waitress can tell), if stalled() turns true, or when the shutdown grace runs out; return (response,
+    call). The call stays watched for a stream (its relay unwatches it) and is unwatched at once otherwise, or on
+    any failure."""
     record, watch, upstream = g.record, current_app.extensions["disconnect_watch"], get_upstream()
     call = UpstreamCall()
-    watch.watch(call, request.environ.get("waitress.client_disconnected"))
+    watch.watch(call, request.environ.get("waitress.client_disconnected"), stalled)
     headers = {"X-Request-Id": record.request_id}
     try:
         record.replica, response = route.send(
@@ -106,7 +108,9 @@ def proxy_generation(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     strip_usage = endpoint.asks_stream_usage and not asks_for_usage(body)
     if strip_usage:
         raw = ask_for_usage(raw, body)
-    response, call = send_watched(route, endpoint, raw, stream=True)
+    stall_timeout = current_app.config["STREAM_STALL_TIMEOUT_S"]
+    clock = StallClock(stall_timeout) if stall_timeout else None  # 0: a stream may wait for its client forever
+    response, call = send_watched(route, endpoint, raw, stream=True, stalled=clock and clock.stalled)
     watch = current_app.extensions["disconnect_watch"]
     try:
         upstream, replica_url, family = get_upstream(), g.record.replica.url, current_family()
@@ -123,8 +127,9 @@ def proxy_generation(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
         stream = Stream(upstream, response, endpoint.timeouts, g.record, call, watch,
                         current_app.extensions["gateway_metrics"].open_streams, family,
                         family.events(family, StreamRequest(body.get("model"), ask)),
-                        strip_usage, None if route.name is None else model_member(route.name))
-        relayed = Response(relay_events(stream), status=200, mimetype="text/event-stream", headers=SSE_HEADERS)
+                        strip_usage, None if route.name is None else model_member(route.name), clock)
+        relayed = Response(timed_writes(stream, relay_events(stream)), status=200, mimetype="text/event-stream",
+                           headers=SSE_HEADERS)
         # Not the generator's finally: a generator that was never started does not run it when closed, and a
         # server may close the body without reading any of it. Registered before the policy's own close (the
         # log line and metrics), so that those see the stream ended.
@@ -152,6 +157,7 @@ class Stream:
     editor: object  # the family's editor of this stream's events
     strip_usage: bool
     model: bytes = None  # the "model" member every event gets, where the gateway routes by model
+    clock: StallClock = None  # times the writes to the client; None when STREAM_STALL_TIMEOUT_S is 0
 
     def close(self):
         """Let go of the upstream call (the response calls this once, when the server closes it): when the
@@ -170,6 +176,28 @@ class Stream:
         """Record error on the request and return the family's event that ends the stream with it."""
         self.record.error, self.record.upstream_error = error.code, getattr(error, "kind", None)
         return self.editor.error_event(error.status, error.client_message, **error.fields)
+
+
+def timed_writes(stream: Stream, events):
+    """Pass events on, timing each write to the client for the stall check; stop, sending nothing more, once
+    the call was cut because the client stopped reading (the server asks for the next event only after the last
+    one was written, so this is the first moment the relay can tell)."""
+    clock = stream.clock
+    if clock is None:
+        yield from events
+        return
+    try:
+        for data in events:
+            clock.writing()
+            yield data
+            clock.written()
+            if stream.call.aborted == CLIENT_STALLED:
+                return
+    finally:
+        events.close()
+        # Also when the client left while its write was blocked: it had stalled first.
+        if stream.call.aborted == CLIENT_STALLED:
+            stream.record.error = CLIENT_STALLED
 
 
 def relay_events(stream: Stream):

@@ -65,7 +65,9 @@ def test_bench_quick_runs_and_reports(tmp_path):
     assert set(figures["load"]) == {"direct", "bare", "gateway"}
     assert not any(target["errors"] for target in figures["load"].values())
     assert set(figures["verdicts"]) >= {"overhead_ratio_c1", "throughput_share_c16", "added_ttft_ms",
-                                        "added_ms_per_chunk", "rss_mib", "start_s", "no_memory_growth"}
+                                        "added_ms_per_chunk", "rss_mib", "start_s", "no_memory_growth",
+                                        "flood_added_p50_ms", "flood_all_held"}
+    assert figures["flood"]["held"] == figures["flood"]["connections"] == 300
     assert {name: figures["streaming"][name]["events"] for name in ("direct", "bare", "gateway")} == {
         "direct": 21, "bare": 21, "gateway": 21}
     assert "| goal | measured | target | met |" in result.stdout

@@ -112,9 +112,10 @@ def test_a_client_that_stops_reading_is_cut(make_app, access_log):
     assert "gateway_stalled_streams_total 1.0" in metrics
 
 
-@pytest.mark.parametrize("events", [400])  # 6.4 MiB: a hundred times the watermark
-def test_a_client_that_reads_is_not_cut(make_app, access_log, events):
-    peer = BrokenPeer(flood(events))
+def read_stream(make_app, access_log, answer) -> tuple:
+    """Stream a chat answer from a raw-socket upstream (answer(peer, conn)) through a gateway with a 1 s stall
+    timeout, reading all of it at once; return (the body, the request's log line)."""
+    peer = BrokenPeer(answer)
     try:
         with serving(make_app(peer.url, STREAM_STALL_TIMEOUT_S="1")) as (host, port, _):
             conn = http.client.HTTPConnection(host, port, timeout=10)
@@ -124,6 +125,12 @@ def test_a_client_that_reads_is_not_cut(make_app, access_log, events):
             [line] = access_log.wait(1)
     finally:
         peer.close()
+    return body, line
+
+
+@pytest.mark.parametrize("events", [400])  # 6.4 MiB: a hundred times the watermark
+def test_a_client_that_reads_is_not_cut(make_app, access_log, events):
+    body, line = read_stream(make_app, access_log, flood(events))
     assert body.count(b"data: {") == events and body.endswith(b"data: [DONE]\n\n")
     assert "error" not in line
 
@@ -134,16 +141,7 @@ def test_a_stream_waiting_on_llama_is_not_a_stalled_client(make_app, access_log)
         peer.done.wait(1.5)  # llama.cpp silent past STREAM_STALL_TIMEOUT_S (a long prompt, say)
         conn.sendall(chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
 
-    peer = BrokenPeer(slow)
-    try:
-        with serving(make_app(peer.url, STREAM_STALL_TIMEOUT_S="1")) as (host, port, _):
-            conn = http.client.HTTPConnection(host, port, timeout=10)
-            conn.request("POST", CHAT, body=BODY, headers={"Content-Type": "application/json"})
-            body = conn.getresponse().read()
-            conn.close()
-            [line] = access_log.wait(1)
-    finally:
-        peer.close()
+    body, line = read_stream(make_app, access_log, slow)
     assert body == BIG_EVENT + b"data: [DONE]\n\n"
     assert "error" not in line
 

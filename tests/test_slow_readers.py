@@ -7,7 +7,6 @@ import select
 import socket
 import threading
 import time
-from urllib.parse import urlsplit
 
 import pytest
 

@@ -1,8 +1,7 @@
-"""The shape of an API family, and how a request finds its own."""
+"""The shape of an API family: its usage fields, its stream editor, its errors and headers."""
 import json
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
-
 
 
 @dataclass(frozen=True)

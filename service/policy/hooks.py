@@ -5,7 +5,6 @@ from flask import current_app, g, request
 from flask_cors import CORS
 
 from ..errors import current_family
-from ..families import family_of_request
 from ..operations.request_log import RequestRecord, request_id_from
 from .auth import KeyRing, authenticate
 from .limits import WINDOW_S, Limits, RateLimited, RateLimiter
@@ -51,7 +50,7 @@ def _needs_key() -> bool:
 def begin_request():
     """Give the request its id, record and API family, then check its key and its client's limits (before any
     upstream call)."""
-    g.family = family_of_request()
+    current_family()  # looked up once, from the matched route, and kept on g for every answer below
     g.record = record = RequestRecord(request_id_from(request.headers.get("x-request-id")), request.method,
                                       request.path, time.perf_counter(),
                                       route=request.url_rule.rule if request.url_rule else "unmatched")
@@ -75,7 +74,7 @@ def finish_request(response):
     if record is None:
         return response
     lease = g.get("lease")
-    family = g.get("family") or current_family()
+    family = current_family()
     for name in family.request_id_headers:
         response.headers[name] = record.request_id
     if lease is not None and lease.rate is not None:

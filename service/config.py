@@ -77,7 +77,16 @@ SETTINGS = (
     Setting("MODEL_UPSTREAMS", model_upstreams, None, "route by model: chat=http://h1:8080|http://h2:8080,embed=http://h3:8080"),
     Setting("MODEL_PATHS", model_paths, None, "models bin/serve starts, one llama.cpp each: chat=./models/a.gguf,embed=./models/e.gguf"),
     Setting("ENABLED_MODELS", model_names, None, "start only these of MODEL_PATHS (or of the *.gguf in models/): chat,embed"),
-    Setting("MODEL_SETTINGS", model_settings, None, "per-model llama.cpp settings: embed:ctx=512:embeddings=on,chat:parallel=4,rank:rerank=on"),
+    Setting("MODEL_SETTINGS", model_settings, None, "per-model settings: embed:ctx=512:embeddings=on,chat:parallel=4:preload=on:pin=on:ttl=600,rank:rerank=on"),
+    # Models on demand (the ones bin/serve runs; never MODEL_UPSTREAMS or LLAMA_SERVER_URL).
+    Setting("MODELS_MAX_LOADED", count, 0, "models loaded at once; a request for another loads it and unloads the "
+            "least recently used idle one; 0 = every model loaded at start and kept"),
+    Setting("MODELS_MEMORY_MIB", positive_count, None, "memory budget for loaded models, each estimated from its GGUF "
+            "(weights + KV cache); unset = no budget"),
+    Setting("MODEL_IDLE_TTL_S", nonnegative_seconds, 0.0, "unload a model unused this long (per model: "
+            "MODEL_SETTINGS name:ttl=S); 0 = never"),
+    Setting("ADMIN_API_KEY", api_key, None, "key for the admin routes (POST /models/load, /models/unload); unset = "
+            "those routes are off", secret=True),
     Setting("REPLICA_EJECT_AFTER", positive_count, 3, "failures to take a request in a row that take a replica out of rotation"),
     Setting("REPLICA_COOLDOWN_S", seconds, 10.0, "how long an ejected replica rests before its /health is probed"),
     # Timeouts per route group: connect is the TCP connect, read is the longest silence while answering.
@@ -91,7 +100,9 @@ SETTINGS = (
     Setting("MODELS_READ_TIMEOUT_S", seconds, 5.0, "read timeout for /v1/models and /health"),
     # The llama.cpp the gateway starts when LLAMA_SERVER_URL is unset.
     Setting("LLAMA_SERVER_BIN", text, None, "llama-server binary to run; unset: llama-server on PATH, else xllamacpp"),
-    Setting("LLAMA_MODEL", model_file, None, "one GGUF to serve; unset: every *.gguf in models/, else a demo model"),
+    Setting("LLAMA_MODEL", model_file, None, "one GGUF to serve (a path, or hf:OWNER/REPO[:QUANT] from Hugging Face); "
+            "unset: every *.gguf in MODELS_DIR, else a demo model"),
+    Setting("MODELS_DIR", text, None, "where models are found and fetched ones kept; unset = models/ in the project"),
     Setting("LLAMA_HOST", text, "127.0.0.1", "address the embedded llama.cpp listens on"),
     Setting("LLAMA_PORT", port, None, "port of the embedded llama.cpp; unset picks a free one"),
     Setting("LLAMA_CTX", positive_count, 4096, "context size in tokens, shared by the parallel slots"),
@@ -135,6 +146,8 @@ def load_settings(source: Mapping[str, Any] = None) -> dict:
     keys = [key for key, _ in settings["OPENAI_API_KEYS"] or ()]
     if settings["OPENAI_API_KEY"] in keys:
         raise ConfigError("OPENAI_API_KEYS: repeats the key of OPENAI_API_KEY")
+    if settings["ADMIN_API_KEY"] and settings["ADMIN_API_KEY"] in [settings["OPENAI_API_KEY"], *keys]:
+        raise ConfigError("ADMIN_API_KEY: must differ from every client key (a client key must never act as admin)")
     return settings
 
 

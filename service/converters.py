@@ -56,8 +56,11 @@ def seconds(value):
 
 def nonnegative_seconds(value):
     """A number of seconds, 0 allowed (0 means off)."""
-    if value in ("0", 0, 0.0):
-        return 0.0
+    try:
+        if float(value) == 0:
+            return 0.0
+    except (TypeError, ValueError):
+        pass  # seconds() says what is wrong
     return seconds(value)
 
 
@@ -181,7 +184,7 @@ def rate_limits(value):
 # Model names: what clients send as "model", and what may appear in logs, metric labels and response bodies.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
 MODEL_OPTIONS = {"ctx": "positive", "parallel": "positive", "threads": "positive", "embeddings": "flag",
-                 "rerank": "flag"}
+                 "rerank": "flag", "ttl": "positive", "preload": "flag", "pin": "flag"}
 
 
 def _model_name(name, entry):
@@ -255,7 +258,8 @@ def model_settings(value):
         first_option = next((i for i, part in enumerate(parts) if "=" in part), len(parts))
         name, options = ":".join(parts[:first_option]), parts[first_option:]
         if not options or any("=" not in option for option in options):
-            raise ValueError(f"bad entry {entry.strip()!r}: the format is model:ctx=N:parallel=N:threads=N:embeddings=on:rerank=on")
+            raise ValueError(f"bad entry {entry.strip()!r}: the format is model:option=value:..., with options "
+                             f"{', '.join(MODEL_OPTIONS)}")
         name = _model_name(name, entry.strip())
         if name in overrides:
             raise ValueError(f"model {name} is listed twice")

@@ -16,8 +16,9 @@ from .proxy.routing import Router, upstream_targets
 from .proxy.upstream import Upstream
 
 
-def create_app(config=None) -> Flask:
-    """Build the gateway app: settings from config (a mapping of setting names) or else the environment."""
+def create_app(config=None, pool=None) -> Flask:
+    """Build the gateway app: settings from config (a mapping of setting names) or else the environment; pool,
+    the local models bin/serve runs (service/llama/pool.py), if any."""
     app = Flask(__name__)
     settings = load_settings(config)
     app.config.from_mapping(settings)
@@ -38,6 +39,7 @@ def create_app(config=None) -> Flask:
         backoff_max=settings["UPSTREAM_BACKOFF_MAX_S"],
         api_key=settings["LLAMA_API_KEY"],
     )
+    app.extensions["model_pool"] = pool
     app.extensions["disconnect_watch"] = watch = DisconnectWatch()
     app.extensions["lifecycle"] = Lifecycle(watch)
     register_error_handlers(app)

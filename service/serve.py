@@ -60,8 +60,13 @@ def _replica_facts(url, local) -> dict:
     if url not in local:
         return {"url": public_url(url), "kind": "external llama-server"}
     model, supervisor = local[url]
-    return {"url": url, "kind": f"embedded llama.cpp via {supervisor.backend}", "pid": supervisor.process.pid,
-            "model": model.path, "model_source": model.source}
+    facts = {"url": url, "kind": f"embedded llama.cpp via {supervisor.backend}", "model": model.path,
+             "model_source": model.source}
+    if supervisor.process is not None and supervisor.process.poll() is None:
+        facts["pid"] = supervisor.process.pid
+    else:
+        facts["loaded"] = False  # MODELS_MAX_LOADED: loaded by the first request that names it
+    return facts
 
 
 def banner(facts) -> str:
@@ -70,7 +75,8 @@ def banner(facts) -> str:
              f"  OpenAI base URL: {facts['base_url']}"]
     for model in facts["models"]:
         for replica in model["replicas"]:
-            pid = f", pid {replica['pid']}" if "pid" in replica else ""
+            pid = f", pid {replica['pid']}" if "pid" in replica else \
+                ", loads on first request" if replica.get("loaded") is False else ""
             served = f"\n      serving {replica['model']} (from {replica['model_source']})" if "model" in replica else ""
             lines.append(f"  model {model['name']}: {replica['url']} ({replica['kind']}{pid}){served}")
     if facts.get("demo_model"):
@@ -151,9 +157,9 @@ def main() -> int:
     if fleet:
         settings.update(fleet.route_settings(settings))
     try:
+        app = create_app(settings, pool=fleet.pool if fleet else None)  # first: its metrics count the first loads
         if fleet:
             fleet.start()
-        app = create_app(settings)
         server = make_server(app, host=settings["API_HOST"], port=settings["API_PORT"],
                              threads=settings["WAITRESS_THREADS"], max_body_bytes=settings["MAX_BODY_BYTES"],
                              max_connections=settings["MAX_CONNECTIONS"],

@@ -1,6 +1,6 @@
 """Fakes: llama-server's answers, an upstream URL nothing listens on, a raw-socket peer for the faults
 pytest-httpserver cannot make (resets, hangs mid-stream), a pytest-httpserver handler for streams that wait for the
-test, and a clock the test moves by hand."""
+test, a clock the test moves by hand, and a llama.cpp supervisor that starts at the test's word."""
 import socket
 import struct
 import threading
@@ -113,3 +113,30 @@ class Clock:
 
     def __call__(self):
         return self.now
+
+
+class FakeSupervisor:
+    """A supervisor whose start() waits for the test's go-ahead (when gated) and may be told to fail."""
+
+    def __init__(self, url):
+        self.url = url
+        self.starts = self.stops = 0
+        self.gate = None  # a threading.Event start() waits for
+        self.fail_with = None
+        self.on_state = None
+        self.running = False
+
+    def start(self):
+        self.starts += 1
+        if self.gate is not None:
+            assert self.gate.wait(5)
+        if self.fail_with:
+            from service.llama.supervisor import LlamaStartError
+
+            raise LlamaStartError(self.fail_with)
+        self.running = True
+        return self
+
+    def stop(self):
+        self.stops += 1
+        self.running = False

@@ -26,7 +26,7 @@ def test_also_served_without_the_v1_prefix(fake_client, httpserver):
     httpserver.expect_request("/v1/models").respond_with_json({"data": [{"id": "m"}]})
     listing = fake_client.get("/models").get_json()
     assert listing == {"object": "list", "data": [{"id": "m", "object": "model", "created": 0,
-                                                   "owned_by": "llamacpp"}]}
+                                                   "owned_by": "llamacpp", "status": "loaded"}]}
 
 
 @pytest.mark.parametrize("answer", [{"data": "nope"}, {"models": []}, {"data": [{"name": "no id"}]}])
@@ -42,7 +42,8 @@ def test_routed_models_are_listed_whether_up_or_not_with_what_their_upstream_tel
     client = routed_app(make_app, {"chat": [up.url_for("")], "embed": [unused_port_url()]}).test_client()
     listing = client.get("/v1/models").get_json()
     chat, embed = listing["data"]
-    assert chat == {"id": "chat", "object": "model", "created": 7, "owned_by": "llamacpp", "meta": {"n_ctx": 2048}}
+    assert chat == {"id": "chat", "object": "model", "created": 7, "owned_by": "llamacpp", "meta": {"n_ctx": 2048},
+                    "status": "loaded"}  # a llama-server the gateway does not run is always loaded
     assert embed["id"] == "embed" and embed["owned_by"] == "llamacpp" and "meta" not in embed
     client.get("/v1/models")
     assert len(up.log) == 1  # what a model is does not change: asked once

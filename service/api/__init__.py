@@ -1,7 +1,7 @@
 """The gateway's endpoints, one blueprint per endpoint, each with the API family its clients speak."""
 from ..families import ANTHROPIC, LLAMA, OPENAI, RESPONSES
 from ..operations import openapi
-from . import chat, completions, embeddings, health, infill, messages, models, rerank, responses, tokens
+from . import admin, chat, completions, embeddings, health, infill, messages, models, rerank, responses, tokens
 
 # Each blueprint and the family of its routes (None: no family; errors there are OpenAI-shaped).
 BLUEPRINTS = (
@@ -11,6 +11,7 @@ BLUEPRINTS = (
     (chat.bp, OPENAI),
     (completions.bp, OPENAI),
     (embeddings.bp, OPENAI),
+    (admin.bp, OPENAI),
     (responses.bp, RESPONSES),
     (messages.bp, ANTHROPIC),
     (rerank.bp, LLAMA),

@@ -14,7 +14,7 @@ def list_models():
     configured ones where the gateway routes by model, else llama-server's own."""
     router = current_app.extensions["router"]
     if router.fallback is not None:
-        entries = _upstream_entries(router.fallback.replicas[0].url, record=g.record)
+        entries = _fallback_entries(router.fallback)
         # llama.cpp adds an ollama-style "models" list beside "data"; OpenAI clients expect only "data".
         return jsonify({"object": "list", "data": [_openai_model(entry) for entry in entries]})
     return jsonify({"object": "list", "data": [_routed_model(route) for route in router.routes.values()]})
@@ -27,11 +27,26 @@ def retrieve_model(model):
     llama-server for any name, every name is that server's model."""
     router = current_app.extensions["router"]
     if router.fallback is not None:
-        entries = _upstream_entries(router.fallback.replicas[0].url, record=g.record)
+        entries = _fallback_entries(router.fallback)
         if not entries:
             raise UpstreamBadResponse("llama-server's /v1/models lists no model")
         return jsonify(_openai_model({**entries[0], "id": model}))
     return jsonify(_routed_model(router.route(model)))
+
+
+def _local_model(route):
+    """The local model behind route (service/llama/pool.py), or None where the gateway does not run it."""
+    pool = current_app.extensions.get("model_pool")
+    return pool.model_for(route) if pool is not None else None
+
+
+def _fallback_entries(route) -> list:
+    """The one llama-server's models with their status; a local model that is not loaded is listed by its name
+    without asking llama.cpp (which is not there to ask)."""
+    local = _local_model(route)
+    if local is not None and local.status != "loaded":
+        return [{"id": local.name, "status": local.status}]
+    return [{**entry, "status": "loaded"} for entry in _upstream_entries(route.replicas[0].url, record=g.record)]
 
 
 def _upstream_entries(base_url, record=None) -> list:
@@ -46,9 +61,12 @@ def _upstream_entries(base_url, record=None) -> list:
 
 
 def _routed_model(route) -> dict:
-    """A configured model, listed whether or not a replica is up; with what its llama-server tells of it
-    (context size and the like, in meta) once one replica has answered."""
-    if route.metadata is None:
+    """A configured model, listed whether or not a replica is up, with its status (loaded, loading, unloaded,
+    failed); with what its llama-server tells of it (context size and the like, in meta) once one replica has
+    answered."""
+    local = _local_model(route)
+    status = "loaded" if local is None else local.status
+    if route.metadata is None and status == "loaded":
         for replica in route.replicas:
             if replica.ejected:
                 continue
@@ -61,7 +79,7 @@ def _routed_model(route) -> dict:
             # Kept for good: what a model file is does not change while its server runs.
             route.metadata = {key: value for key, value in entries[0].items() if key not in ("id", "aliases")}
             break
-    return _openai_model({"created": route.created, **(route.metadata or {}), "id": route.name})
+    return _openai_model({"created": route.created, **(route.metadata or {}), "id": route.name, "status": status})
 
 
 def _openai_model(entry: dict) -> dict:

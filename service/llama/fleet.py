@@ -5,7 +5,9 @@ file (the demo model when there is none). ENABLED_MODELS narrows the list.
 """
 from ..config import ConfigError
 from .model_file import MODELS_DIR, LocalModel, choose_model, model_files
-from .supervisor import LlamaSupervisor, start_all
+from .model_memory import estimate_mib
+from .pool import ModelPool, PooledModel
+from .supervisor import LlamaSupervisor
 
 
 def local_models(settings, models_dir: str = MODELS_DIR) -> list:
@@ -45,6 +47,10 @@ def model_traits(path: str) -> dict:
     return traits
 
 
+# MODEL_SETTINGS options that are the pool's, not llama.cpp's.
+POOL_OPTIONS = ("ttl", "preload", "pin")
+
+
 def supervisor_for(model: LocalModel, settings, port=None) -> LlamaSupervisor:
     """A supervisor for one model: the LLAMA_* settings, then what the model file says of itself, then the
     model's own MODEL_SETTINGS."""
@@ -54,31 +60,47 @@ def supervisor_for(model: LocalModel, settings, port=None) -> LlamaSupervisor:
         options["ctx"] = min(settings["LLAMA_CTX"], traits["trained_ctx"])
     if traits.get("embedding_only"):
         options.update(embeddings=True, pooling=None)  # the model's own pooling (rank for a reranker)
-    own = dict((settings["MODEL_SETTINGS"] or {}).get(model.name, {}))
+    own = {key: value for key, value in _own_settings(model, settings).items() if key not in POOL_OPTIONS}
     if own.pop("rerank", False):
         options.update(embeddings=True, pooling="rank")  # llama-server's --reranking: /v1/rerank
     options.update(own)
     return LlamaSupervisor.from_settings(settings, model.path, alias=model.name, **options)
 
 
+def _own_settings(model, settings) -> dict:
+    return dict((settings["MODEL_SETTINGS"] or {}).get(model.name, {}))
+
+
+def pooled_model(model: LocalModel, supervisor: LlamaSupervisor, settings) -> PooledModel:
+    """The pool's view of one model: its idle TTL, preload and pin settings, and its estimated memory need."""
+    own = _own_settings(model, settings)
+    need = estimate_mib(model.path, supervisor.ctx) if settings["MODELS_MEMORY_MIB"] else None
+    return PooledModel(model.name, supervisor, ttl_s=own.get("ttl", settings["MODEL_IDLE_TTL_S"]),
+                       pinned=own.get("pin", False), preload=own.get("preload", False), need_mib=need)
+
+
 class Fleet:
-    """The supervised llama.cpp servers of the local models."""
+    """The supervised llama.cpp servers of the local models, in a pool that loads them on demand."""
 
     def __init__(self, models, settings):
         self.models = models
         # LLAMA_PORT holds for one model; several get free ports.
         port = settings["LLAMA_PORT"] if len(models) == 1 else None
         self.supervisors = [supervisor_for(model, settings, port) for model in models]
+        self.pool = ModelPool([pooled_model(model, supervisor, settings)
+                               for model, supervisor in zip(models, self.supervisors)],
+                              max_loaded=settings["MODELS_MAX_LOADED"], memory_mib=settings["MODELS_MEMORY_MIB"],
+                              load_timeout_s=settings["LLAMA_STARTUP_TIMEOUT_S"])
 
     def start(self):
-        """Start every llama.cpp at once and wait until all serve; raise LlamaStartError if one does not."""
-        start_all(self.supervisors)
+        """Start the llama.cpp servers that load at start (every one, unless MODELS_MAX_LOADED is set) side by
+        side and wait until all serve; raise LlamaStartError if one does not."""
+        self.pool.start()
         return self
 
     def stop(self):
         """Stop every llama.cpp."""
-        for supervisor in self.supervisors:
-            supervisor.stop()
+        self.pool.stop()
 
     def route_settings(self, settings) -> dict:
         """The settings that route to the local models: LLAMA_SERVER_URL for one model chosen without

@@ -63,6 +63,7 @@ class LlamaSupervisor:
         self.port = port or free_port(host)
         self.binary = binary
         self.startup_timeout = startup_timeout
+        self.ctx = ctx
         self.flags = ["--model", model_path, "--host", host, "--port", str(self.port), "--ctx-size", str(ctx),
                       "--parallel", str(parallel), "--metrics",
                       # The model's id in /v1/models: its file name without .gguf, never its full path.
@@ -82,6 +83,10 @@ class LlamaSupervisor:
         # Held while a child is being spawned: stop() takes it too, so it never misses a child being born.
         self._lock = threading.Lock()
         self._watcher = None
+        self._started = threading.Event()  # set once the first child serves, or failed to (then _start_error)
+        self._start_error = None
+        # Told of a restart: on_state("restarting" | "ready" | "failed", detail), from the watcher's thread.
+        self.on_state = None
 
     @classmethod
     def from_settings(cls, settings, model_path, **overrides):
@@ -124,10 +129,18 @@ class LlamaSupervisor:
         # stop() has joined the last watcher, so no thread still reads this event as "stopping".
         self._stopping.clear()
         self.output.clear()
+        self._started.clear()
+        self._start_error = None
 
     def _start_watching(self):
         self._watcher = threading.Thread(target=self._watch, name="llama-supervisor", daemon=True)
         self._watcher.start()
+
+    def _wait_started(self):
+        """Wait until the watcher's first child serves; raise what stopped it if it does not."""
+        self._started.wait()
+        if self._start_error is not None:
+            raise self._start_error
 
     def _spawn(self) -> bool:
         """Start the child, unless stop() has begun: then start nothing and return False."""
@@ -180,6 +193,18 @@ class LlamaSupervisor:
                               "(LLAMA_STARTUP_TIMEOUT_S)")
 
     def _watch(self):
+        # This thread spawns every child it watches. On Linux a child's parent-death signal is sent when the thread
+        # that forked it ends, not the process: a child forked by a short-lived thread (a load on demand) would be
+        # killed as soon as that thread finished.
+        try:
+            if not self._spawn():
+                raise LlamaStartError("llama.cpp was stopped while starting")
+            self.wait_ready()
+        except BaseException as error:  # noqa: BLE001 - handed to the thread that waits in start_all
+            self._start_error = error
+            return
+        finally:
+            self._started.set()
         delay = RESTART_DELAY_S
         while not self._stopping.is_set():
             started = time.monotonic()
@@ -189,6 +214,7 @@ class LlamaSupervisor:
             if time.monotonic() - started > HEALTHY_RUN_S:
                 delay = RESTART_DELAY_S
             log.warning("llama.cpp exited; restarting", extra={"fields": {"exit_code": code, "restart_in_s": delay}})
+            self._tell("restarting", f"llama.cpp exited with code {code}")
             if self._stopping.wait(delay) or not self._spawn():
                 return
             delay = min(delay * 2, RESTART_DELAY_MAX_S)
@@ -197,10 +223,16 @@ class LlamaSupervisor:
                 self.wait_ready()
                 log.info("llama.cpp serving again", extra={"fields": {"restarts": self.restarts,
                                                                       "pid": self.process.pid}})
+                self._tell("ready", None)
             except LlamaStartError as error:
                 if self._stopping.is_set():
                     return  # stop() ended the child while it loaded: not a failure
                 log.error("llama.cpp restart failed", extra={"fields": {"reason": str(error).splitlines()[0]}})
+                self._tell("failed", str(error).splitlines()[0])
+
+    def _tell(self, state, detail):
+        if self.on_state is not None:
+            self.on_state(state, detail)
 
     def stop(self, timeout=10.0):
         """Stop watching and end the child: terminate, then kill if it does not leave within timeout. Returns
@@ -234,13 +266,10 @@ def start_all(supervisors):
         supervisor._reset()
     try:
         for supervisor in supervisors:
-            if not supervisor._spawn():
-                raise LlamaStartError("llama.cpp was stopped while starting")
+            supervisor._start_watching()
         for supervisor in supervisors:
-            supervisor.wait_ready()
+            supervisor._wait_started()
     except BaseException:
         for supervisor in supervisors:
             supervisor.stop()
         raise
-    for supervisor in supervisors:
-        supervisor._start_watching()

@@ -10,9 +10,10 @@ from ..errors import UpstreamError
 class HealthProbe:
     """Asks the llama-servers how they are at most once per ttl seconds, however often /health is polled."""
 
-    def __init__(self, upstream, router, ttl_s, up_gauge):
+    def __init__(self, upstream, router, ttl_s, up_gauge, pool=None):
         self.upstream = upstream
         self.router = router
+        self.pool = pool  # the local models (service/llama/pool.py): one not loaded is not probed
         self.ttl = ttl_s
         self.up_gauge = up_gauge
         self._ready = threading.Condition()  # guards the three below; notified when a refresh ends
@@ -77,6 +78,9 @@ class HealthProbe:
         or ejected)."""
         started = time.perf_counter()
         upstream = {"url": replica.label}
+        local = self.pool.by_url.get(replica.url) if self.pool is not None else None
+        if local is not None and local.status != "loaded":
+            return {**upstream, **_not_loaded(local)}
         try:
             self.upstream.request("GET", "/health", group="models", base_url=replica.url).close()
         except UpstreamError as error:
@@ -105,6 +109,14 @@ class HealthProbe:
         return load
 
 
+def _not_loaded(model) -> dict:
+    """A local model that is not loaded: no fault while it can be loaded (unloaded, or loading), down when its
+    load failed."""
+    if model.status == "failed":
+        return {"status": "failed", "reason": model.failure, "serving": "down"}
+    return {"status": model.status, "serving": "ok" if model.status == "unloaded" else "degraded"}
+
+
 def _rotation(replica) -> dict:
     """The gateway's own view of a replica of a routed model: its requests in flight, and whether it is out."""
     if replica.route.name is None:
@@ -118,4 +130,5 @@ def _rotation(replica) -> dict:
 def init_health(app, ttl_s):
     """Give app its health probe."""
     app.extensions["health_probe"] = HealthProbe(app.extensions["upstream"], app.extensions["router"], ttl_s,
-                                                 app.extensions["gateway_metrics"].upstream_up)
+                                                 app.extensions["gateway_metrics"].upstream_up,
+                                                 app.extensions.get("model_pool"))

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_flask_exporter import PrometheusMetrics
 
 from ..proxy.disconnect import CLIENT_STALLED
+from .model_metrics import init_model_metrics
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ def init_metrics(app, include_upstream=False) -> GatewayMetrics:
     exporter = PrometheusMetrics(app, registry=registry, export_defaults=False)
     gateway = GatewayMetrics(registry)
     registry.register(ReplicaCollector(app.extensions["router"]))
+    init_model_metrics(app, registry)
     if include_upstream:
         registry.register(UpstreamMetricsCollector(app.extensions["upstream"], app.extensions["router"]))
     app.extensions["metrics"] = exporter

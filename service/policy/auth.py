@@ -8,6 +8,8 @@ from ..errors import ApiError
 
 # The client id of requests when no key is configured (open access).
 OPEN_ACCESS_CLIENT = "anonymous"
+# The client id of requests made with ADMIN_API_KEY (their log line and metrics say "admin", never the key).
+ADMIN_CLIENT = "admin"
 
 
 class Unauthorized(ApiError):
@@ -27,6 +29,23 @@ def derived_client_id(key: str) -> str:
 
 def _digest(key: str) -> bytes:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).digest()
+
+
+class AdminKeyRequired(ApiError):
+    """A client key on an admin route: the key is valid, but only ADMIN_API_KEY may do this."""
+
+    status = 403
+    code = "admin_key_required"
+
+
+class AdminApiOff(ApiError):
+    """An admin route while ADMIN_API_KEY is unset: the admin API is off, as if its routes did not exist."""
+
+    status = 404
+    code = "admin_api_disabled"
+
+    def __init__(self):
+        super().__init__(f"The admin API is off: set ADMIN_API_KEY to use {request.method} {request.path}")
 
 
 class KeyRing:
@@ -83,3 +102,25 @@ def authenticate(keyring: KeyRing) -> str:
     if client is None:
         raise Unauthorized("Incorrect API key provided")
     return client
+
+
+def admin_keyring(settings):
+    """A ring holding only ADMIN_API_KEY (client 'admin'), or None while it is unset (the admin API is off)."""
+    key = settings["ADMIN_API_KEY"]
+    return KeyRing([(key, ADMIN_CLIENT)]) if key else None
+
+
+def authenticate_admin(admin_ring, client_ring: KeyRing) -> str:
+    """Return 'admin' for a request carrying ADMIN_API_KEY; else raise 404 while the admin API is off, 401 without
+    a key or with one the gateway does not know, 403 with a client's key."""
+    if admin_ring is None:
+        raise AdminApiOff()
+    key = presented_key()
+    if key is None:
+        raise Unauthorized("Missing admin API key: send ADMIN_API_KEY as 'Authorization: Bearer <key>' or "
+                           "'x-api-key: <key>'")
+    if admin_ring.client_for(key) is not None:
+        return ADMIN_CLIENT
+    if client_ring.client_for(key) is not None:
+        raise AdminKeyRequired("This route needs the admin key (ADMIN_API_KEY); a client's API key may not use it")
+    raise Unauthorized("Incorrect API key provided")

@@ -6,12 +6,15 @@ from flask_cors import CORS
 
 from ..errors import current_family
 from ..operations.request_log import RequestRecord, request_id_from
-from .auth import KeyRing, authenticate
+from .auth import KeyRing, admin_keyring, authenticate, authenticate_admin
 from .limits import WINDOW_S, Limits, RateLimited, RateLimiter
 from .shared_limits import SharedRateLimiter
 
 # Reachable without a key: load balancers and probes poll it.
 PUBLIC_PATHS = ("/health", "/openapi.json")
+# Routes for ADMIN_API_KEY alone (models on demand): no client key, no client limits. Matched by URL rule, so
+# that only a request that reaches their views needs the admin key.
+ADMIN_RULES = ("/models/load", "/models/unload")
 
 # What a browser may read of an answer: the request id and every family's rate-limit headers.
 EXPOSED_HEADERS = ["x-request-id", "request-id"] + [
@@ -22,6 +25,7 @@ EXPOSED_HEADERS = ["x-request-id", "request-id"] + [
 def init_policy(app, settings):
     """Set up keys, limits and CORS for app, and the hooks that apply them to every request."""
     app.extensions["keyring"] = KeyRing.from_settings(settings)
+    app.extensions["admin_keyring"] = admin_keyring(settings)
     default = Limits(settings["RATE_LIMIT_RPM"], settings["RATE_LIMIT_TPM"], settings["RATE_LIMIT_CONCURRENT"])
     # Not an environment setting: tests shorten the window so that waiting one out takes seconds.
     window_s = app.config.get("RATE_LIMIT_WINDOW_S", WINDOW_S)
@@ -47,15 +51,24 @@ def _needs_key() -> bool:
     return request.path != "/metrics" or current_app.config["METRICS_REQUIRE_KEY"]
 
 
+def _is_admin() -> bool:
+    # A CORS preflight (OPTIONS) carries no key, as on every route; the POST after it needs the admin key.
+    return request.method != "OPTIONS" and request.url_rule is not None and request.url_rule.rule in ADMIN_RULES
+
+
 def begin_request():
     """Give the request its id, record and API family, then check its key and its client's limits (before any
-    upstream call)."""
+    upstream call); on an admin route, the admin key instead."""
     current_family()  # looked up once, from the matched route, and kept on g for every answer below
     g.record = record = RequestRecord(request_id_from(request.headers.get("x-request-id")), request.method,
                                       request.path, time.perf_counter(),
                                       route=request.url_rule.rule if request.url_rule else "unmatched")
     current_app.extensions["gateway_metrics"].in_flight.inc()
     current_app.extensions["lifecycle"].begin()
+    if _is_admin():
+        record.client_id = authenticate_admin(current_app.extensions["admin_keyring"],
+                                              current_app.extensions["keyring"])
+        return
     if not _needs_key():
         return
     record.client_id = authenticate(current_app.extensions["keyring"])
@@ -74,6 +87,7 @@ def finish_request(response):
     if record is None:
         return response
     lease = g.get("lease")
+    hold = g.get("model_hold")  # the local model it named (service/llama/pool.py)
     family = current_family()
     for name in family.request_id_headers:
         response.headers[name] = record.request_id
@@ -90,6 +104,8 @@ def finish_request(response):
             limiter.release(lease, record.total_tokens)
         if record.replica is not None:
             record.replica.release()
+        if hold is not None:
+            hold.release()
         metrics.in_flight.dec()
         metrics.observe(record)
         record.log()

@@ -14,9 +14,9 @@ import logging
 import re
 from dataclasses import dataclass
 
-from flask import Response, current_app, g, request
+from flask import Response, current_app, g, request, stream_with_context
 
-from ..errors import ClientClosedRequest, ShuttingDown, UpstreamError, current_family
+from ..errors import ApiError, ClientClosedRequest, ShuttingDown, UpstreamError, current_family
 from ..families.family import StreamRequest
 from . import sse
 from .disconnect import CLIENT_STALLED, StallClock, UpstreamCall
@@ -25,6 +25,10 @@ from .usage_request import ask_for_usage, asks_for_usage
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+# A stream waiting for its model to load gets this SSE comment (which clients ignore) every few seconds.
+LOAD_KEEPALIVE_S = 3.0
+LOADING_COMMENT = b": loading the model\n\n"
 
 # A "model" member of a JSON object. Inside a JSON string every '"' is escaped, so this matches members only.
 _MODEL_MEMBER = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
@@ -71,12 +75,25 @@ def proxy_json_post(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     """POST the client's bytes to the model's llama-server and answer with its JSON body (unchanged, but for
     the model's name where the gateway routes by model)."""
     route = current_app.extensions["router"].route(body.get("model"))
+    hold = hold_model(route)
+    if hold is not None:
+        hold.wait()  # for its load, if it is not loaded: bounded by LLAMA_STARTUP_TIMEOUT_S
     response, _ = send_watched(route, endpoint, raw, stream=False)
     answer, parsed = get_upstream().read_json(response, endpoint.path, endpoint.answers)
     g.record.add_tokens(*current_family().usage.read(parsed))
     if route.name is not None:
         answer = answer_with_model(answer, parsed, route.name)
     return Response(answer, status=response.status_code, mimetype="application/json")
+
+
+def hold_model(route):
+    """Claim the local model behind route for this request (service/llama/pool.py), released when the answer
+    has been sent; None where the gateway does not run the model's llama-server."""
+    pool = current_app.extensions.get("model_pool")
+    hold = pool.claim(route) if pool is not None else None
+    if hold is not None:
+        g.model_hold = hold
+    return hold
 
 
 def answer_with_model(answer: bytes, parsed, name: str) -> bytes:
@@ -105,6 +122,50 @@ def proxy_generation(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     if body.get("stream") is not True:
         return proxy_json_post(endpoint, raw, body)
     route = current_app.extensions["router"].route(body.get("model"))
+    hold = hold_model(route)
+    if hold is not None and not hold.wait(timeout=0):
+        return _stream_after_load(hold, endpoint, raw, body, route)
+    stream = open_stream(endpoint, raw, body, route)
+    try:
+        relayed = Response(timed_writes(stream, relay_events(stream)), status=200, mimetype="text/event-stream",
+                           headers=SSE_HEADERS)
+        # Not the generator's finally: a generator that was never started does not run it when closed, and a
+        # server may close the body without reading any of it. Registered before the policy's own close (the
+        # log line and metrics), so that those see the stream ended.
+        relayed.call_on_close(stream.close)
+    except BaseException:
+        stream.close()
+        raise
+    return relayed
+
+
+def _stream_after_load(hold, endpoint, raw, body, route) -> Response:
+    """A stream whose model is still loading: answer at once, with an SSE comment every few seconds while the
+    load lasts (so that clients and proxies in between do not time out), then the stream; or the family's error
+    event if the load fails."""
+    opened = []
+
+    def events():
+        try:
+            while not hold.wait(LOAD_KEEPALIVE_S):
+                yield LOADING_COMMENT
+            opened.append(open_stream(endpoint, raw, body, route))
+        except ApiError as error:
+            g.record.error = error.code
+            family = current_family()
+            yield family.events(family, StreamRequest(body.get("model"), lambda path: None)).error_event(
+                error.status, error.client_message, **error.fields)
+            return
+        yield from timed_writes(opened[0], relay_events(opened[0]))
+
+    relayed = Response(stream_with_context(events()), status=200, mimetype="text/event-stream",
+                       headers=SSE_HEADERS)
+    relayed.call_on_close(lambda: opened and opened[0].close())
+    return relayed
+
+
+def open_stream(endpoint: Endpoint, raw: bytes, body: dict, route) -> "Stream":
+    """Send a stream's request to a replica of route and return the Stream that relays its answer."""
     strip_usage = endpoint.asks_stream_usage and not asks_for_usage(body)
     if strip_usage:
         raw = ask_for_usage(raw, body)
@@ -128,18 +189,12 @@ def proxy_generation(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
                         current_app.extensions["gateway_metrics"].open_streams, family,
                         family.events(family, StreamRequest(body.get("model"), ask)),
                         strip_usage, None if route.name is None else model_member(route.name), clock)
-        relayed = Response(timed_writes(stream, relay_events(stream)), status=200, mimetype="text/event-stream",
-                           headers=SSE_HEADERS)
-        # Not the generator's finally: a generator that was never started does not run it when closed, and a
-        # server may close the body without reading any of it. Registered before the policy's own close (the
-        # log line and metrics), so that those see the stream ended.
-        relayed.call_on_close(stream.close)
     except BaseException:
         watch.unwatch(call)
         response.close()
         raise
     stream.open_streams.inc()
-    return relayed
+    return stream
 
 
 @dataclass

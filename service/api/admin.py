@@ -1,0 +1,47 @@
+"""POST /models/load and /models/unload: the admin API of models on demand, in llama-server router's shape.
+
+Only ADMIN_API_KEY reaches these views (policy/hooks.py checks it, as it checks client keys elsewhere). The
+answer is llama-server's {"success": true}, with the model's status after the call.
+"""
+from flask import Blueprint, current_app, jsonify
+
+from ..errors import InvalidRequest
+from ..proxy.routing import ModelNotFound
+from ..schemas.admin import ModelActionSchema
+from .request_body import read_json_body
+
+bp = Blueprint("admin", __name__)
+action_schema = ModelActionSchema()
+REASON = "admin"
+
+
+@bp.post("/models/load")
+def load_model():
+    """Load a model the gateway runs, waiting (bounded) until it serves."""
+    name, pool = _pooled_model()
+    return jsonify({"success": True, "status": pool.load(name, reason=REASON)})
+
+
+@bp.post("/models/unload")
+def unload_model():
+    """Unload a model the gateway runs, waiting (bounded) until its llama.cpp has stopped."""
+    name, pool = _pooled_model()
+    return jsonify({"success": True, "status": pool.unload(name, reason=REASON)})
+
+
+def _pooled_model() -> tuple:
+    """The body's model name and the pool that runs it; 404 for a name the gateway does not know, 400 for one it
+    routes to a llama-server it does not run (MODEL_UPSTREAMS, LLAMA_SERVER_URL)."""
+    _, body = read_json_body(action_schema)
+    name = body["model"]
+    pool = current_app.extensions.get("model_pool")
+    if pool is not None and pool.model_named(name) is not None:
+        return name, pool
+    router = current_app.extensions["router"]
+    # Without a pool, the one route for any name is a llama-server someone else runs; with one, that route is
+    # the pool's own model, which must be named as the pool knows it.
+    if name in router.routes or (pool is None and router.fallback is not None):
+        raise InvalidRequest("This model is served by a llama-server the gateway does not run (MODEL_UPSTREAMS or "
+                             "LLAMA_SERVER_URL); the gateway never loads or unloads a llama-server it does not run",
+                             param="model", code="model_not_managed")
+    raise ModelNotFound(name)

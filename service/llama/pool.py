@@ -1,0 +1,471 @@
+"""Models on demand: the local models' llama.cpp processes, loaded by the first request that names them and
+unloaded when idle too long or to make room for another (the least recently used idle one).
+
+Each model has one state, changed only under the pool's lock:
+    unloaded -> loading -> loaded -> draining -> unloading -> unloaded
+A load or an unload runs in a thread of its own, so that a request that gives up waiting never cuts one short.
+A request holds its model (a Hold) from the moment it names it until its answer has been sent: a held model is
+never unloaded, and "draining" (chosen to make room) takes no new requests, so that a model waiting for room is
+never starved by a busy one. A load that fails leaves the model "failed" until a backoff has passed.
+A loaded model whose llama.cpp dies is restarted by its supervisor; requests that arrive meanwhile wait for it.
+"""
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from ..errors import ApiError
+from .supervisor import LlamaStartError
+
+log = logging.getLogger(__name__)
+
+UNLOADED, LOADING, LOADED, DRAINING, UNLOADING, FAILED = (
+    "unloaded", "loading", "loaded", "draining", "unloading", "failed")
+# What clients see: a model draining still serves the requests it has; one unloading is as good as unloaded.
+SHOWN = {DRAINING: LOADED, UNLOADING: UNLOADED}
+# States that hold (or are about to hold) a llama.cpp process, and so count against the limits.
+OCCUPYING = (LOADING, LOADED, DRAINING, UNLOADING)
+
+# After a failed load the next request may try again after 5 s, doubling to 5 minutes.
+LOAD_RETRY_S = 5.0
+LOAD_RETRY_MAX_S = 300.0
+# How often idle models are looked for, at most (a TTL shorter than this is checked this often).
+IDLE_CHECK_S = 1.0
+
+
+class ModelLoadFailed(ApiError):
+    """The model could not be loaded; the message says why and when the next try is."""
+
+    status = 503
+    code = "model_load_failed"
+
+    def __init__(self, name, reason, retry_after_s):
+        super().__init__(f"The model '{name}' failed to load: {reason}", type="server_error",
+                         headers={"Retry-After": str(max(1, round(min(retry_after_s, LOAD_RETRY_MAX_S))))})
+
+
+class ModelLoadTimeout(ApiError):
+    """The model was not loaded within LLAMA_STARTUP_TIMEOUT_S of the request's arrival."""
+
+    status = 503
+    code = "model_load_timeout"
+
+    def __init__(self, name, waited_s):
+        super().__init__(f"The model '{name}' was not loaded within {waited_s:g} s (LLAMA_STARTUP_TIMEOUT_S); "
+                         "try again", type="server_error", headers={"Retry-After": "5"})
+
+
+@dataclass
+class ModelEvent:
+    """A load or an unload that ended: what the log line and the metrics are made of."""
+
+    kind: str  # "load" or "unload"
+    model: str
+    reason: str  # load: request, admin, preload, restart; unload: lru, memory, idle, admin, shutdown
+    duration_s: float
+    ok: bool = True
+    error: str = None
+
+
+class PooledModel:
+    """One local model: its supervised llama.cpp, its settings and its state (guarded by the pool's lock)."""
+
+    def __init__(self, name, supervisor, *, ttl_s=0.0, pinned=False, preload=False, need_mib=None):
+        self.name = name
+        self.supervisor = supervisor
+        self.ttl_s = ttl_s
+        self.pinned = pinned  # never unloaded to make room, nor when idle
+        self.preload = preload
+        self.need_mib = need_mib  # estimated from its GGUF; None when there is no budget or it cannot be read
+        self.state = UNLOADED
+        self.running = 0  # requests using its llama.cpp now
+        self.waiting = 0  # requests waiting for it to load
+        self.last_used = 0.0
+        self.wanted_since = None  # when a request (or the admin) first asked for it since it was last loaded
+        self.unload_reason = None  # set when it is chosen to be unloaded
+        self.failure = None  # why the last load failed
+        self.failed_loads = 0  # over its life: a waiter fails when this grows
+        self.failures_in_row = 0
+        self.retry_at = 0.0
+        self.restarting = False  # its supervisor is restarting a llama.cpp that died
+
+    @property
+    def status(self) -> str:
+        """loaded, loading, unloaded or failed."""
+        return SHOWN.get(self.state, self.state)
+
+
+class Hold:
+    """One request's claim on a model: while held, the model is not unloaded. Released exactly once."""
+
+    def __init__(self, pool, model, failed_loads, deadline):
+        self.pool = pool
+        self.model = model
+        self._failed_loads = failed_loads  # the model's count when the claim was made
+        self._deadline = deadline
+        self.running = False  # True once the model is loaded for it
+        self.released = False
+
+    def wait(self, timeout=None) -> bool:
+        """Wait up to timeout (None: as long as the load may take) for the model to be loaded; True when it is.
+        Raise ModelLoadFailed or ModelLoadTimeout (and let go of the claim) when it will not be."""
+        return self.pool._wait(self, timeout)
+
+    def release(self):
+        """Let go of the model: the request is over. A second call does nothing."""
+        self.pool._release(self)
+
+
+class ModelPool:
+    """The local models, loaded and unloaded on demand within MODELS_MAX_LOADED and MODELS_MEMORY_MIB."""
+
+    def __init__(self, models, *, max_loaded=0, memory_mib=None, load_timeout_s=300.0, clock=time.monotonic):
+        self.models = {model.name: model for model in models}
+        self.by_url = {model.supervisor.url: model for model in models}
+        self.max_loaded = max_loaded
+        self.memory_mib = memory_mib
+        self.load_timeout = load_timeout_s
+        self.clock = clock
+        self.listeners = []  # called with each ModelEvent (metrics)
+        self._changed = threading.Condition()
+        self._stopping = threading.Event()
+        self._reaper = None
+        for model in models:
+            model.supervisor.on_state = lambda state, detail, model=model: self._supervisor_said(model, state, detail)
+            if memory_mib and model.need_mib and model.need_mib > memory_mib:
+                model.state, model.retry_at = FAILED, float("inf")
+                model.failure = (f"it needs about {model.need_mib:,.0f} MiB (weights and KV cache), more than "
+                                 f"MODELS_MEMORY_MIB={memory_mib}")
+                log.warning("model too large for the memory budget", extra={"fields": {
+                    "model": model.name, "need_mib": round(model.need_mib), "budget_mib": memory_mib}})
+
+    # -- what the gateway asks -------------------------------------------------------------------------------
+
+    def model_named(self, name):
+        """The pooled model of that name, or None (a model the gateway does not run)."""
+        return self.models.get(name)
+
+    def model_for(self, route):
+        """The pooled model behind a route (one of its replicas is a local llama.cpp), or None."""
+        for replica in route.replicas:
+            model = self.by_url.get(replica.url)
+            if model is not None:
+                return model
+        return None
+
+    def claim(self, route):
+        """Hold route's local model for one request (starting its load if it is not loaded); None for a route to
+        llama-servers the gateway does not run. Raise ModelLoadFailed at once while a failed load backs off."""
+        model = self.model_for(route)
+        if model is None:
+            return None
+        with self._changed:
+            now = self.clock()
+            if model.state == FAILED and now < model.retry_at:
+                raise ModelLoadFailed(model.name, model.failure, model.retry_at - now)
+            hold = Hold(self, model, model.failed_loads, now + self.load_timeout)
+            if model.state == LOADED:
+                model.running += 1
+                model.last_used = now
+                hold.running = True
+            else:
+                model.waiting += 1
+                if model.wanted_since is None:
+                    model.wanted_since = now
+                self._plan()
+        return hold
+
+    def load(self, name, reason="admin"):
+        """Load a model (if it is not) and wait for it; return its status. Raise as Hold.wait does."""
+        model = self.models[name]
+        with self._changed:
+            if model.state == FAILED and model.retry_at != float("inf"):
+                model.retry_at = self.clock()  # an operator's load tries at once (not one that can never fit)
+            hold = Hold(self, model, model.failed_loads, self.clock() + self.load_timeout)
+            model.waiting += 1
+            model.wanted_since = model.wanted_since or self.clock()
+            self._plan()
+        try:
+            hold.wait()
+        finally:
+            hold.release()
+        return model.status
+
+    def unload(self, name, reason="admin"):
+        """Unload a model once its requests have ended (new ones wait for it to load again); return its status."""
+        model = self.models[name]
+        with self._changed:
+            deadline = self.clock() + self.load_timeout
+            while model.state == LOADING and self._changed.wait(max(0.0, deadline - self.clock())):
+                pass  # an unload asked for while loading happens once loaded
+            if model.state == LOADED or (model.state == FAILED and model.restarting):
+                self._drain(model, reason)  # a failed restart too: its supervisor stops trying
+                self._plan()
+            while model.state in (DRAINING, UNLOADING) and self._changed.wait(max(0.0, deadline - self.clock())):
+                pass
+            return model.status
+
+    def statuses(self) -> dict:
+        """Each model's status: loaded, loading, unloaded or failed."""
+        with self._changed:
+            return {name: model.status for name, model in self.models.items()}
+
+    # -- start and stop --------------------------------------------------------------------------------------
+
+    def start(self):
+        """Load the models that are loaded at start (all of them without MODELS_MAX_LOADED, else those with
+        preload=on) side by side and wait for them; raise LlamaStartError if one fails. Then watch for idle ones."""
+        first = [model for model in self.models.values() if model.state != FAILED
+                 and (model.preload or not self.max_loaded)]
+        if self.max_loaded and len(first) > self.max_loaded:
+            raise LlamaStartError(f"{len(first)} models have preload=on, more than MODELS_MAX_LOADED="
+                                  f"{self.max_loaded}")
+        started = self.clock()
+        _start_together([model.supervisor for model in first])
+        with self._changed:
+            for model in first:
+                model.state, model.last_used = LOADED, self.clock()
+        for model in first:
+            self._emit(ModelEvent("load", model.name, "preload", self.clock() - started))
+        if any(self._ttl(model) for model in self.models.values()):
+            self._reaper = threading.Thread(target=self._reap_idle, name="model-idle-check", daemon=True)
+            self._reaper.start()
+        return self
+
+    def stop(self):
+        """Stop every llama.cpp (a load under way included) and the idle check."""
+        self._stopping.set()
+        with self._changed:
+            for model in self.models.values():
+                model.state = UNLOADED
+            self._changed.notify_all()
+        for model in self.models.values():
+            model.supervisor.stop()
+
+    # -- the state machine, under the lock -------------------------------------------------------------------
+
+    def _wait(self, hold, timeout):
+        model = hold.model
+        with self._changed:
+            limit = hold._deadline if timeout is None else min(hold._deadline, self.clock() + timeout)
+            while not hold.running:
+                if hold.released:
+                    raise RuntimeError("waiting on a released hold")
+                if model.state == LOADED:
+                    model.waiting -= 1
+                    model.running += 1
+                    model.last_used = self.clock()
+                    hold.running = True
+                    break
+                if model.failed_loads > hold._failed_loads or self._stopping.is_set():
+                    self._let_go(hold)
+                    raise ModelLoadFailed(model.name, model.failure or "the gateway is stopping",
+                                          max(0.0, model.retry_at - self.clock()))
+                left = limit - self.clock()
+                if left <= 0:
+                    if limit < hold._deadline:
+                        return False  # the caller's own timeout: it may wait again
+                    self._let_go(hold)
+                    raise ModelLoadTimeout(model.name, self.load_timeout)
+                self._changed.wait(left)
+            return True
+
+    def _release(self, hold):
+        with self._changed:
+            if hold.released:
+                return
+            if hold.running:
+                hold.model.running -= 1
+                hold.model.last_used = self.clock()
+                hold.released = True
+                self._plan()
+                self._changed.notify_all()
+            else:
+                self._let_go(hold)
+
+    def _let_go(self, hold):
+        hold.released = True
+        hold.model.waiting -= 1
+        if hold.model.waiting == 0 and hold.model.state in (UNLOADED, FAILED):
+            hold.model.wanted_since = None  # nobody waits any more: no load to start for it
+        self._plan()
+        self._changed.notify_all()
+
+    def _plan(self):
+        """Start what the states call for: unload drained models, load wanted ones that fit, and choose what to
+        unload to make room for the first that does not (those behind it wait their turn)."""
+        for model in self.models.values():
+            if model.state == DRAINING and model.running == 0:
+                self._begin(model, UNLOADING, self._unload_now, model.unload_reason)
+        now = self.clock()
+        wanted = sorted((model for model in self.models.values()
+                         if model.wanted_since is not None and model.state in (UNLOADED, FAILED)
+                         and model.retry_at <= now), key=lambda model: model.wanted_since)
+        for model in wanted:
+            shortfall = self._shortfall(model)
+            if shortfall is None:
+                self._begin(model, LOADING, self._load_now, "request")
+                continue
+            self._make_room(model, *shortfall)
+            break
+
+    def _shortfall(self, model):
+        """None if model fits now; else (models, MiB) to unload beyond those already leaving ((0, 0) when it
+        fits once they have left)."""
+        staying = [other for other in self.models.values() if other.state in (LOADING, LOADED)]
+        leaving = [other for other in self.models.values() if other.state in (DRAINING, UNLOADING)]
+
+        def excess(occupied):
+            count = len(occupied) + 1 - self.max_loaded if self.max_loaded else 0
+            mib = 0.0
+            if self.memory_mib and model.need_mib:
+                mib = sum(other.need_mib or 0 for other in occupied) + model.need_mib - self.memory_mib
+            return max(0, count), max(0.0, mib)
+
+        if excess(staying + leaving) == (0, 0.0):
+            return None
+        return excess(staying)
+
+    def _make_room(self, model, extra_models, extra_mib):
+        """Choose loaded models to unload, idle ones first, least recently used first; refuse the model when
+        nothing can make room for it."""
+        # Not one whose waiters have yet to wake up and take it: it was loaded for them.
+        candidates = sorted((other for other in self.models.values()
+                             if other.state == LOADED and not other.pinned and other.waiting == 0),
+                            key=lambda other: (other.running > 0, other.last_used))
+        reason = "lru" if extra_models > 0 else "memory"
+        for victim in candidates:
+            if extra_models <= 0 and extra_mib <= 0:
+                break
+            self._drain(victim, reason)
+            extra_models -= 1
+            extra_mib -= victim.need_mib or 0
+        if extra_models > 0 or extra_mib > 0:
+            # It waits for room, unless nothing that holds room can ever give it up.
+            if not any(other.state in OCCUPYING and not other.pinned for other in self.models.values()):
+                self._refuse(model, "no room: every loaded model is pinned (MODEL_SETTINGS pin=on); raise "
+                                    "MODELS_MAX_LOADED or MODELS_MEMORY_MIB")
+            return
+        for victim in self.models.values():
+            if victim.state == DRAINING and victim.running == 0:
+                self._begin(victim, UNLOADING, self._unload_now, victim.unload_reason)
+
+    def _refuse(self, model, reason):
+        model.state, model.failure = FAILED, reason
+        model.failed_loads += 1
+        model.retry_at = self.clock() + LOAD_RETRY_S
+        model.wanted_since = None
+        self._changed.notify_all()
+
+    def _drain(self, model, reason):
+        model.state, model.unload_reason = DRAINING, reason
+
+    def _begin(self, model, state, work, reason):
+        model.state = state
+        threading.Thread(target=work, args=(model, reason), name=f"model-{state}", daemon=True).start()
+
+    # -- the work, outside the lock --------------------------------------------------------------------------
+
+    def _load_now(self, model, reason):
+        started = self.clock()
+        error = None
+        try:
+            model.supervisor.start()
+        except (LlamaStartError, RuntimeError, OSError) as failure:
+            error = _first_words(failure)
+        took = self.clock() - started
+        with self._changed:
+            model.wanted_since = None
+            if self._stopping.is_set():
+                model.state = UNLOADED
+            elif error is None:
+                model.state, model.last_used, model.failures_in_row = LOADED, self.clock(), 0
+            else:
+                model.state, model.failure = FAILED, error
+                model.failed_loads += 1
+                model.failures_in_row += 1
+                model.retry_at = self.clock() + min(LOAD_RETRY_S * 2 ** (model.failures_in_row - 1),
+                                                    LOAD_RETRY_MAX_S)
+            self._plan()
+            self._changed.notify_all()
+        self._emit(ModelEvent("load", model.name, reason, took, ok=error is None, error=error))
+
+    def _unload_now(self, model, reason):
+        started = self.clock()
+        model.supervisor.stop()
+        with self._changed:
+            model.state, model.unload_reason, model.restarting, model.retry_at = UNLOADED, None, False, 0.0
+            if model.waiting:
+                model.wanted_since = self.clock()  # requests came for it while it drained: load it again
+            self._plan()
+            self._changed.notify_all()
+        self._emit(ModelEvent("unload", model.name, reason, self.clock() - started))
+
+    def _supervisor_said(self, model, state, detail):
+        """A supervisor's word on a llama.cpp that died: "restarting", then "ready" or "failed"."""
+        with self._changed:
+            if state == "restarting" and model.state == LOADED:
+                model.state, model.restarting = LOADING, True
+            elif state == "ready" and model.restarting and model.state in (LOADING, FAILED):
+                model.state, model.restarting, model.last_used, model.retry_at = LOADED, False, self.clock(), 0.0
+            elif state == "failed" and model.restarting:
+                # The supervisor keeps trying on its own; until it succeeds, requests fail at once.
+                model.state, model.failure, model.retry_at = FAILED, detail, float("inf")
+                model.failed_loads += 1
+            self._changed.notify_all()
+        if state in ("ready", "failed"):
+            self._emit(ModelEvent("load", model.name, "restart", 0.0, ok=state == "ready", error=detail))
+
+    def _ttl(self, model) -> float:
+        return 0.0 if model.pinned else model.ttl_s
+
+    def _reap_idle(self):
+        period = min([IDLE_CHECK_S] + [self._ttl(model) / 4 for model in self.models.values() if self._ttl(model)])
+        while not self._stopping.wait(period):
+            with self._changed:
+                now = self.clock()
+                for model in self.models.values():
+                    ttl = self._ttl(model)
+                    if (ttl and model.state == LOADED and model.running == 0 and model.waiting == 0
+                            and now - model.last_used >= ttl):
+                        self._drain(model, "idle")
+                self._plan()
+
+    def _emit(self, event):
+        fields = {"model": event.model, "reason": event.reason, "duration_s": round(event.duration_s, 3)}
+        if event.ok:
+            log.info(f"model {event.kind}ed", extra={"fields": fields})
+        else:
+            log.error(f"model {event.kind} failed", extra={"fields": {**fields, "error": event.error}})
+        for listener in self.listeners:
+            listener(event)
+
+
+def _start_together(supervisors):
+    """Start several llama.cpp servers side by side (their models load at once); if one fails, stop them all and
+    raise its LlamaStartError."""
+    failures = []
+
+    def start(supervisor):
+        try:
+            supervisor.start()
+        except LlamaStartError as error:
+            failures.append(error)
+
+    threads = [threading.Thread(target=start, args=(supervisor,), name="model-preload") for supervisor in supervisors]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        for supervisor in supervisors:
+            supervisor.stop()
+        raise failures[0]
+
+
+def _first_words(error) -> str:
+    """A load failure in one line: the supervisor's reason, and llama.cpp's last line if it said more."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':;')}: {lines[-1]}"

@@ -1,0 +1,217 @@
+"""The model pool's rules, on supervisors that start and stop at the test's word: one load however many wait,
+least recently used first, busy models waited for and never cut, failures backed off, budgets and pins."""
+import threading
+import time
+
+import pytest
+
+from service.llama.pool import LOADED, ModelLoadFailed, ModelLoadTimeout, ModelPool, PooledModel
+from service.llama.supervisor import LlamaStartError
+from tests.fakes import FakeSupervisor
+
+
+class Route:
+    """What the pool reads of a routing.ModelRoute: its replicas' URLs."""
+
+    def __init__(self, url):
+        self.replicas = [type("Replica", (), {"url": url})()]
+
+
+def make_pool(names=("a", "b", "c"), **options):
+    models = [PooledModel(name, FakeSupervisor(f"http://{name}"), **options.pop(f"{name}_options", {}))
+              for name in names]
+    events = []
+    pool = ModelPool(models, load_timeout_s=options.pop("load_timeout_s", 5.0), **options)
+    pool.listeners.append(events.append)
+    return pool, {name: Route(f"http://{name}") for name in names}, events
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never came true"
+        time.sleep(0.005)
+
+
+def use(pool, route):
+    """One request's whole life: claim, wait for the load, release."""
+    hold = pool.claim(route)
+    hold.wait()
+    hold.release()
+
+
+def test_nothing_loads_until_asked_and_a_route_the_gateway_does_not_run_gets_no_hold():
+    pool, routes, _ = make_pool(max_loaded=1)
+    pool.start()
+    assert pool.statuses() == {"a": "unloaded", "b": "unloaded", "c": "unloaded"}
+    assert pool.claim(Route("http://elsewhere")) is None
+    use(pool, routes["a"])
+    assert pool.statuses()["a"] == "loaded" and pool.models["a"].supervisor.starts == 1
+
+
+def test_without_a_limit_every_model_loads_at_start():
+    pool, _, events = make_pool()
+    pool.start()
+    assert set(pool.statuses().values()) == {"loaded"}
+    assert [(event.kind, event.reason) for event in events] == [("load", "preload")] * 3
+
+
+def test_concurrent_first_requests_start_exactly_one_load():
+    pool, routes, events = make_pool(max_loaded=1)
+    supervisor = pool.models["a"].supervisor
+    supervisor.gate = threading.Event()
+    holds = [pool.claim(routes["a"]) for _ in range(6)]
+    results = []
+    waiters = [threading.Thread(target=lambda hold=hold: results.append(hold.wait())) for hold in holds]
+    for waiter in waiters:
+        waiter.start()
+    wait_until(lambda: supervisor.starts == 1)
+    assert pool.statuses()["a"] == "loading"
+    supervisor.gate.set()
+    for waiter in waiters:
+        waiter.join(5)
+    assert results == [True] * 6 and supervisor.starts == 1
+    assert pool.models["a"].running == 6
+    for hold in holds:
+        hold.release()
+        hold.release()  # a second release does nothing
+    assert pool.models["a"].running == 0 and [event.kind for event in events] == ["load"]
+
+
+def test_least_recently_used_idle_model_makes_room():
+    pool, routes, events = make_pool(max_loaded=2)
+    use(pool, routes["a"])
+    use(pool, routes["b"])
+    use(pool, routes["a"])  # b is now the least recently used
+    use(pool, routes["c"])
+    assert pool.statuses() == {"a": "loaded", "b": "unloaded", "c": "loaded"}
+    assert [(event.kind, event.model, event.reason) for event in events if event.kind == "unload"] == [
+        ("unload", "b", "lru")]
+
+
+def test_a_busy_model_is_waited_for_never_cut_and_takes_no_new_requests_meanwhile():
+    pool, routes, _ = make_pool(max_loaded=1)
+    busy = pool.claim(routes["a"])
+    busy.wait()
+    wanting = pool.claim(routes["b"])
+    assert not wanting.wait(timeout=0.05)  # a is busy: b waits
+    assert pool.models["a"].supervisor.stops == 0
+    # a is draining now: a new request for a waits behind b instead of keeping a busy forever
+    late = pool.claim(routes["a"])
+    assert not late.wait(timeout=0.05)
+    busy.release()
+    assert wanting.wait(timeout=5)
+    assert pool.models["a"].supervisor.stops == 1 and pool.statuses()["b"] == "loaded"
+    wanting.release()
+    assert late.wait(timeout=5)  # and then a comes back, b making room
+    assert pool.statuses() == {"a": "loaded", "b": "unloaded", "c": "unloaded"}
+    late.release()
+
+
+def test_a_failed_load_answers_503_with_the_reason_backs_off_and_leaves_others_alone():
+    pool, routes, events = make_pool(max_loaded=2)
+    pool.models["a"].supervisor.fail_with = "llama.cpp exited with code 1 while starting; its last lines:\nbad magic"
+    hold = pool.claim(routes["a"])
+    with pytest.raises(ModelLoadFailed) as failed:
+        hold.wait()
+    assert "bad magic" in failed.value.message and failed.value.code == "model_load_failed"
+    assert failed.value.status == 503 and int(failed.value.headers["Retry-After"]) >= 1
+    hold.release()  # nothing more to let go of
+    assert pool.statuses()["a"] == "failed" and pool.models["a"].waiting == 0
+    with pytest.raises(ModelLoadFailed):
+        pool.claim(routes["a"])  # within the backoff: at once, no new load
+    assert pool.models["a"].supervisor.starts == 1
+    use(pool, routes["b"])
+    assert pool.statuses()["b"] == "loaded"
+    pool.models["a"].retry_at = 0  # the backoff has passed
+    pool.models["a"].supervisor.fail_with = None
+    use(pool, routes["a"])
+    assert pool.statuses()["a"] == "loaded"
+    assert [(event.model, event.ok) for event in events if event.kind == "load"] == [
+        ("a", False), ("b", True), ("a", True)]
+
+
+def test_a_load_that_takes_too_long_times_out_for_its_waiters_but_goes_on():
+    pool, routes, _ = make_pool(max_loaded=1, load_timeout_s=0.2)
+    supervisor = pool.models["a"].supervisor
+    supervisor.gate = threading.Event()
+    hold = pool.claim(routes["a"])
+    with pytest.raises(ModelLoadTimeout) as timed_out:
+        hold.wait()
+    assert timed_out.value.code == "model_load_timeout" and pool.models["a"].waiting == 0
+    supervisor.gate.set()
+    wait_until(lambda: pool.statuses()["a"] == LOADED)
+
+
+def test_memory_budget_unloads_enough_and_refuses_a_model_that_cannot_fit_alone():
+    pool, routes, events = make_pool(("a", "b", "c", "huge"), memory_mib=1000, a_options={"need_mib": 600},
+                                     b_options={"need_mib": 300}, c_options={"need_mib": 500},
+                                     huge_options={"need_mib": 4000})
+    use(pool, routes["a"])
+    use(pool, routes["b"])
+    use(pool, routes["c"])  # 600 + 300 + 500 > 1000: a (least recently used) goes
+    assert pool.statuses() == {"a": "unloaded", "b": "loaded", "c": "loaded", "huge": "failed"}
+    assert [event.reason for event in events if event.kind == "unload"] == ["memory"]
+    with pytest.raises(ModelLoadFailed, match="MODELS_MEMORY_MIB=1000"):
+        pool.claim(routes["huge"])
+
+
+def test_pinned_models_stay_and_a_model_with_no_room_is_refused():
+    pool, routes, _ = make_pool(("a", "b"), max_loaded=1, a_options={"pinned": True, "preload": True})
+    pool.start()
+    hold = pool.claim(routes["b"])
+    with pytest.raises(ModelLoadFailed, match="pinned"):
+        hold.wait()
+    assert pool.statuses() == {"a": "loaded", "b": "failed"}
+
+
+def test_more_preloaded_models_than_the_limit_stop_the_start():
+    pool, _, _ = make_pool(("a", "b"), max_loaded=1, a_options={"preload": True}, b_options={"preload": True})
+    with pytest.raises(LlamaStartError, match="MODELS_MAX_LOADED=1"):
+        pool.start()
+
+
+def test_an_idle_model_is_unloaded_after_its_ttl_and_loads_again_when_asked():
+    pool, routes, events = make_pool(("a", "b"), a_options={"ttl_s": 0.2, "preload": True},
+                                     b_options={"ttl_s": 0.2, "pinned": True})
+    pool.start()
+    busy = pool.claim(routes["b"])
+    try:
+        wait_until(lambda: pool.statuses()["a"] == "unloaded")
+        assert pool.statuses()["b"] == "loaded"  # pinned: never unloaded on its own
+        assert [(event.model, event.reason) for event in events if event.kind == "unload"] == [("a", "idle")]
+        use(pool, routes["a"])
+        assert pool.models["a"].supervisor.starts == 2
+    finally:
+        busy.release()
+        pool.stop()
+
+
+def test_admin_load_and_unload_wait_for_the_outcome():
+    pool, routes, events = make_pool(("a",), max_loaded=1)
+    assert pool.load("a") == "loaded"
+    busy = pool.claim(routes["a"])
+    threading.Timer(0.1, busy.release).start()
+    assert pool.unload("a") == "unloaded"  # once its request had ended
+    assert [(event.kind, event.reason) for event in events] == [("load", "request"), ("unload", "admin")]
+
+
+def test_requests_wait_while_a_crashed_model_restarts():
+    pool, routes, _ = make_pool(("a",))
+    pool.start()
+    supervisor = pool.models["a"].supervisor
+    supervisor.on_state("restarting", "llama.cpp exited with code -9")
+    hold = pool.claim(routes["a"])
+    assert not hold.wait(timeout=0.05) and pool.statuses()["a"] == "loading"
+    supervisor.on_state("ready", None)
+    assert hold.wait(timeout=1)
+    hold.release()
+    supervisor.on_state("restarting", "llama.cpp exited with code -9")
+    hold = pool.claim(routes["a"])
+    supervisor.on_state("failed", "llama.cpp did not become ready")
+    with pytest.raises(ModelLoadFailed, match="did not become ready"):
+        hold.wait()
+    with pytest.raises(ModelLoadFailed):
+        pool.claim(routes["a"])  # failed while its supervisor keeps trying: at once
+    supervisor.on_state("ready", None)
+    use(pool, routes["a"])

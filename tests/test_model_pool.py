@@ -215,3 +215,18 @@ def test_requests_wait_while_a_crashed_model_restarts():
         pool.claim(routes["a"])  # failed while its supervisor keeps trying: at once
     supervisor.on_state("ready", None)
     use(pool, routes["a"])
+
+
+def test_a_request_sent_as_its_llama_cpp_died_waits_for_the_restart_to_be_sent_again():
+    pool, routes, _ = make_pool(("a",))
+    pool.start()
+    supervisor = pool.models["a"].supervisor
+    hold = pool.claim(routes["a"])
+    assert hold.wait(timeout=0)
+    assert not hold.wait_for_restart()  # llama.cpp is not restarting: the failure stands
+    supervisor.on_state("restarting", "llama.cpp exited with code -9")
+    threading.Timer(0.05, supervisor.on_state, ("ready", None)).start()
+    assert hold.wait_for_restart() and hold.running
+    assert (pool.models["a"].running, pool.models["a"].waiting) == (1, 0)
+    hold.release()
+    assert (pool.models["a"].running, pool.models["a"].waiting) == (0, 0)

@@ -115,6 +115,11 @@ class Hold:
         """Let go of the model: the request is over. A second call does nothing."""
         self.pool._release(self)
 
+    def wait_for_restart(self) -> bool:
+        """After its llama.cpp could not be reached: if the model is being restarted (it died), wait for that as
+        for a load and return True (the request may be sent again); False when it is not (the failure stands)."""
+        return self.pool._wait_for_restart(self)
+
 
 class ModelPool:
     """The local models, loaded and unloaded on demand within MODELS_MAX_LOADED and MODELS_MEMORY_MIB."""
@@ -269,6 +274,17 @@ class ModelPool:
                     raise ModelLoadTimeout(model.name, self.load_timeout)
                 self._changed.wait(left)
             return True
+
+    def _wait_for_restart(self, hold) -> bool:
+        model = hold.model
+        with self._changed:
+            if not hold.running or not model.restarting or model.state != LOADING:
+                return False
+            model.running -= 1
+            model.waiting += 1
+            hold.running = False
+            hold._failed_loads, hold._deadline = model.failed_loads, self.clock() + self.load_timeout
+        return self._wait(hold, None)
 
     def _release(self, hold):
         with self._changed:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from flask import Response, current_app, g, request, stream_with_context
 
-from ..errors import ApiError, ClientClosedRequest, ShuttingDown, UpstreamError, current_family
+from ..errors import ApiError, ClientClosedRequest, ShuttingDown, UpstreamError, UpstreamUnavailable, current_family
 from ..families.family import StreamRequest
 from . import sse
 from .disconnect import CLIENT_STALLED, StallClock, UpstreamCall
@@ -58,11 +58,20 @@ def send_watched(route, endpoint: Endpoint, raw: bytes, stream: bool, stalled=No
     call = UpstreamCall()
     watch.watch(call, request.environ.get("waitress.client_disconnected"), stalled)
     headers = {"X-Request-Id": record.request_id}
+
+    def send(replica):
+        return upstream.request("POST", endpoint.path, group=endpoint.timeouts, base_url=replica.url, body=raw,
+                                stream=stream, record=record, headers=headers, call=call)
+
     try:
-        record.replica, response = route.send(
-            lambda replica: upstream.request("POST", endpoint.path, group=endpoint.timeouts, base_url=replica.url,
-                                             body=raw, stream=stream, record=record, headers=headers, call=call),
-            record)
+        try:
+            record.replica, response = route.send(send, record)
+        except UpstreamUnavailable:
+            hold = g.get("model_hold")
+            # Its llama.cpp died as the request was sent: once restarted, it takes the request (nothing reached it).
+            if hold is None or not hold.wait_for_restart():
+                raise
+            record.replica, response = route.send(send, record)
     except BaseException:
         watch.unwatch(call)
         raise

@@ -13,6 +13,7 @@ from .operations.openapi import init_openapi
 from .policy.hooks import init_policy
 from .proxy.disconnect import DisconnectWatch
 from .proxy.routing import Router, upstream_targets
+from .proxy.scheduler import init_scheduler
 from .proxy.upstream import Upstream
 
 
@@ -40,6 +41,7 @@ def create_app(config=None, pool=None) -> Flask:
         api_key=settings["LLAMA_API_KEY"],
     )
     app.extensions["model_pool"] = pool
+    init_scheduler(app, settings)
     app.extensions["disconnect_watch"] = watch = DisconnectWatch()
     app.extensions["lifecycle"] = Lifecycle(watch)
     register_error_handlers(app)

@@ -6,7 +6,7 @@ from typing import Any, Callable, Mapping
 
 from .converters import (api_key, api_key_list, count, failure_mode, flag, log_format, log_level, model_file,
                          model_names, model_paths, model_settings, model_upstreams, nonnegative_seconds, origins, port,
-                         positive_count, rate_limits, redis_url, seconds, text, url)
+                         positive_count, rate_limits, redis_url, scheduler_mode, seconds, text, url)
 
 
 class ConfigError(ValueError):
@@ -60,7 +60,8 @@ SETTINGS = (
     Setting("RATE_LIMIT_RPM", count, 0, "requests per rolling 60 s per client; 0 = no limit"),
     Setting("RATE_LIMIT_TPM", count, 0, "tokens (prompt + completion) per rolling 60 s per client; 0 = no limit"),
     Setting("RATE_LIMIT_CONCURRENT", count, 0, "requests in flight per client, streams included; 0 = no limit"),
-    Setting("RATE_LIMITS", rate_limits, None, "per-client overrides: team_a:rpm=600:tpm=200000,team_b:concurrent=2"),
+    Setting("RATE_LIMITS", rate_limits, None, "per-client overrides: team_a:rpm=600:tpm=200000:weight=2,"
+            "team_b:concurrent=2 (weight: turns per round at llama.cpp's slots)"),
     Setting("RATE_LIMIT_REDIS_URL", redis_url, None, "share the limits among gateway replicas through this Redis; "
             "unset = in memory", secret=True),
     Setting("RATE_LIMIT_REDIS_FAILURE", failure_mode, "open", "Redis unreachable: open (serve unlimited, warn) or closed "
@@ -75,9 +76,15 @@ SETTINGS = (
     Setting("UPSTREAM_BACKOFF_MAX_S", seconds, 8.0, "longest wait between retries, Retry-After included"),
     # Several models, several llama-servers.
     Setting("MODEL_UPSTREAMS", model_upstreams, None, "route by model: chat=http://h1:8080|http://h2:8080,embed=http://h3:8080"),
-    Setting("MODEL_PATHS", model_paths, None, "models bin/serve starts, one llama.cpp each: chat=./models/a.gguf,embed=./models/e.gguf"),
+    Setting("MODEL_PATHS", model_paths, None, "models bin/serve runs, one llama.cpp each: chat=./models/a.gguf,embed=hf:OWNER/REPO:Q8_0"),
     Setting("ENABLED_MODELS", model_names, None, "start only these of MODEL_PATHS (or of the *.gguf in models/): chat,embed"),
     Setting("MODEL_SETTINGS", model_settings, None, "per-model settings: embed:ctx=512:embeddings=on,chat:parallel=4:preload=on:pin=on:ttl=600,rank:rerank=on"),
+    # Sharing llama.cpp's slots among clients.
+    Setting("SCHEDULER", scheduler_mode, "fair", "fair: at most each llama-server's slots in flight, the rest queued "
+            "per client and served round robin; fifo: straight on, first come first served"),
+    Setting("QUEUE_TIMEOUT_S", seconds, 300.0, "longest wait for a slot before 503 queue_timeout"),
+    Setting("QUEUE_MAX_PER_CLIENT", positive_count, 64, "requests one client may have waiting per model; beyond, "
+            "429 queue_full"),
     # Models on demand (the ones bin/serve runs; never MODEL_UPSTREAMS or LLAMA_SERVER_URL).
     Setting("MODELS_MAX_LOADED", count, 0, "models loaded at once; a request for another loads it and unloads the "
             "least recently used idle one; 0 = every model loaded at start and kept"),

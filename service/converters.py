@@ -122,9 +122,30 @@ def url(value):
     return url
 
 
+# A model on Hugging Face: hf:OWNER/REPO[:QUANT] or hf:OWNER/REPO/FILE.gguf (service/llama/hub.py fetches it).
+HUB_PREFIX = "hf:"
+_HUB_NAME = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,95}"
+HUB_MODEL = re.compile(rf"hf:(?P<repo>{_HUB_NAME}/{_HUB_NAME})(?::(?P<quant>[A-Za-z0-9][A-Za-z0-9._-]{{0,63}})"
+                       rf"|/(?P<file>(?:{_HUB_NAME}/)*{_HUB_NAME}\.gguf))?")
+HUB_FORMS = "hf:OWNER/REPO, hf:OWNER/REPO:QUANT or hf:OWNER/REPO/FILE.gguf"
+
+
+def hub_model(value):
+    """hf:OWNER/REPO[:QUANT] or hf:OWNER/REPO/FILE.gguf -> (repo, quant or None, file or None); no network."""
+    match = HUB_MODEL.fullmatch(str(value).strip())
+    if not match:
+        raise ValueError(f"must be {HUB_FORMS}, such as hf:ggml-org/gemma-3-1b-it-GGUF, not {str(value).strip()!r}")
+    return match["repo"], match["quant"], match["file"]
+
+
 def model_file(value):
-    """The absolute path of a file that exists."""
-    path = os.path.abspath(os.path.expanduser(str(value).strip()))
+    """The absolute path of a file that exists, or a model on Hugging Face (hf:OWNER/REPO[:QUANT] or
+    hf:OWNER/REPO/FILE.gguf), checked for its form only: it is fetched when bin/serve starts."""
+    text = str(value).strip()
+    if text.startswith(HUB_PREFIX):
+        hub_model(text)
+        return text
+    path = os.path.abspath(os.path.expanduser(text))
     if not os.path.isfile(path):
         raise ValueError(f"no such model file: {path}")
     return path
@@ -132,7 +153,7 @@ def model_file(value):
 
 # Client ids and limit names: what may appear in logs and metric labels.
 CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-LIMIT_NAMES = ("rpm", "tpm", "concurrent")
+LIMIT_NAMES = ("rpm", "tpm", "concurrent", "weight")  # weight: the client's turns per round (SCHEDULER=fair)
 
 
 def api_key(value):
@@ -176,7 +197,7 @@ def rate_limits(value):
         for limit in limits:
             name, _, number = limit.partition("=")
             if name not in LIMIT_NAMES or not number.isdigit():
-                raise ValueError(f"bad limit {limit!r} for {client}: use rpm=N, tpm=N or concurrent=N")
+                raise ValueError(f"bad limit {limit!r} for {client}: use rpm=N, tpm=N, concurrent=N or weight=N")
             overrides[client][name] = int(number)
     return overrides
 
@@ -184,7 +205,7 @@ def rate_limits(value):
 # Model names: what clients send as "model", and what may appear in logs, metric labels and response bodies.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
 MODEL_OPTIONS = {"ctx": "positive", "parallel": "positive", "threads": "positive", "embeddings": "flag",
-                 "rerank": "flag", "ttl": "positive", "preload": "flag", "pin": "flag"}
+                 "rerank": "flag", "ttl": "positive", "preload": "flag", "pin": "flag", "slots": "positive"}
 
 
 def _model_name(name, entry):
@@ -237,7 +258,7 @@ def model_upstreams(value):
 
 
 def model_paths(value):
-    """chat=./models/a.gguf,embed=./models/e.gguf -> {"chat": "/abs/models/a.gguf", ...}"""
+    """chat=./models/a.gguf,embed=hf:OWNER/REPO:Q8_0 -> {"chat": "/abs/models/a.gguf", "embed": "hf:OWNER/REPO:Q8_0"}"""
     return {name: model_file(path) for name, path in _named_entries(value, "path/to/model.gguf")}
 
 
@@ -273,6 +294,14 @@ def model_settings(value):
             except ValueError as error:
                 raise ValueError(f"{name}: {key} {error}") from None
     return overrides
+
+
+def scheduler_mode(value):
+    """How llama.cpp's slots are shared: fair (round robin over clients) or fifo (first come, first served)."""
+    text = str(value).strip().lower()
+    if text not in ("fair", "fifo"):
+        raise ValueError("must be fair (each client its turn at llama.cpp's slots) or fifo (first come, first served)")
+    return text
 
 
 def failure_mode(value):

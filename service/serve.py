@@ -38,6 +38,9 @@ def make_fleet(settings):
     except LlamaStartError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C while a model downloads
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def startup_facts(settings, fleet=None) -> dict:
@@ -81,7 +84,8 @@ def banner(facts) -> str:
             lines.append(f"  model {model['name']}: {replica['url']} ({replica['kind']}{pid}){served}")
     if facts.get("demo_model"):
         lines += ["  NOTE: this is the demo model: random weights, so its answers are noise.",
-                  "        For real answers put a GGUF file in models/ or set LLAMA_MODEL=/path/to/model.gguf."]
+                  "        For real answers set LLAMA_MODEL=hf:ggml-org/gemma-3-1b-it-GGUF (fetched from Hugging Face)",
+                  "        or put a GGUF file in models/."]
     if facts["open_access"]:
         lines += ["  WARNING: no API key is configured, so anyone who can reach this port can use it.",
                   "           Set OPENAI_API_KEY (or OPENAI_API_KEYS) to require one."]
@@ -94,7 +98,8 @@ def announce(settings, fleet):
     if uses_json(settings["LOG_FORMAT"]):
         log.info("ready", extra={"fields": facts})
         if facts.get("demo_model"):
-            log.warning("demo model: random weights, answers are noise; put a GGUF in models/ or set LLAMA_MODEL")
+            log.warning("demo model: random weights, answers are noise; set LLAMA_MODEL=hf:OWNER/REPO or put a GGUF "
+                        "in models/")
     else:
         print(banner(facts), file=sys.stderr, flush=True)
     if facts["open_access"]:

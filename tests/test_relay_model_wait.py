@@ -36,33 +36,33 @@ def test_a_request_waits_for_the_load_and_the_model_is_released_after(pooled, ht
 
 def test_a_stream_gets_sse_comments_while_its_model_loads(pooled, httpserver, monkeypatch):
     app, pool, supervisor = pooled
-    monkeypatch.setattr(relay, "LOAD_KEEPALIVE_S", 0.05)
+    monkeypatch.setattr(relay, "WAIT_KEEPALIVE_S", 0.05)
     supervisor.gate = threading.Event()
     httpserver.expect_request("/v1/chat/completions").respond_with_data(STREAM, content_type="text/event-stream")
     response = app.test_client().post("/v1/chat/completions", buffered=False,
                                       json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True})
     assert response.status_code == 200 and response.mimetype == "text/event-stream"
     chunks = response.response
-    assert next(chunks) == relay.LOADING_COMMENT  # sent while the load lasts
-    assert next(chunks) == relay.LOADING_COMMENT
+    assert next(chunks) == relay.WAITING_COMMENT  # sent while the load lasts
+    assert next(chunks) == relay.WAITING_COMMENT
     supervisor.gate.set()
     rest = b"".join(chunks)
     response.close()
-    assert rest.replace(relay.LOADING_COMMENT, b"").startswith(b'data: {"choices"') and b"[DONE]" in rest
+    assert rest.replace(relay.WAITING_COMMENT, b"").startswith(b'data: {"choices"') and b"[DONE]" in rest
     assert pool.models["m"].running == 0 and pool.models["m"].waiting == 0
 
 
 def test_a_stream_whose_load_fails_ends_with_the_familys_error_event(pooled, monkeypatch):
     app, pool, supervisor = pooled
-    monkeypatch.setattr(relay, "LOAD_KEEPALIVE_S", 0.05)
+    monkeypatch.setattr(relay, "WAIT_KEEPALIVE_S", 0.05)
     supervisor.gate = threading.Event()
     supervisor.fail_with = "llama.cpp exited with code 1 while starting; its last lines:\nbad magic"
     response = app.test_client().post("/v1/messages", buffered=False, headers={"anthropic-version": "2023-06-01"},
                                       json={"model": "m", "max_tokens": 5, "stream": True,
                                             "messages": [{"role": "user", "content": "hi"}]})
-    assert next(response.response) == relay.LOADING_COMMENT
+    assert next(response.response) == relay.WAITING_COMMENT
     supervisor.gate.set()
-    rest = b"".join(response.response).replace(relay.LOADING_COMMENT, b"")
+    rest = b"".join(response.response).replace(relay.WAITING_COMMENT, b"")
     response.close()
     assert rest.startswith(b"event: error\n")
     error = json.loads(rest.split(b"data: ", 1)[1])

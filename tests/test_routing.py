@@ -178,9 +178,10 @@ def test_every_request_succeeds_while_a_replica_is_dead_and_it_is_ejected(make_a
     app = routed_app(make_app, {"chat": [dead, good.url_for("")]}, REPLICA_EJECT_AFTER="2",
                      REPLICA_COOLDOWN_S="60")
     client = app.test_client()
-    for _ in range(10):
-        with chat(client) as response:  # closing it ends the request, as waitress does
-            assert response.status_code == 200
+    for turn in range(10):
+        # Each a new prompt: a repeated one would go back to the replica that answered it (cache-aware).
+        with chat(client, messages=[{"role": "user", "content": f"hi {turn}"}]) as response:
+            assert response.status_code == 200  # closing it ends the request, as waitress does
     samples = replica_samples(app)
     assert samples[("gateway_replica_failures_total", "chat", dead)] == 2  # then it was out of rotation
     assert samples[("gateway_replica_ejections_total", "chat", dead)] == 1

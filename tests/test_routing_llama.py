@@ -49,9 +49,13 @@ def test_a_replica_killed_mid_run_costs_no_request_and_comes_back(make_app, live
         base = live_gateway(app)
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=30)
 
+        sent = []
+
         def run(n):
             for _ in range(n):
-                assert client.chat.completions.create(model="chat", messages=HI, max_tokens=2).model == "chat"
+                sent.append(f"hi {len(sent)}")  # a new prompt each: a repeated one would go back where it was cached
+                messages = [{"role": "user", "content": sent[-1]}]
+                assert client.chat.completions.create(model="chat", messages=messages, max_tokens=2).model == "chat"
 
         run(6)
         assert metric(base, "gateway_replica_requests_total", replica=victim.url) == 3  # least busy, in turn

@@ -174,7 +174,8 @@ def test_read_timeouts_are_per_route(make_app, httpserver):
     httpserver.expect_request(CHAT).respond_with_handler(_slow_handler(release_chat, 5))
     httpserver.expect_request("/v1/embeddings").respond_with_handler(_slow_handler(threading.Event(), 0.4))
     try:
-        error = assert_openai_envelope(client.post(CHAT, json=CHAT_BODY), 504)
+        with client.post(CHAT, json=CHAT_BODY) as timed_out:  # closed, as a server does: its slot is free again
+            error = assert_openai_envelope(timed_out, 504)
         assert "within 0.2 s" in error["message"]
         assert error["code"] == "upstream_timeout"
     finally:

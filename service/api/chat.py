@@ -6,7 +6,7 @@ from ..schemas import ChatCompletionSchema
 from .request_body import read_json_body
 
 bp = Blueprint("chat", __name__)
-CHAT = Endpoint("/v1/chat/completions", "chat", asks_stream_usage=True)
+CHAT = Endpoint("/v1/chat/completions", "chat", asks_stream_usage=True, reuses_prompt=True)
 schema = ChatCompletionSchema()
 
 

@@ -6,7 +6,7 @@ from ..schemas import CompletionSchema
 from .request_body import read_json_body
 
 bp = Blueprint("completions", __name__)
-COMPLETIONS = Endpoint("/v1/completions", "completions")
+COMPLETIONS = Endpoint("/v1/completions", "completions", reuses_prompt=True)
 schema = CompletionSchema()
 
 

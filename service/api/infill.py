@@ -6,7 +6,7 @@ from ..schemas import InfillSchema
 from .request_body import read_json_body
 
 bp = Blueprint("infill", __name__)
-INFILL = Endpoint("/infill", "completions")
+INFILL = Endpoint("/infill", "completions", reuses_prompt=True)
 schema = InfillSchema()
 
 

@@ -6,8 +6,8 @@ from ..schemas import CountTokensSchema, MessagesSchema
 from .request_body import read_json_body
 
 bp = Blueprint("messages", __name__)
-MESSAGES = Endpoint("/v1/messages", "chat")
-COUNT_TOKENS = Endpoint("/v1/messages/count_tokens", "embeddings")
+MESSAGES = Endpoint("/v1/messages", "chat", reuses_prompt=True)
+COUNT_TOKENS = Endpoint("/v1/messages/count_tokens", "embeddings", takes_slot=False)  # tokenizes, in no slot
 messages_schema = MessagesSchema()
 count_schema = CountTokensSchema()
 

@@ -6,7 +6,7 @@ from ..schemas import ResponseSchema
 from .request_body import read_json_body
 
 bp = Blueprint("responses", __name__)
-CREATE_RESPONSE = Endpoint("/v1/responses", "chat")
+CREATE_RESPONSE = Endpoint("/v1/responses", "chat", reuses_prompt=True)
 schema = ResponseSchema()
 
 

@@ -6,9 +6,10 @@ from ..schemas import ApplyTemplateSchema, DetokenizeSchema, TokenizeSchema
 from .request_body import read_json_body
 
 bp = Blueprint("tokens", __name__)
-TOKENIZE = Endpoint("/tokenize", "embeddings")
-DETOKENIZE = Endpoint("/detokenize", "embeddings")
-APPLY_TEMPLATE = Endpoint("/apply-template", "embeddings")
+# The tokenizer and the template run in llama.cpp's HTTP thread, in no slot: they never queue for one.
+TOKENIZE = Endpoint("/tokenize", "embeddings", takes_slot=False)
+DETOKENIZE = Endpoint("/detokenize", "embeddings", takes_slot=False)
+APPLY_TEMPLATE = Endpoint("/apply-template", "embeddings", takes_slot=False)
 tokenize_schema, detokenize_schema, template_schema = TokenizeSchema(), DetokenizeSchema(), ApplyTemplateSchema()
 
 

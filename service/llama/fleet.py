@@ -3,15 +3,19 @@
 MODEL_PATHS names them; else LLAMA_MODEL is the one; else every *.gguf in models/ is one, named after its
 file (the demo model when there is none). ENABLED_MODELS narrows the list.
 """
+from dataclasses import replace
+
 from ..config import ConfigError
-from .model_file import MODELS_DIR, LocalModel, choose_model, model_files
+from .model_file import MODELS_DIR, LocalModel, choose_model, model_files, resolve
 from .model_memory import estimate_mib
 from .pool import ModelPool, PooledModel
 from .supervisor import LlamaSupervisor
 
 
-def local_models(settings, models_dir: str = MODELS_DIR) -> list:
-    """The models to start; none when the settings name only upstreams that already run."""
+def local_models(settings, models_dir: str = None) -> list:
+    """The models to start, those named hf:... fetched (or found kept in MODELS_DIR); none when the settings name
+    only upstreams that already run."""
+    models_dir = models_dir or settings["MODELS_DIR"] or MODELS_DIR
     if settings["MODEL_PATHS"]:
         models = [LocalModel(name, path, "MODEL_PATHS") for name, path in settings["MODEL_PATHS"].items()]
     elif settings["LLAMA_SERVER_URL"] or settings["MODEL_UPSTREAMS"]:
@@ -28,7 +32,8 @@ def local_models(settings, models_dir: str = MODELS_DIR) -> list:
             raise ConfigError(f"ENABLED_MODELS: no model named {', '.join(unknown)}; the models are: "
                               f"{', '.join(names)}")
         models = [model for model in models if model.name in enabled]
-    return models
+    # After ENABLED_MODELS: a model left out is never downloaded.
+    return [replace(model, path=resolve(model.path, models_dir)) for model in models]
 
 
 def model_traits(path: str) -> dict:
@@ -47,8 +52,8 @@ def model_traits(path: str) -> dict:
     return traits
 
 
-# MODEL_SETTINGS options that are the pool's, not llama.cpp's.
-POOL_OPTIONS = ("ttl", "preload", "pin")
+# MODEL_SETTINGS options that are the gateway's (the pool's, the scheduler's), not llama.cpp's.
+GATEWAY_OPTIONS = ("ttl", "preload", "pin", "slots")
 
 
 def supervisor_for(model: LocalModel, settings, port=None) -> LlamaSupervisor:
@@ -60,7 +65,7 @@ def supervisor_for(model: LocalModel, settings, port=None) -> LlamaSupervisor:
         options["ctx"] = min(settings["LLAMA_CTX"], traits["trained_ctx"])
     if traits.get("embedding_only"):
         options.update(embeddings=True, pooling=None)  # the model's own pooling (rank for a reranker)
-    own = {key: value for key, value in _own_settings(model, settings).items() if key not in POOL_OPTIONS}
+    own = {key: value for key, value in _own_settings(model, settings).items() if key not in GATEWAY_OPTIONS}
     if own.pop("rerank", False):
         options.update(embeddings=True, pooling="rank")  # llama-server's --reranking: /v1/rerank
     options.update(own)

@@ -54,6 +54,7 @@ class GatewayMetrics:
         self.build_info = Gauge("gateway_build_info", "The gateway's build", ["version", "python"], registry=registry)
         self.build_info.labels(version=__import__("service").__version__, python=platform.python_version()).set(1)
         self._route_children, self._request_children, self._token_children = {}, {}, {}
+        self.per_model = None  # model_metrics.QueueMetrics, set by init_metrics
 
     def observe(self, record):
         """Count one finished request from its record."""
@@ -79,6 +80,8 @@ class GatewayMetrics:
             self.upstream_errors.labels(record.upstream_error).inc()
         if record.error == CLIENT_STALLED:
             self.stalled_streams.inc()
+        if self.per_model is not None:
+            self.per_model.observe(record)
         if record.retries:
             self.retries.inc(record.retries)
         if record.rate_limited:
@@ -168,7 +171,7 @@ def init_metrics(app, include_upstream=False) -> GatewayMetrics:
     exporter = PrometheusMetrics(app, registry=registry, export_defaults=False)
     gateway = GatewayMetrics(registry)
     registry.register(ReplicaCollector(app.extensions["router"]))
-    init_model_metrics(app, registry)
+    gateway.per_model = init_model_metrics(app, registry)
     if include_upstream:
         registry.register(UpstreamMetricsCollector(app.extensions["upstream"], app.extensions["router"]))
     app.extensions["metrics"] = exporter

@@ -37,6 +37,8 @@ class RequestRecord:
     prompt_tokens: int = None
     completion_tokens: int = None
     retries: int = None
+    queue_ms: float = None  # how long it waited for a slot of its model (SCHEDULER=fair)
+    affinity: str = None  # where it was placed among the model's replicas: hit, miss or overflow (affinity.py)
     error: str = None
     upstream_error: str = None  # the kind of upstream failure, for metrics
     rate_limited: str = None  # the limit that refused the request
@@ -64,7 +66,8 @@ class RequestRecord:
         fields = {"request_id": self.request_id, "client_id": self.client_id, "method": self.method,
                   "path": self.path, "status": self.status, "duration_ms": self.elapsed_ms(),
                   "upstream_ms": self.upstream_ms, "ttft_ms": self.ttft_ms, "prompt_tokens": self.prompt_tokens,
-                  "completion_tokens": self.completion_tokens, "retries": self.retries, "error": self.error}
+                  "completion_tokens": self.completion_tokens, "retries": self.retries, "queue_ms": self.queue_ms,
+                  "affinity": self.affinity, "error": self.error}
         if self.replica is not None:
             fields["model"], fields["replica"] = self.replica.route.name, self.replica.label
         access_log.log(logging.DEBUG if quiet else logging.INFO, "request",

@@ -87,7 +87,7 @@ def finish_request(response):
     if record is None:
         return response
     lease = g.get("lease")
-    hold = g.get("model_hold")  # the local model it named (service/llama/pool.py)
+    admission = g.get("admission")  # its model and its slot (service/proxy/admission.py)
     family = current_family()
     for name in family.request_id_headers:
         response.headers[name] = record.request_id
@@ -104,8 +104,8 @@ def finish_request(response):
             limiter.release(lease, record.total_tokens)
         if record.replica is not None:
             record.replica.release()
-        if hold is not None:
-            hold.release()
+        if admission is not None:
+            admission.release()
         metrics.in_flight.dec()
         metrics.observe(record)
         record.log()

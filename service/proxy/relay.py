@@ -19,6 +19,8 @@ from flask import Response, current_app, g, request, stream_with_context
 from ..errors import ApiError, ClientClosedRequest, ShuttingDown, UpstreamError, UpstreamUnavailable, current_family
 from ..families.family import StreamRequest
 from . import sse
+from .admission import admit
+from .affinity import prefix_keys
 from .disconnect import CLIENT_STALLED, StallClock, UpstreamCall
 from .usage_request import ask_for_usage, asks_for_usage
 
@@ -26,9 +28,10 @@ log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-# A stream waiting for its model to load gets this SSE comment (which clients ignore) every few seconds.
-LOAD_KEEPALIVE_S = 3.0
-LOADING_COMMENT = b": loading the model\n\n"
+# A stream waiting for its model to load, or for a slot, gets this SSE comment (which clients ignore) every few
+# seconds.
+WAIT_KEEPALIVE_S = 3.0
+WAITING_COMMENT = b": waiting for the model\n\n"
 
 # A "model" member of a JSON object. Inside a JSON string every '"' is escaped, so this matches members only.
 _MODEL_MEMBER = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
@@ -42,6 +45,8 @@ class Endpoint:
     timeouts: str  # the timeout group (CHAT_*, COMPLETIONS_*, EMBEDDINGS_*, MODELS_* settings)
     asks_stream_usage: bool = False  # a stream reports usage only when asked (OpenAI's chat)
     answers: tuple = (dict,)  # the JSON types its answer may be (TEI's rerank format is a bare array)
+    takes_slot: bool = True  # llama.cpp answers it in one of its slots (not so the tokenizer's endpoints)
+    reuses_prompt: bool = False  # a generation: llama.cpp's prompt cache pays off, so placed cache-aware
 
 
 def get_upstream():
@@ -49,7 +54,7 @@ def get_upstream():
     return current_app.extensions["upstream"]
 
 
-def send_watched(route, endpoint: Endpoint, raw: bytes, stream: bool, stalled=None):
+def send_watched(route, endpoint: Endpoint, raw: bytes, body: dict, stream: bool, stalled=None):
     """POST raw to a replica of route as an UpstreamCall that is cut if this request's client disconnects
     (where waitress can tell), if stalled() turns true, or when the shutdown grace runs out; return (response,
     call). The call stays watched for a stream (its relay unwatches it) and is unwatched at once otherwise, or on
@@ -58,6 +63,7 @@ def send_watched(route, endpoint: Endpoint, raw: bytes, stream: bool, stalled=No
     call = UpstreamCall()
     watch.watch(call, request.environ.get("waitress.client_disconnected"), stalled)
     headers = {"X-Request-Id": record.request_id}
+    keys = prefix_keys(body) if endpoint.reuses_prompt and route.affinity is not None else None
 
     def send(replica):
         return upstream.request("POST", endpoint.path, group=endpoint.timeouts, base_url=replica.url, body=raw,
@@ -65,13 +71,14 @@ def send_watched(route, endpoint: Endpoint, raw: bytes, stream: bool, stalled=No
 
     try:
         try:
-            record.replica, response = route.send(send, record)
+            record.replica, response = route.send(send, record, keys)
         except UpstreamUnavailable:
-            hold = g.get("model_hold")
+            admission = g.get("admission")
+            hold = admission.hold if admission is not None else None
             # Its llama.cpp died as the request was sent: once restarted, it takes the request (nothing reached it).
             if hold is None or not hold.wait_for_restart():
                 raise
-            record.replica, response = route.send(send, record)
+            record.replica, response = route.send(send, record, keys)
     except BaseException:
         watch.unwatch(call)
         raise
@@ -84,25 +91,14 @@ def proxy_json_post(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     """POST the client's bytes to the model's llama-server and answer with its JSON body (unchanged, but for
     the model's name where the gateway routes by model)."""
     route = current_app.extensions["router"].route(body.get("model"))
-    hold = hold_model(route)
-    if hold is not None:
-        hold.wait()  # for its load, if it is not loaded: bounded by LLAMA_STARTUP_TIMEOUT_S
-    response, _ = send_watched(route, endpoint, raw, stream=False)
+    # Its model's load, then a slot: bounded by LLAMA_STARTUP_TIMEOUT_S and QUEUE_TIMEOUT_S.
+    admit(route, endpoint.takes_slot).wait()
+    response, _ = send_watched(route, endpoint, raw, body, stream=False)
     answer, parsed = get_upstream().read_json(response, endpoint.path, endpoint.answers)
     g.record.add_tokens(*current_family().usage.read(parsed))
     if route.name is not None:
         answer = answer_with_model(answer, parsed, route.name)
     return Response(answer, status=response.status_code, mimetype="application/json")
-
-
-def hold_model(route):
-    """Claim the local model behind route for this request (service/llama/pool.py), released when the answer
-    has been sent; None where the gateway does not run the model's llama-server."""
-    pool = current_app.extensions.get("model_pool")
-    hold = pool.claim(route) if pool is not None else None
-    if hold is not None:
-        g.model_hold = hold
-    return hold
 
 
 def answer_with_model(answer: bytes, parsed, name: str) -> bytes:
@@ -131,9 +127,9 @@ def proxy_generation(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     if body.get("stream") is not True:
         return proxy_json_post(endpoint, raw, body)
     route = current_app.extensions["router"].route(body.get("model"))
-    hold = hold_model(route)
-    if hold is not None and not hold.wait(timeout=0):
-        return _stream_after_load(hold, endpoint, raw, body, route)
+    admission = admit(route, endpoint.takes_slot)
+    if not admission.wait(timeout=0):
+        return _stream_after_wait(admission, endpoint, raw, body, route)
     stream = open_stream(endpoint, raw, body, route)
     try:
         relayed = Response(timed_writes(stream, relay_events(stream)), status=200, mimetype="text/event-stream",
@@ -148,16 +144,16 @@ def proxy_generation(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     return relayed
 
 
-def _stream_after_load(hold, endpoint, raw, body, route) -> Response:
-    """A stream whose model is still loading: answer at once, with an SSE comment every few seconds while the
-    load lasts (so that clients and proxies in between do not time out), then the stream; or the family's error
-    event if the load fails."""
+def _stream_after_wait(admission, endpoint, raw, body, route) -> Response:
+    """A stream whose model is still loading, or whose turn at a slot has not come: answer at once, with an SSE
+    comment every few seconds while it waits (so that clients and proxies in between do not time out), then the
+    stream; or the family's error event if the load fails or the wait times out."""
     opened = []
 
     def events():
         try:
-            while not hold.wait(LOAD_KEEPALIVE_S):
-                yield LOADING_COMMENT
+            while not admission.wait(WAIT_KEEPALIVE_S):
+                yield WAITING_COMMENT
             opened.append(open_stream(endpoint, raw, body, route))
         except ApiError as error:
             g.record.error = error.code
@@ -180,7 +176,7 @@ def open_stream(endpoint: Endpoint, raw: bytes, body: dict, route) -> "Stream":
         raw = ask_for_usage(raw, body)
     stall_timeout = current_app.config["STREAM_STALL_TIMEOUT_S"]
     clock = StallClock(stall_timeout) if stall_timeout else None  # 0: a stream may wait for its client forever
-    response, call = send_watched(route, endpoint, raw, stream=True, stalled=clock and clock.stalled)
+    response, call = send_watched(route, endpoint, raw, body, stream=True, stalled=clock and clock.stalled)
     watch = current_app.extensions["disconnect_watch"]
     try:
         upstream, replica_url, family = get_upstream(), g.record.replica.url, current_family()

@@ -10,6 +10,7 @@ import time
 
 from ..converters import public_url
 from ..errors import ApiError, InvalidRequest, UpstreamError, UpstreamUnavailable
+from .affinity import AffinityTable
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Replica:
         self.ejected_until = None  # monotonic time the cooldown ends; None while in rotation
         self.probing = False
         self.served = self.failed = self.ejections = 0
+        self.slots = None  # llama.cpp's slot count, once known (scheduler.SlotCounts)
 
     @property
     def ejected(self) -> bool:
@@ -68,10 +70,12 @@ class ModelRoute:
         self._next = 0  # where the round-robin among equally busy replicas starts
         self.metadata = None  # the upstream's /v1/models entry, once one replica told it
         self.created = int(time.time())  # for /v1/models until then
+        self.affinity = AffinityTable() if len(urls) > 1 else None  # where each prompt prefix was last served
 
-    def pick(self, exclude=()) -> Replica:
-        """Take the replica with the fewest requests in flight (ties round-robin), preferring those in rotation
-        and not yet tried; count the request on it."""
+    def pick(self, exclude=(), keys=None, record=None) -> Replica:
+        """Take the replica that last served the longest prefix of this prompt (keys: affinity.prefix_keys)
+        unless it is busier than the least busy one by too much, else the one with the fewest requests in flight
+        (ties round-robin), preferring those in rotation and not yet tried; count the request on it."""
         replicas = self.replicas
         with self.lock:
             now = self.clock()
@@ -79,12 +83,23 @@ class ModelRoute:
                 chosen = replicas[0]
             else:
                 chosen = self._least_busy(now, exclude)
+                if keys and record is not None and record.affinity is None:
+                    chosen, record.affinity = self._cache_aware(chosen, keys, exclude)
                 self._next = (replicas.index(chosen) + 1) % len(replicas)
             chosen.in_flight += 1
             due = [replica for replica in replicas if self._probe_due(replica, now)]
         for replica in due:
             threading.Thread(target=self._run_probe, args=(replica,), name="replica-probe", daemon=True).start()
         return chosen
+
+    def _cache_aware(self, least, keys, exclude) -> tuple:
+        """(replica, hit | miss | overflow): the one whose prompt cache likely holds this prompt's beginning,
+        if it has a free slot (or, slots unknown, at most one request more than the least busy)."""
+        cached = self.affinity.lookup(keys)
+        if cached is None or cached.ejected or cached in exclude:
+            return least, "miss"
+        roomy = cached.in_flight < cached.slots if cached.slots else cached.in_flight <= least.in_flight + 1
+        return (cached, "hit") if cached is least or roomy else (least, "overflow")
 
     def _least_busy(self, now, exclude):
         ordered = self.replicas[self._next:] + self.replicas[:self._next]
@@ -150,15 +165,15 @@ class ModelRoute:
             ok = False
         self._take_word(replica, ok, ends_probe=True)
 
-    def send(self, send, record=None):
-        """Call send(replica) on the least busy replica and return (replica, its response). On an error that
+    def send(self, send, record=None, keys=None):
+        """Call send(replica) on the replica pick() chooses and return (replica, its response). On an error that
         shows the replica never took the request, try another one not tried yet; never after an answer began.
 
         The replica stays counted in flight until its release() (when the answer has been relayed).
         """
         tried = []
         while True:
-            replica = self.pick(tried)
+            replica = self.pick(tried, keys, record)
             try:
                 response = send(replica)
             except UpstreamError as error:
@@ -175,6 +190,8 @@ class ModelRoute:
                 replica.release()
                 raise
             self.succeeded(replica)
+            if keys and self.affinity is not None:
+                self.affinity.remember(keys, replica)  # the one that took it: its cache now holds this prompt
             _count_failovers(record, len(tried))
             return replica, response
 

@@ -1,0 +1,60 @@
+"""What a request waits for before it is sent to llama.cpp: its local model's load (service/llama/pool.py), then
+its turn at one of the model's slots (scheduler.py). What it took is given back once, when its answer has been
+sent (the policy's close, service/policy/hooks.py)."""
+from flask import current_app, g, request
+
+from ..errors import ClientClosedRequest
+
+
+class Admission:
+    """One request's claim on its model and its place in the model's queue."""
+
+    def __init__(self, hold, scheduler, route, client, record, gone):
+        self.hold = hold  # the pool's Hold, or None where the gateway does not run the model
+        self.turn = None  # the scheduler's Turn, taken once the model is loaded
+        self._scheduler = scheduler  # None: no queue (SCHEDULER=fifo, or a call that takes no slot)
+        self._route = route
+        self._client = client
+        self._record = record
+        self._gone = gone  # gone() -> True once the client has left (waitress tells), or None
+
+    def wait(self, timeout=None) -> bool:
+        """Wait up to timeout (None: as long as the load and the queue allow) for the model, then for a slot;
+        True once both are had. Raise what the pool or the queue raise (503, 429), or ClientClosedRequest if
+        the client left while queued."""
+        if self.hold is not None and not self.hold.wait(timeout):
+            return False
+        if self.turn is None:
+            if self._scheduler is None:
+                return True
+            self.turn = self._scheduler.enter(self._route, self._client)
+        elif self._record.queue_ms is not None:
+            return True  # had already
+        if not self.turn.granted and not self.turn.wait(timeout, self._gone):
+            if self.turn.done:
+                raise ClientClosedRequest()  # it left the queue: nobody is there to answer
+            return False
+        self._record.queue_ms = round(self.turn.waited_s * 1000, 2)
+        self._scheduler.observe_wait(self._route.name, self.turn.waited_s)
+        return True
+
+    def release(self):
+        """Give back the slot and the model (each once; a second call does nothing)."""
+        try:
+            if self.turn is not None:
+                self.turn.release()
+        finally:
+            if self.hold is not None:
+                self.hold.release()
+
+
+def admit(route, takes_slot=True) -> Admission:
+    """This request's Admission for route, kept on g for the policy's close to release: the model claimed (its
+    load started if need be), the queue entered once the model is loaded (Admission.wait)."""
+    pool = current_app.extensions.get("model_pool")
+    hold = pool.claim(route) if pool is not None else None
+    scheduler = current_app.extensions.get("scheduler") if takes_slot else None
+    record = g.record
+    g.admission = admission = Admission(hold, scheduler, route, record.client_id or "anonymous", record,
+                                        request.environ.get("waitress.client_disconnected"))
+    return admission

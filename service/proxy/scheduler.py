@@ -1,0 +1,279 @@
+"""Fair share of llama.cpp's slots: at most `slots` requests in flight on a model's llama-servers, the rest
+waiting in the gateway, one queue per client, the next free slot going to the next client in turn.
+
+llama.cpp decodes `slots` requests at once and queues the rest first come, first served, so one client's batch
+would starve every other client. Here a request that finds every slot of its model taken waits in its client's
+queue; a freed slot goes round robin over the clients with requests waiting, a client with weight N taking N turns
+per round (RATE_LIMITS client:weight=N). A waiting request holds no llama.cpp slot (it holds a waitress thread).
+With SCHEDULER=fifo requests go straight on, as llama.cpp would take them. Per gateway process: several gateways
+in front of one llama-server each keep their own queues.
+"""
+import collections
+import threading
+import time
+
+from ..errors import ApiError
+
+# How often a waiting request checks whether its client is still there.
+GONE_CHECK_S = 0.25
+# A model's slot count is asked of its llama-server (/props); after a failed ask, again after this long.
+SLOTS_RETRY_S = 10.0
+
+
+class QueueFull(ApiError):
+    """The client already has QUEUE_MAX_PER_CLIENT requests waiting for this model."""
+
+    status = 429
+    code = "queue_full"
+
+    def __init__(self, model, limit):
+        super().__init__(f"Too many requests waiting for the model{_named(model)}: at most {limit} per client "
+                         "(QUEUE_MAX_PER_CLIENT); wait for some to finish", type="rate_limit_error",
+                         headers={"Retry-After": "1"})
+
+
+class QueueTimeout(ApiError):
+    """A request waited QUEUE_TIMEOUT_S for a slot."""
+
+    status = 503
+    code = "queue_timeout"
+
+    def __init__(self, model, waited_s):
+        super().__init__(f"No slot of the model{_named(model)} came free within {waited_s:g} s (QUEUE_TIMEOUT_S); "
+                         "try again later", type="server_error", headers={"Retry-After": "5"})
+
+
+def _named(model) -> str:
+    return f" '{model}'" if model else ""
+
+
+class Turn:
+    """One request's place: waiting in its client's queue, then holding a slot until released (exactly once)."""
+
+    def __init__(self, queue, client, weight):
+        self.queue = queue
+        self.client = client
+        self.weight = weight
+        self.granted = False
+        self.done = False
+        self.entered = queue.clock()
+        self.waited_s = 0.0
+
+    def wait(self, timeout, gone=None) -> bool:
+        """Wait up to timeout for a slot; True once granted. Raise QueueTimeout past the queue's own timeout, and
+        leave the queue (False) if gone() says the client left."""
+        return self.queue._wait(self, timeout, gone)
+
+    def release(self):
+        """Give the slot back (or leave the queue); a second call does nothing."""
+        self.queue._release(self)
+
+
+class FairQueue:
+    """The slots of one model and the requests waiting for them, per client."""
+
+    def __init__(self, name, slots, *, timeout_s, max_per_client, clock=time.monotonic):
+        self.name = name
+        self.slots = slots  # slots() -> the model's slot count now, or None while unknown (no limit)
+        self.timeout = timeout_s
+        self.max_per_client = max_per_client
+        self.clock = clock
+        self.in_flight = 0
+        self._waiting = {}  # client -> deque of Turns, in arrival order
+        self._order = collections.deque()  # clients with requests waiting, the next to be served first
+        self._credit = {}  # turns the client at the front has left this round
+        self._changed = threading.Condition()
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting now."""
+        with self._changed:
+            return sum(len(turns) for turns in self._waiting.values())
+
+    def enter(self, client, weight=1) -> Turn:
+        """A request's Turn: granted at once if a slot is free and nobody waits, else queued (QueueFull when its
+        client already has max_per_client waiting)."""
+        turn = Turn(self, client, max(1, weight))
+        with self._changed:
+            if not self._order and self._free():
+                self._grant(turn)
+                return turn
+            waiting = self._waiting.get(client)
+            if waiting is None:
+                waiting = self._waiting[client] = collections.deque()
+                self._order.append(client)
+                self._credit[client] = turn.weight
+            elif len(waiting) >= self.max_per_client:
+                raise QueueFull(self.name, self.max_per_client)
+            waiting.append(turn)
+            self._dispatch()  # slots may have grown (a replica came back)
+        return turn
+
+    def _free(self) -> bool:
+        if self.in_flight == 0:
+            return True  # every llama-server has a slot: no need to know how many
+        slots = self.slots()
+        return slots is None or self.in_flight < slots
+
+    def _grant(self, turn):
+        turn.granted = True
+        turn.waited_s = self.clock() - turn.entered
+        self.in_flight += 1
+
+    def _dispatch(self):
+        """Hand free slots round robin to the clients waiting (under the lock)."""
+        granted = False
+        while self._order and self._free():
+            client = self._order[0]
+            waiting = self._waiting[client]
+            self._grant(waiting.popleft())
+            granted = True
+            self._credit[client] -= 1
+            if not waiting:
+                self._forget(client)
+            elif self._credit[client] <= 0:
+                self._order.rotate(-1)
+                self._credit[client] = waiting[0].weight
+        if granted:
+            self._changed.notify_all()
+
+    def _forget(self, client):
+        del self._waiting[client]
+        self._order.remove(client)
+        del self._credit[client]
+
+    def _wait(self, turn, timeout, gone):
+        with self._changed:
+            limit = self.clock() + timeout if timeout is not None else turn.entered + self.timeout
+            while not turn.granted:
+                if turn.done:
+                    return False
+                now = self.clock()
+                if now >= turn.entered + self.timeout:
+                    self._leave(turn)
+                    raise QueueTimeout(self.name, self.timeout)
+                if now >= limit:
+                    return False
+                if gone is not None and gone():
+                    self._leave(turn)
+                    return False
+                self._changed.wait(min(GONE_CHECK_S, limit - now))
+            return True
+
+    def _leave(self, turn):
+        """Take a waiting turn out of its queue (under the lock)."""
+        turn.done = True
+        waiting = self._waiting.get(turn.client)
+        if waiting is not None and turn in waiting:
+            waiting.remove(turn)
+            if not waiting:
+                self._forget(turn.client)
+
+    def _release(self, turn):
+        with self._changed:
+            if turn.done:
+                return
+            if turn.granted:
+                turn.done = True
+                self.in_flight -= 1
+                self._dispatch()
+            else:
+                self._leave(turn)
+
+
+class Scheduler:
+    """One FairQueue per model route; slot counts from MODEL_SETTINGS slots=N, else the llama-servers' /props."""
+
+    def __init__(self, slots_of, *, timeout_s, max_per_client, weights=None, clock=time.monotonic):
+        self.slots_of = slots_of  # slots_of(replica) -> int or None (unknown)
+        self.timeout = timeout_s
+        self.max_per_client = max_per_client
+        self.weights = weights or {}
+        self.clock = clock
+        self.listeners = []  # called with (model, seconds waited) for each request that got a slot (metrics)
+        self._queues = {}
+        self._lock = threading.Lock()
+
+    def queue_for(self, route) -> FairQueue:
+        """The route's queue, made on first use."""
+        queue = self._queues.get(id(route))
+        if queue is None:
+            with self._lock:
+                queue = self._queues.get(id(route))
+                if queue is None:
+                    queue = self._queues[id(route)] = FairQueue(
+                        route.name, lambda: self._route_slots(route, ask=False), timeout_s=self.timeout,
+                        max_per_client=self.max_per_client, clock=self.clock)
+        return queue
+
+    def enter(self, route, client) -> Turn:
+        """A request's Turn for route's slots."""
+        queue = self.queue_for(route)
+        if queue.in_flight:  # the slot count matters: learn it here, not under the queue's lock (it may ask)
+            self._route_slots(route, ask=True)
+        return queue.enter(client, self.weights.get(client, 1))
+
+    def _route_slots(self, route, ask):
+        """The slots of route's replicas in rotation (all of them while every one is out); None if unknown."""
+        replicas = [replica for replica in route.replicas if not replica.ejected] or route.replicas
+        counts = [self.slots_of(replica, ask) for replica in replicas]
+        return None if None in counts else sum(counts)
+
+    def observe_wait(self, model, waited_s):
+        """Tell the listeners how long a request waited for its slot."""
+        for listener in self.listeners:
+            listener(model, waited_s)
+
+    @property
+    def queues(self) -> list:
+        """Every queue made so far (for metrics)."""
+        return list(self._queues.values())
+
+
+class SlotCounts:
+    """Each replica's slot count: configured, else llama.cpp's /props total_slots, asked once (again after
+    SLOTS_RETRY_S if the ask failed)."""
+
+    def __init__(self, ask_props, configured=None, clock=time.monotonic):
+        self.ask_props = ask_props  # ask_props(url) -> dict
+        self.configured = configured or {}  # model name -> slots
+        self.clock = clock
+        self._known = {}
+        self._failed_at = {}
+
+    def __call__(self, replica, ask=True):
+        """The replica's slots, or None while unknown; without ask, only what is known already."""
+        configured = self.configured.get(replica.route.name)
+        if configured:
+            replica.slots = configured
+            return configured
+        known = self._known.get(replica.url)
+        if known is not None:
+            return known
+        if not ask or self.clock() - self._failed_at.get(replica.url, float("-inf")) < SLOTS_RETRY_S:
+            return None
+        try:
+            slots = self.ask_props(replica.url).get("total_slots")
+        except Exception:  # noqa: BLE001 - unknown for now: no limit rather than no service
+            slots = None
+        if isinstance(slots, int) and slots > 0:
+            self._known[replica.url] = replica.slots = slots  # the replica's, for cache-aware placement
+            return slots
+        self._failed_at[replica.url] = self.clock()
+        return None
+
+
+def init_scheduler(app, settings):
+    """Give app its scheduler (app.extensions["scheduler"]): fair shares of the slots, or None for fifo."""
+    if settings["SCHEDULER"] != "fair":
+        app.extensions["scheduler"] = None
+        return
+    upstream = app.extensions["upstream"]
+
+    def ask_props(url):
+        return upstream.read_json(upstream.request("GET", "/props", group="models", base_url=url), "/props")[1]
+
+    configured = {name: own["slots"] for name, own in (settings["MODEL_SETTINGS"] or {}).items() if "slots" in own}
+    weights = {client: own["weight"] for client, own in (settings["RATE_LIMITS"] or {}).items() if "weight" in own}
+    app.extensions["scheduler"] = Scheduler(SlotCounts(ask_props, configured), timeout_s=settings["QUEUE_TIMEOUT_S"],
+                                            max_per_client=settings["QUEUE_MAX_PER_CLIENT"], weights=weights)

@@ -94,6 +94,11 @@ def main(argv=None):
         threading.Thread(target=_leave_when_parent_goes, daemon=True).start()
     try:
         server = xllamacpp.Server(server_params(args))  # noqa: F841 (serves while referenced)
+    except RuntimeError:
+        # The model did not load; llama.cpp has said why in its log. Not printed here: the supervisor quotes the
+        # child's last lines, and llama.cpp's own are the ones that say what is wrong.
+        os._exit(1)
+    try:
         while True:
             time.sleep(3600)
     finally:

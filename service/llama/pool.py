@@ -29,6 +29,8 @@ OCCUPYING = (LOADING, LOADED, DRAINING, UNLOADING)
 # After a failed load the next request may try again after 5 s, doubling to 5 minutes.
 LOAD_RETRY_S = 5.0
 LOAD_RETRY_MAX_S = 300.0
+# How long a request that found its llama.cpp gone waits for the supervisor to notice (it notices at once).
+RESTART_NOTICE_S = 0.5
 # How often idle models are looked for, at most (a TTL shorter than this is checked this often).
 IDLE_CHECK_S = 1.0
 
@@ -226,7 +228,7 @@ class ModelPool:
             raise LlamaStartError(f"{len(first)} models have preload=on, more than MODELS_MAX_LOADED="
                                   f"{self.max_loaded}")
         started = self.clock()
-        _start_together([model.supervisor for model in first])
+        _start_together(first)
         with self._changed:
             for model in first:
                 model.state, model.last_used = LOADED, self.clock()
@@ -278,6 +280,9 @@ class ModelPool:
     def _wait_for_restart(self, hold) -> bool:
         model = hold.model
         with self._changed:
+            if hold.running and model.state == LOADED:
+                # A request may find its llama.cpp gone a moment before the supervisor does.
+                self._changed.wait_for(lambda: model.state != LOADED, RESTART_NOTICE_S)
             if not hold.running or not model.restarting or model.state != LOADING:
                 return False
             model.running -= 1
@@ -457,31 +462,35 @@ class ModelPool:
             listener(event)
 
 
-def _start_together(supervisors):
-    """Start several llama.cpp servers side by side (their models load at once); if one fails, stop them all and
-    raise its LlamaStartError."""
+def _start_together(models):
+    """Start several models' llama.cpp side by side (they load at once); if one fails, stop them all and raise
+    its LlamaStartError, naming the model."""
     failures = []
 
-    def start(supervisor):
+    def start(model):
         try:
-            supervisor.start()
+            model.supervisor.start()
         except LlamaStartError as error:
-            failures.append(error)
+            failures.append(LlamaStartError(f"model {model.name}: {error}"))
 
-    threads = [threading.Thread(target=start, args=(supervisor,), name="model-preload") for supervisor in supervisors]
+    threads = [threading.Thread(target=start, args=(model,), name="model-preload") for model in models]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     if failures:
-        for supervisor in supervisors:
-            supervisor.stop()
+        for model in models:
+            model.supervisor.stop()
         raise failures[0]
 
 
 def _first_words(error) -> str:
-    """A load failure in one line: the supervisor's reason, and llama.cpp's last line if it said more."""
+    """A load failure in one line: the supervisor's reason, and llama.cpp's first error line (its log lines are
+    "<time> <level> <text>"), else its last line."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
-    return lines[0] if len(lines) == 1 else f"{lines[0].rstrip(':;')}: {lines[-1]}"
+    reason, said = lines[0].rstrip(":;"), lines[1:]
+    errors = [line.split(" E ", 1)[1] for line in said if " E " in line[:24]]
+    detail = errors[0] if errors else said[-1] if said else None
+    return f"{reason}: {detail.strip()}" if detail else reason

@@ -72,11 +72,12 @@ def send_watched(route, endpoint: Endpoint, raw: bytes, body: dict, stream: bool
     try:
         try:
             record.replica, response = route.send(send, record, keys)
-        except UpstreamUnavailable:
+        except UpstreamUnavailable as error:
             admission = g.get("admission")
             hold = admission.hold if admission is not None else None
-            # Its llama.cpp died as the request was sent: once restarted, it takes the request (nothing reached it).
-            if hold is None or not hold.wait_for_restart():
+            # Its llama.cpp had died when the request was sent (refused: nothing reached it): once restarted, it
+            # takes the request. One cut off while llama.cpp worked on it is not sent again: it may be what killed it.
+            if hold is None or error.kind != "refused" or not hold.wait_for_restart():
                 raise
             record.replica, response = route.send(send, record, keys)
     except BaseException:

@@ -247,7 +247,10 @@ def _translate(error, base_url, path, connect_timeout, read_timeout) -> Upstream
     if isinstance(error, requests.ReadTimeout):
         return UpstreamTimeout(f"llama-server did not answer {path} within {read_timeout:g} s")
     if isinstance(error, requests.ConnectionError):
-        return UpstreamUnavailable(f"could not reach llama-server at {shown}: {describe_connection_error(error)}")
+        words = describe_connection_error(error)
+        # Refused, or closed before any answer: the request never reached llama.cpp. Else it may have.
+        kind = "refused" if words in NEVER_REACHED else "reset"
+        return UpstreamUnavailable(f"could not reach llama-server at {shown}: {words}", kind=kind)
     return UpstreamBadResponse(f"llama-server's answer to {path} was cut off or malformed: {type(error).__name__}")
 
 
@@ -329,6 +332,9 @@ def describe_connection_error(error) -> str:
         pending.extend(item for item in nested if isinstance(item, BaseException))
     return type(error).__name__
 
+
+# Connection failures that show a request never reached llama.cpp (describe_connection_error's words).
+NEVER_REACHED = ("connection refused", "connection closed before any answer")
 
 # Most specific first: RemoteDisconnected is a ConnectionResetError.
 _SOCKET_FAILURES = (

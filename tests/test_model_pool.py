@@ -5,7 +5,8 @@ import time
 
 import pytest
 
-from service.llama.pool import LOADED, ModelLoadFailed, ModelLoadTimeout, ModelPool, PooledModel
+from service.llama.pool import ModelPool
+from service.llama.pooled_model import LOADED, ModelLoadFailed, ModelLoadTimeout, PooledModel
 from service.llama.supervisor import LlamaStartError
 from tests.fakes import FakeSupervisor
 
@@ -193,7 +194,7 @@ def test_admin_load_and_unload_wait_for_the_outcome():
     busy = pool.claim(routes["a"])
     threading.Timer(0.1, busy.release).start()
     assert pool.unload("a") == "unloaded"  # once its request had ended
-    assert [(event.kind, event.reason) for event in events] == [("load", "request"), ("unload", "admin")]
+    assert [(event.kind, event.reason) for event in events] == [("load", "admin"), ("unload", "admin")]
 
 
 def test_requests_wait_while_a_crashed_model_restarts():

@@ -6,7 +6,8 @@ import threading
 import pytest
 
 from service import create_app
-from service.llama.pool import ModelPool, PooledModel
+from service.llama.pool import ModelPool
+from service.llama.pooled_model import PooledModel
 from service.proxy import relay
 from tests.apps import FAST_SETTINGS
 from tests.fakes import CHAT_ANSWER, FakeSupervisor

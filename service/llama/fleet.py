@@ -8,7 +8,8 @@ from dataclasses import replace
 from ..config import ConfigError
 from .model_file import MODELS_DIR, LocalModel, choose_model, model_files, resolve
 from .model_memory import estimate_mib
-from .pool import ModelPool, PooledModel
+from .pool import ModelPool
+from .pooled_model import PooledModel
 from .supervisor import LlamaSupervisor
 
 

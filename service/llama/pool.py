@@ -12,115 +12,17 @@ A loaded model whose llama.cpp dies is restarted by its supervisor; requests tha
 import logging
 import threading
 import time
-from dataclasses import dataclass
 
-from ..errors import ApiError
+from .pooled_model import (DRAINING, FAILED, LOAD_RETRY_MAX_S, LOAD_RETRY_S, LOADED, LOADING, OCCUPYING, UNLOADED,
+                           UNLOADING, Hold, ModelEvent, ModelLoadFailed, ModelLoadTimeout, load_failure)
 from .supervisor import LlamaStartError
 
 log = logging.getLogger(__name__)
 
-UNLOADED, LOADING, LOADED, DRAINING, UNLOADING, FAILED = (
-    "unloaded", "loading", "loaded", "draining", "unloading", "failed")
-# What clients see: a model draining still serves the requests it has; one unloading is as good as unloaded.
-SHOWN = {DRAINING: LOADED, UNLOADING: UNLOADED}
-# States that hold (or are about to hold) a llama.cpp process, and so count against the limits.
-OCCUPYING = (LOADING, LOADED, DRAINING, UNLOADING)
-
-# After a failed load the next request may try again after 5 s, doubling to 5 minutes.
-LOAD_RETRY_S = 5.0
-LOAD_RETRY_MAX_S = 300.0
 # How long a request that found its llama.cpp gone waits for the supervisor to notice (it notices at once).
 RESTART_NOTICE_S = 0.5
 # How often idle models are looked for, at most (a TTL shorter than this is checked this often).
 IDLE_CHECK_S = 1.0
-
-
-class ModelLoadFailed(ApiError):
-    """The model could not be loaded; the message says why and when the next try is."""
-
-    status = 503
-    code = "model_load_failed"
-
-    def __init__(self, name, reason, retry_after_s):
-        super().__init__(f"The model '{name}' failed to load: {reason}", type="server_error",
-                         headers={"Retry-After": str(max(1, round(min(retry_after_s, LOAD_RETRY_MAX_S))))})
-
-
-class ModelLoadTimeout(ApiError):
-    """The model was not loaded within LLAMA_STARTUP_TIMEOUT_S of the request's arrival."""
-
-    status = 503
-    code = "model_load_timeout"
-
-    def __init__(self, name, waited_s):
-        super().__init__(f"The model '{name}' was not loaded within {waited_s:g} s (LLAMA_STARTUP_TIMEOUT_S); "
-                         "try again", type="server_error", headers={"Retry-After": "5"})
-
-
-@dataclass
-class ModelEvent:
-    """A load or an unload that ended: what the log line and the metrics are made of."""
-
-    kind: str  # "load" or "unload"
-    model: str
-    reason: str  # load: request, admin, preload, restart; unload: lru, memory, idle, admin, shutdown
-    duration_s: float
-    ok: bool = True
-    error: str = None
-
-
-class PooledModel:
-    """One local model: its supervised llama.cpp, its settings and its state (guarded by the pool's lock)."""
-
-    def __init__(self, name, supervisor, *, ttl_s=0.0, pinned=False, preload=False, need_mib=None):
-        self.name = name
-        self.supervisor = supervisor
-        self.ttl_s = ttl_s
-        self.pinned = pinned  # never unloaded to make room, nor when idle
-        self.preload = preload
-        self.need_mib = need_mib  # estimated from its GGUF; None when there is no budget or it cannot be read
-        self.state = UNLOADED
-        self.running = 0  # requests using its llama.cpp now
-        self.waiting = 0  # requests waiting for it to load
-        self.last_used = 0.0
-        self.wanted_since = None  # when a request (or the admin) first asked for it since it was last loaded
-        self.unload_reason = None  # set when it is chosen to be unloaded
-        self.failure = None  # why the last load failed
-        self.failed_loads = 0  # over its life: a waiter fails when this grows
-        self.failures_in_row = 0
-        self.retry_at = 0.0
-        self.restarting = False  # its supervisor is restarting a llama.cpp that died
-
-    @property
-    def status(self) -> str:
-        """loaded, loading, unloaded or failed."""
-        return SHOWN.get(self.state, self.state)
-
-
-class Hold:
-    """One request's claim on a model: while held, the model is not unloaded. Released exactly once."""
-
-    def __init__(self, pool, model, failed_loads, deadline):
-        self.pool = pool
-        self.model = model
-        self._failed_loads = failed_loads  # the model's count when the claim was made
-        self._deadline = deadline
-        self.running = False  # True once the model is loaded for it
-        self.released = False
-
-    def wait(self, timeout=None) -> bool:
-        """Wait up to timeout (None: as long as the load may take) for the model to be loaded; True when it is.
-        Raise ModelLoadFailed or ModelLoadTimeout (and let go of the claim) when it will not be."""
-        return self.pool._wait(self, timeout)
-
-    def release(self):
-        """Let go of the model: the request is over. A second call does nothing."""
-        self.pool._release(self)
-
-    def wait_for_restart(self) -> bool:
-        """After its llama.cpp could not be reached: if the model is being restarted (it died), wait for that as
-        for a load and return True (the request may be sent again); False when it is not (the failure stands)."""
-        return self.pool._wait_for_restart(self)
 
 
 class ModelPool:
@@ -137,6 +39,7 @@ class ModelPool:
         self._changed = threading.Condition()
         self._stopping = threading.Event()
         self._reaper = None
+        self._workers = set()  # the load and unload threads (stop() waits for them)
         for model in models:
             model.supervisor.on_state = lambda state, detail, model=model: self._supervisor_said(model, state, detail)
             if memory_mib and model.need_mib and model.need_mib > memory_mib:
@@ -178,7 +81,7 @@ class ModelPool:
             else:
                 model.waiting += 1
                 if model.wanted_since is None:
-                    model.wanted_since = now
+                    model.wanted_since, model.wanted_by = now, "request"
                 self._plan()
         return hold
 
@@ -186,11 +89,14 @@ class ModelPool:
         """Load a model (if it is not) and wait for it; return its status. Raise as Hold.wait does."""
         model = self.models[name]
         with self._changed:
-            if model.state == FAILED and model.retry_at != float("inf"):
-                model.retry_at = self.clock()  # an operator's load tries at once (not one that can never fit)
+            if model.state == FAILED:
+                if model.retry_at == float("inf"):  # it can never fit, or its supervisor is retrying on its own
+                    raise ModelLoadFailed(model.name, model.failure, LOAD_RETRY_MAX_S)
+                model.retry_at = self.clock()  # an operator's load tries at once
             hold = Hold(self, model, model.failed_loads, self.clock() + self.load_timeout)
             model.waiting += 1
-            model.wanted_since = model.wanted_since or self.clock()
+            if model.wanted_since is None:
+                model.wanted_since, model.wanted_by = self.clock(), reason
             self._plan()
         try:
             hold.wait()
@@ -246,6 +152,13 @@ class ModelPool:
             for model in self.models.values():
                 model.state = UNLOADED
             self._changed.notify_all()
+        for model in self.models.values():
+            model.supervisor.stop()
+        # A load that began just before may have started its llama.cpp after the stop above: wait, stop again.
+        with self._changed:
+            workers = list(self._workers)
+        for worker in workers:
+            worker.join(10)
         for model in self.models.values():
             model.supervisor.stop()
 
@@ -325,7 +238,7 @@ class ModelPool:
         for model in wanted:
             shortfall = self._shortfall(model)
             if shortfall is None:
-                self._begin(model, LOADING, self._load_now, "request")
+                self._begin(model, LOADING, self._load_now, model.wanted_by or "request")
                 continue
             self._make_room(model, *shortfall)
             break
@@ -383,7 +296,9 @@ class ModelPool:
 
     def _begin(self, model, state, work, reason):
         model.state = state
-        threading.Thread(target=work, args=(model, reason), name=f"model-{state}", daemon=True).start()
+        worker = threading.Thread(target=work, args=(model, reason), name=f"model-{state}", daemon=True)
+        self._workers.add(worker)
+        worker.start()
 
     # -- the work, outside the lock --------------------------------------------------------------------------
 
@@ -391,12 +306,15 @@ class ModelPool:
         started = self.clock()
         error = None
         try:
+            if self._stopping.is_set():
+                raise LlamaStartError("the gateway is stopping")
             model.supervisor.start()
         except (LlamaStartError, RuntimeError, OSError) as failure:
-            error = _first_words(failure)
+            error = load_failure(failure)
         took = self.clock() - started
         with self._changed:
-            model.wanted_since = None
+            model.wanted_since = model.wanted_by = None
+            self._workers.discard(threading.current_thread())
             if self._stopping.is_set():
                 model.state = UNLOADED
             elif error is None:
@@ -415,6 +333,7 @@ class ModelPool:
         started = self.clock()
         model.supervisor.stop()
         with self._changed:
+            self._workers.discard(threading.current_thread())
             model.state, model.unload_reason, model.restarting, model.retry_at = UNLOADED, None, False, 0.0
             if model.waiting:
                 model.wanted_since = self.clock()  # requests came for it while it drained: load it again
@@ -482,15 +401,3 @@ def _start_together(models):
         for model in models:
             model.supervisor.stop()
         raise failures[0]
-
-
-def _first_words(error) -> str:
-    """A load failure in one line: the supervisor's reason, and llama.cpp's first error line (its log lines are
-    "<time> <level> <text>"), else its last line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    reason, said = lines[0].rstrip(":;"), lines[1:]
-    errors = [line.split(" E ", 1)[1] for line in said if " E " in line[:24]]
-    detail = errors[0] if errors else said[-1] if said else None
-    return f"{reason}: {detail.strip()}" if detail else reason

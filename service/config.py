@@ -119,6 +119,8 @@ SETTINGS = (
     Setting("LLAMA_THREADS_BATCH", positive_count, None, "CPU threads for prompt processing; unset = LLAMA_THREADS"),
     Setting("LLAMA_THREADS_HTTP", positive_count, None, "llama.cpp's HTTP threads; unset = WAITRESS_THREADS + 4"),
     Setting("LLAMA_N_BATCH", positive_count, None, "logical batch size for prompt processing; unset = 2048"),
+    Setting("LLAMA_CACHE_RAM_MIB", count, None, "host RAM each llama.cpp may fill with cached prompts (MiB; "
+            "counted in MODELS_MEMORY_MIB); unset = llama.cpp's 8192, 0 = off"),
     Setting("LLAMA_EMBEDDINGS", flag, True, "serve /v1/embeddings (mean pooling) from the same model"),
     Setting("LLAMA_STARTUP_TIMEOUT_S", seconds, 300.0, "how long to wait for the model to load"),
 )

@@ -118,3 +118,23 @@ def test_child_maps_pooling_rank_to_xllamacpps_rank_and_leaves_the_models_own_wi
     # Unspecified: llama.cpp takes the pooling the GGUF names (a reranker's rank, an embedder's cls or mean).
     assert own.embedding and own.pooling_type == pooling.LLAMA_POOLING_TYPE_UNSPECIFIED
     assert not child_params().embedding
+
+
+def test_pool_settings_per_model_and_the_memory_need_counts_the_prompt_cache(demo_model_path):
+    from service.llama.fleet import pooled_model
+    from service.llama.model_memory import estimate_mib
+
+    values = settings(MODELS_MEMORY_MIB="4000", LLAMA_CACHE_RAM_MIB="256", MODEL_IDLE_TTL_S="60",
+                      MODEL_SETTINGS="m:ttl=5:pin=on:preload=on:slots=3:ctx=1024")
+    model = LocalModel("m", demo_model_path, "MODEL_PATHS")
+    supervisor = supervisor_for(model, values)
+    command = supervisor.command()
+    assert command[command.index("--cache-ram") + 1] == "256"
+    assert not {"--ttl", "--pin", "--preload", "--slots"} & set(command)  # the gateway's own, not llama.cpp's
+    pooled = pooled_model(model, supervisor, values)
+    assert (pooled.ttl_s, pooled.pinned, pooled.preload) == (5, True, True)
+    assert pooled.need_mib == pytest.approx(estimate_mib(demo_model_path, 1024) + 256)
+    plain = settings(MODELS_MEMORY_MIB="4000", MODEL_IDLE_TTL_S="60")
+    other_model = LocalModel("o", demo_model_path, "MODEL_PATHS")
+    other = pooled_model(other_model, supervisor_for(other_model, plain), plain)
+    assert other.ttl_s == 60 and other.need_mib > 8192  # llama.cpp's own prompt cache default is counted

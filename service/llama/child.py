@@ -28,6 +28,7 @@ def parse_args(argv):
     parser.add_argument("--metrics", action="store_true")
     parser.add_argument("--alias")
     parser.add_argument("--threads-http", type=int)
+    parser.add_argument("--cache-ram", type=int)
     parser.add_argument("--exit-with-stdin", action="store_true",
                         help="exit when stdin closes (the supervisor's pipe: its end closes when it dies)")
     return parser.parse_args(argv)
@@ -58,6 +59,8 @@ def server_params(args):
         params.model_alias = {args.alias}
     if args.threads_http:
         params.n_threads_http = args.threads_http
+    if args.cache_ram is not None:
+        params.cache_ram_mib = args.cache_ram
     params.endpoint_metrics = args.metrics
     return params
 

@@ -53,6 +53,9 @@ def model_traits(path: str) -> dict:
     return traits
 
 
+# llama.cpp's --cache-ram default.
+LLAMA_CACHE_RAM_DEFAULT_MIB = 8192
+
 # MODEL_SETTINGS options that are the gateway's (the pool's, the scheduler's), not llama.cpp's.
 GATEWAY_OPTIONS = ("ttl", "preload", "pin", "slots")
 
@@ -81,6 +84,9 @@ def pooled_model(model: LocalModel, supervisor: LlamaSupervisor, settings) -> Po
     """The pool's view of one model: its idle TTL, preload and pin settings, and its estimated memory need."""
     own = _own_settings(model, settings)
     need = estimate_mib(model.path, supervisor.ctx) if settings["MODELS_MEMORY_MIB"] else None
+    if need is not None:
+        # Its prompt cache in host RAM, which llama.cpp fills as it caches prompts.
+        need += LLAMA_CACHE_RAM_DEFAULT_MIB if supervisor.cache_ram is None else supervisor.cache_ram
     return PooledModel(model.name, supervisor, ttl_s=own.get("ttl", settings["MODEL_IDLE_TTL_S"]),
                        pinned=own.get("pin", False), preload=own.get("preload", False), need_mib=need)
 

@@ -44,7 +44,7 @@ class ModelPool:
             model.supervisor.on_state = lambda state, detail, model=model: self._supervisor_said(model, state, detail)
             if memory_mib and model.need_mib and model.need_mib > memory_mib:
                 model.state, model.retry_at = FAILED, float("inf")
-                model.failure = (f"it needs about {model.need_mib:,.0f} MiB (weights and KV cache), more than "
+                model.failure = (f"it needs about {model.need_mib:,.0f} MiB (weights, KV cache, prompt cache), more than "
                                  f"MODELS_MEMORY_MIB={memory_mib}")
                 log.warning("model too large for the memory budget", extra={"fields": {
                     "model": model.name, "need_mib": round(model.need_mib), "budget_mib": memory_mib}})

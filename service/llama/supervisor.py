@@ -57,13 +57,14 @@ class LlamaSupervisor:
 
     def __init__(self, model_path, *, host="127.0.0.1", port=None, ctx=4096, parallel=2, threads=None,
                  threads_batch=None, batch=None, threads_http=12, embeddings=True, pooling="mean", alias=None,
-                 binary=None, startup_timeout=300.0):
+                 binary=None, startup_timeout=300.0, cache_ram=None):
         self.model_path = model_path
         self.host = host
         self.port = port or free_port(host)
         self.binary = binary
         self.startup_timeout = startup_timeout
         self.ctx = ctx
+        self.cache_ram = cache_ram  # MiB of host RAM for cached prompts; None: llama.cpp's default (8192)
         self.flags = ["--model", model_path, "--host", host, "--port", str(self.port), "--ctx-size", str(ctx),
                       "--parallel", str(parallel), "--metrics",
                       # The model's id in /v1/models: its file name without .gguf, never its full path.
@@ -74,6 +75,8 @@ class LlamaSupervisor:
                             ("--threads-http", threads_http)):
             if value:
                 self.flags += [flag, str(value)]
+        if cache_ram is not None:
+            self.flags += ["--cache-ram", str(cache_ram)]
         if embeddings:
             self.flags += ["--embeddings"] + (["--pooling", pooling] if pooling else [])
         self.process = None
@@ -96,7 +99,7 @@ class LlamaSupervisor:
                        threads_batch=settings["LLAMA_THREADS_BATCH"], batch=settings["LLAMA_N_BATCH"],
                        threads_http=settings["LLAMA_THREADS_HTTP"] or settings["WAITRESS_THREADS"] + 4,
                        embeddings=settings["LLAMA_EMBEDDINGS"], binary=find_binary(settings["LLAMA_SERVER_BIN"]),
-                       startup_timeout=settings["LLAMA_STARTUP_TIMEOUT_S"])
+                       startup_timeout=settings["LLAMA_STARTUP_TIMEOUT_S"], cache_ram=settings["LLAMA_CACHE_RAM_MIB"])
         return cls(model_path, **{**options, **overrides})
 
     @property

@@ -10,8 +10,10 @@ access_log = logging.getLogger("service.access")
 # An incoming x-request-id is kept only if it is this: safe to echo, log and forward.
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
-# Polled often; their lines are DEBUG unless they fail.
-QUIET_PATHS = ("/health", "/metrics")
+# Polled often; their lines are DEBUG unless they fail, and they stay out of the operators' list of the last
+# requests (the page for operators, /ui, polls its state every couple of seconds).
+QUIET_PATHS = ("/health", "/metrics", "/ui", "/ui/api/state")
+QUIET_PREFIXES = ("/ui/static/",)
 
 
 def request_id_from(header) -> str:
@@ -43,6 +45,7 @@ class RequestRecord:
     upstream_error: str = None  # the kind of upstream failure, for metrics
     rate_limited: str = None  # the limit that refused the request
     replica: object = None  # the routing.Replica that served it, released when the answer has been sent
+    recent: object = None  # the operators' list of the last requests (service/ui/recent.py), fed by log()
 
     def elapsed_ms(self) -> float:
         """Milliseconds since the request arrived."""
@@ -62,7 +65,7 @@ class RequestRecord:
 
     def log(self):
         """Write the request's one log line."""
-        quiet = self.path in QUIET_PATHS and (self.status or 500) < 400
+        quiet = (self.path in QUIET_PATHS or self.path.startswith(QUIET_PREFIXES)) and (self.status or 500) < 400
         fields = {"request_id": self.request_id, "client_id": self.client_id, "method": self.method,
                   "path": self.path, "status": self.status, "duration_ms": self.elapsed_ms(),
                   "upstream_ms": self.upstream_ms, "ttft_ms": self.ttft_ms, "prompt_tokens": self.prompt_tokens,
@@ -70,5 +73,8 @@ class RequestRecord:
                   "affinity": self.affinity, "error": self.error}
         if self.replica is not None:
             fields["model"], fields["replica"] = self.replica.route.name, self.replica.label
-        access_log.log(logging.DEBUG if quiet else logging.INFO, "request",
-                       extra={"fields": {key: value for key, value in fields.items() if value is not None}})
+        shown = {key: value for key, value in fields.items() if value is not None}
+        access_log.log(logging.DEBUG if quiet else logging.INFO, "request", extra={"fields": shown})
+        if self.recent is not None and not quiet:
+            # What the log line says, and when the request came: never more (no prompt, no answer, no key).
+            self.recent.add({**shown, "route": self.route, "time": time.time() - shown["duration_ms"] / 1000})

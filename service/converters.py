@@ -205,7 +205,7 @@ def rate_limits(value):
 # Model names: what clients send as "model", and what may appear in logs, metric labels and response bodies.
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}")
 MODEL_OPTIONS = {"ctx": "positive", "parallel": "positive", "threads": "positive", "embeddings": "flag",
-                 "rerank": "flag", "ttl": "positive", "preload": "flag", "pin": "flag", "slots": "positive"}
+                 "rerank": "flag", "ttl": "count", "preload": "flag", "pin": "flag", "slots": "positive"}
 
 
 def _model_name(name, entry):
@@ -290,7 +290,8 @@ def model_settings(value):
             if key not in MODEL_OPTIONS:
                 raise ValueError(f"unknown option {key!r} for {name}: use {', '.join(MODEL_OPTIONS)}")
             try:
-                overrides[name][key] = flag(raw) if MODEL_OPTIONS[key] == "flag" else positive_count(raw)
+                convert = {"flag": flag, "count": count, "positive": positive_count}[MODEL_OPTIONS[key]]
+                overrides[name][key] = convert(raw)
             except ValueError as error:
                 raise ValueError(f"{name}: {key} {error}") from None
     return overrides

@@ -178,8 +178,8 @@ def test_an_idle_model_is_unloaded_after_its_ttl_and_loads_again_when_asked():
     pool.start()
     busy = pool.claim(routes["b"])
     try:
-        wait_until(lambda: pool.statuses()["a"] == "unloaded")
-        assert pool.statuses()["b"] == "loaded"  # pinned: never unloaded on its own
+        wait_until(lambda: any(event.kind == "unload" for event in events))  # told once it is unloaded
+        assert pool.statuses() == {"a": "unloaded", "b": "loaded"}  # b is pinned: never unloaded on its own
         assert [(event.model, event.reason) for event in events if event.kind == "unload"] == [("a", "idle")]
         use(pool, routes["a"])
         assert pool.models["a"].supervisor.starts == 2
@@ -231,3 +231,96 @@ def test_a_request_sent_as_its_llama_cpp_died_waits_for_the_restart_to_be_sent_a
     assert (pool.models["a"].running, pool.models["a"].waiting) == (1, 0)
     hold.release()
     assert (pool.models["a"].running, pool.models["a"].waiting) == (0, 0)
+
+
+def test_a_model_already_loaded_is_not_wanted_again_once_unloaded():
+    pool, routes, events = make_pool(("a", "b"), max_loaded=1)
+    pool.load("a")
+    pool.load("a", reason="admin")  # already loaded: nothing to plan
+    use(pool, routes["b"])  # a makes room, and stays unloaded
+    assert pool.statuses() == {"a": "unloaded", "b": "loaded"}
+    assert [(event.kind, event.model) for event in events] == [("load", "a"), ("unload", "a"), ("load", "b")]
+
+
+def test_a_request_during_a_crash_restart_does_not_reload_the_model_after_an_idle_unload():
+    pool, routes, events = make_pool(("a",), a_options={"ttl_s": 0.2, "preload": True})
+    pool.start()
+    supervisor = pool.models["a"].supervisor
+    try:
+        supervisor.on_state("restarting", "llama.cpp exited with code -9")
+        hold = pool.claim(routes["a"])
+        supervisor.on_state("ready", None)
+        assert hold.wait(1)
+        hold.release()
+        wait_until(lambda: pool.statuses()["a"] == "unloaded")
+        time.sleep(0.1)  # time for a wrong reload to begin
+        assert pool.statuses()["a"] == "unloaded" and supervisor.starts == 1
+    finally:
+        pool.stop()
+
+
+def test_a_model_drained_for_a_request_that_gave_up_serves_again():
+    pool, routes, _ = make_pool(("a", "b"), max_loaded=1)
+    busy = pool.claim(routes["a"])
+    busy.wait()
+    wanting = pool.claim(routes["b"])
+    assert pool.models["a"].state == "draining"
+    late = pool.claim(routes["a"])
+    assert not late.wait(timeout=0.05)
+    wanting.release()  # b's client gave up: a's room is not needed
+    assert late.wait(timeout=1) and pool.models["a"].state == "loaded"
+    busy.release(), late.release()
+    assert pool.models["a"].supervisor.stops == 0 and pool.models["b"].supervisor.starts == 0
+
+
+def test_a_waiter_whose_client_left_lets_go_at_once():
+    from service.errors import ClientClosedRequest
+
+    pool, routes, _ = make_pool(("a",), max_loaded=1)
+    pool.models["a"].supervisor.gate = threading.Event()
+    hold = pool.claim(routes["a"])
+    with pytest.raises(ClientClosedRequest):
+        hold.wait(None, gone=lambda: True)
+    assert pool.models["a"].waiting == 0 and pool.models["a"].wanted_since is None
+    pool.models["a"].supervisor.gate.set()
+
+
+def test_a_model_that_cannot_fit_beside_pinned_ones_is_refused_at_once():
+    pool, routes, events = make_pool(("p", "a", "c"), memory_mib=16000,
+                                     p_options={"need_mib": 8000, "pinned": True, "preload": True},
+                                     a_options={"need_mib": 4000}, c_options={"need_mib": 10000})
+    pool.start()
+    use(pool, routes["a"])
+    hold = pool.claim(routes["c"])
+    with pytest.raises(ModelLoadFailed, match="no room beside the pinned models"):
+        hold.wait()
+    assert pool.statuses() == {"p": "loaded", "a": "loaded", "c": "failed"}  # a was not unloaded for nothing
+    assert [(event.model, event.ok) for event in events if event.kind == "load"][-1] == ("c", False)
+
+
+def test_a_crashed_model_whose_restart_fails_still_counts_against_the_limit():
+    pool, routes, _ = make_pool(("a", "b"), max_loaded=1, a_options={"preload": True})
+    pool.start()
+    supervisor = pool.models["a"].supervisor
+    supervisor.on_state("restarting", "llama.cpp exited with code -9")
+    supervisor.on_state("failed", "llama.cpp did not become ready")
+    use(pool, routes["b"])  # a's restarts are stopped to make room
+    assert supervisor.stops == 1 and pool.statuses() == {"a": "unloaded", "b": "loaded"}
+
+
+def test_a_model_that_cannot_even_start_its_process_stops_the_start_naming_it():
+    pool, _, _ = make_pool(("a", "b"))
+    pool.models["b"].supervisor.start = lambda: (_ for _ in ()).throw(PermissionError("not executable"))
+    with pytest.raises(LlamaStartError, match="model b: not executable"):
+        pool.start()
+    assert pool.models["a"].supervisor.stops >= 1
+
+
+def test_a_memory_budget_loads_on_demand_and_checks_the_preloaded_models():
+    pool, _, _ = make_pool(("a", "b"), memory_mib=1000, a_options={"need_mib": 600})
+    pool.start()
+    assert pool.statuses() == {"a": "unloaded", "b": "unloaded"}
+    pool, _, _ = make_pool(("a", "b"), memory_mib=1000, a_options={"need_mib": 600, "preload": True},
+                           b_options={"need_mib": 600, "preload": True})
+    with pytest.raises(LlamaStartError, match="MODELS_MEMORY_MIB=1000"):
+        pool.start()

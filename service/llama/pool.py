@@ -13,7 +13,8 @@ import logging
 import threading
 import time
 
-from .pooled_model import (DRAINING, FAILED, LOAD_RETRY_MAX_S, LOAD_RETRY_S, LOADED, LOADING, OCCUPYING, UNLOADED,
+from ..errors import ClientClosedRequest
+from .pooled_model import (DRAINING, FAILED, LOAD_RETRY_MAX_S, LOAD_RETRY_S, LOADED, LOADING, UNLOADED,
                            UNLOADING, Hold, ModelEvent, ModelLoadFailed, ModelLoadTimeout, load_failure)
 from .supervisor import LlamaStartError
 
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 # How long a request that found its llama.cpp gone waits for the supervisor to notice (it notices at once).
 RESTART_NOTICE_S = 0.5
+# How often a request waiting for a load checks whether its client is still there.
+GONE_CHECK_S = 0.25
 # How often idle models are looked for, at most (a TTL shorter than this is checked this often).
 IDLE_CHECK_S = 1.0
 
@@ -80,8 +83,7 @@ class ModelPool:
                 hold.running = True
             else:
                 model.waiting += 1
-                if model.wanted_since is None:
-                    model.wanted_since, model.wanted_by = now, "request"
+                self._want(model, "request")
                 self._plan()
         return hold
 
@@ -95,8 +97,7 @@ class ModelPool:
                 model.retry_at = self.clock()  # an operator's load tries at once
             hold = Hold(self, model, model.failed_loads, self.clock() + self.load_timeout)
             model.waiting += 1
-            if model.wanted_since is None:
-                model.wanted_since, model.wanted_by = self.clock(), reason
+            self._want(model, reason)
             self._plan()
         try:
             hold.wait()
@@ -128,11 +129,17 @@ class ModelPool:
     def start(self):
         """Load the models that are loaded at start (all of them without MODELS_MAX_LOADED, else those with
         preload=on) side by side and wait for them; raise LlamaStartError if one fails. Then watch for idle ones."""
+        # With a limit (a count or a memory budget), only preloaded models load at start.
+        on_demand = self.max_loaded or self.memory_mib
         first = [model for model in self.models.values() if model.state != FAILED
-                 and (model.preload or not self.max_loaded)]
+                 and (model.preload or not on_demand)]
         if self.max_loaded and len(first) > self.max_loaded:
             raise LlamaStartError(f"{len(first)} models have preload=on, more than MODELS_MAX_LOADED="
                                   f"{self.max_loaded}")
+        need = sum(model.need_mib or 0 for model in first)
+        if self.memory_mib and need > self.memory_mib:
+            raise LlamaStartError(f"the models with preload=on need about {need:,.0f} MiB, more than "
+                                  f"MODELS_MEMORY_MIB={self.memory_mib}")
         started = self.clock()
         _start_together(first)
         with self._changed:
@@ -164,7 +171,7 @@ class ModelPool:
 
     # -- the state machine, under the lock -------------------------------------------------------------------
 
-    def _wait(self, hold, timeout):
+    def _wait(self, hold, timeout, gone=None):
         model = hold.model
         with self._changed:
             limit = hold._deadline if timeout is None else min(hold._deadline, self.clock() + timeout)
@@ -181,16 +188,19 @@ class ModelPool:
                     self._let_go(hold)
                     raise ModelLoadFailed(model.name, model.failure or "the gateway is stopping",
                                           max(0.0, model.retry_at - self.clock()))
+                if gone is not None and gone():
+                    self._let_go(hold)  # its client left: it wants the model no more
+                    raise ClientClosedRequest()
                 left = limit - self.clock()
                 if left <= 0:
                     if limit < hold._deadline:
                         return False  # the caller's own timeout: it may wait again
                     self._let_go(hold)
                     raise ModelLoadTimeout(model.name, self.load_timeout)
-                self._changed.wait(left)
+                self._changed.wait(min(left, GONE_CHECK_S) if gone is not None else left)
             return True
 
-    def _wait_for_restart(self, hold) -> bool:
+    def _wait_for_restart(self, hold, gone=None) -> bool:
         model = hold.model
         with self._changed:
             if hold.running and model.state == LOADED:
@@ -202,7 +212,7 @@ class ModelPool:
             model.waiting += 1
             hold.running = False
             hold._failed_loads, hold._deadline = model.failed_loads, self.clock() + self.load_timeout
-        return self._wait(hold, None)
+        return self._wait(hold, None, gone)
 
     def _release(self, hold):
         with self._changed:
@@ -220,21 +230,32 @@ class ModelPool:
     def _let_go(self, hold):
         hold.released = True
         hold.model.waiting -= 1
-        if hold.model.waiting == 0 and hold.model.state in (UNLOADED, FAILED):
-            hold.model.wanted_since = None  # nobody waits any more: no load to start for it
+        if hold.model.waiting == 0:
+            hold.model.wanted_since = hold.model.wanted_by = None  # nobody waits any more: no load to start for it
         self._plan()
         self._changed.notify_all()
 
+    def _want(self, model, reason):
+        """Note that someone waits for model to be loaded (a load is planned only for an unloaded model: one
+        loading, or draining, gets there by itself)."""
+        if model.state in (UNLOADED, FAILED) and model.wanted_since is None:
+            model.wanted_since, model.wanted_by = self.clock(), reason
+
+    @staticmethod
+    def _holds_room(model) -> bool:
+        # A model whose crashed llama.cpp its supervisor keeps restarting holds its room too.
+        return model.state in (LOADING, LOADED) or (model.state == FAILED and model.restarting)
+
     def _plan(self):
-        """Start what the states call for: unload drained models, load wanted ones that fit, and choose what to
-        unload to make room for the first that does not (those behind it wait their turn)."""
-        for model in self.models.values():
-            if model.state == DRAINING and model.running == 0:
-                self._begin(model, UNLOADING, self._unload_now, model.unload_reason)
+        """Start what the states call for: load wanted models that fit, choose what to unload to make room for
+        the first that does not (those behind it wait their turn), give models chosen for room that is no longer
+        needed back their requests, and unload drained models."""
         now = self.clock()
         wanted = sorted((model for model in self.models.values()
                          if model.wanted_since is not None and model.state in (UNLOADED, FAILED)
                          and model.retry_at <= now), key=lambda model: model.wanted_since)
+        if not wanted:
+            self._undrain()
         for model in wanted:
             shortfall = self._shortfall(model)
             if shortfall is None:
@@ -242,30 +263,38 @@ class ModelPool:
                 continue
             self._make_room(model, *shortfall)
             break
+        for model in self.models.values():
+            if model.state == DRAINING and model.running == 0:
+                self._begin(model, UNLOADING, self._unload_now, model.unload_reason)
 
     def _shortfall(self, model):
         """None if model fits now; else (models, MiB) to unload beyond those already leaving ((0, 0) when it
         fits once they have left)."""
-        staying = [other for other in self.models.values() if other.state in (LOADING, LOADED)]
+        staying = [other for other in self.models.values() if self._holds_room(other)]
         leaving = [other for other in self.models.values() if other.state in (DRAINING, UNLOADING)]
-
-        def excess(occupied):
-            count = len(occupied) + 1 - self.max_loaded if self.max_loaded else 0
-            mib = 0.0
-            if self.memory_mib and model.need_mib:
-                mib = sum(other.need_mib or 0 for other in occupied) + model.need_mib - self.memory_mib
-            return max(0, count), max(0.0, mib)
-
-        if excess(staying + leaving) == (0, 0.0):
+        if self._excess(model, staying + leaving) == (0, 0.0):
             return None
-        return excess(staying)
+        return self._excess(model, staying)
+
+    def _excess(self, model, occupied) -> tuple:
+        """(models, MiB) by which model beside occupied would go over MODELS_MAX_LOADED and MODELS_MEMORY_MIB."""
+        count = len(occupied) + 1 - self.max_loaded if self.max_loaded else 0
+        mib = 0.0
+        if self.memory_mib and model.need_mib:
+            mib = sum(other.need_mib or 0 for other in occupied) + model.need_mib - self.memory_mib
+        return max(0, count), max(0.0, mib)
 
     def _make_room(self, model, extra_models, extra_mib):
-        """Choose loaded models to unload, idle ones first, least recently used first; refuse the model when
-        nothing can make room for it."""
+        """Choose models to unload, idle ones first, least recently used first; refuse the model at once when
+        even unloading every model that is not pinned would not make room for it."""
+        pinned = [other for other in self.models.values() if other.pinned and self._holds_room(other)]
+        if self._excess(model, pinned) != (0, 0.0):
+            self._refuse(model, "no room beside the pinned models (MODEL_SETTINGS pin=on); raise MODELS_MAX_LOADED "
+                                "or MODELS_MEMORY_MIB")
+            return
         # Not one whose waiters have yet to wake up and take it: it was loaded for them.
-        candidates = sorted((other for other in self.models.values()
-                             if other.state == LOADED and not other.pinned and other.waiting == 0),
+        candidates = sorted((other for other in self.models.values() if not other.pinned and other.waiting == 0
+                             and (other.state == LOADED or (other.state == FAILED and other.restarting))),
                             key=lambda other: (other.running > 0, other.last_used))
         reason = "lru" if extra_models > 0 else "memory"
         for victim in candidates:
@@ -274,22 +303,21 @@ class ModelPool:
             self._drain(victim, reason)
             extra_models -= 1
             extra_mib -= victim.need_mib or 0
-        if extra_models > 0 or extra_mib > 0:
-            # It waits for room, unless nothing that holds room can ever give it up.
-            if not any(other.state in OCCUPYING and not other.pinned for other in self.models.values()):
-                self._refuse(model, "no room: every loaded model is pinned (MODEL_SETTINGS pin=on); raise "
-                                    "MODELS_MAX_LOADED or MODELS_MEMORY_MIB")
-            return
-        for victim in self.models.values():
-            if victim.state == DRAINING and victim.running == 0:
-                self._begin(victim, UNLOADING, self._unload_now, victim.unload_reason)
+
+    def _undrain(self):
+        """Models chosen to make room that nobody needs any more (its requester gave up): back to serving."""
+        for model in self.models.values():
+            if model.state == DRAINING and model.unload_reason in ("lru", "memory") and not model.restarting:
+                model.state, model.unload_reason = LOADED, None
+                self._changed.notify_all()  # requests that came meanwhile wait for it
 
     def _refuse(self, model, reason):
         model.state, model.failure = FAILED, reason
         model.failed_loads += 1
         model.retry_at = self.clock() + LOAD_RETRY_S
-        model.wanted_since = None
+        model.wanted_since = model.wanted_by = None
         self._changed.notify_all()
+        self._emit(ModelEvent("load", model.name, "request", 0.0, ok=False, error=reason))
 
     def _drain(self, model, reason):
         model.state, model.unload_reason = DRAINING, reason
@@ -309,7 +337,7 @@ class ModelPool:
             if self._stopping.is_set():
                 raise LlamaStartError("the gateway is stopping")
             model.supervisor.start()
-        except (LlamaStartError, RuntimeError, OSError) as failure:
+        except Exception as failure:  # noqa: BLE001 - whatever stops a load is its failure, told to its requests
             error = load_failure(failure)
         took = self.clock() - started
         with self._changed:
@@ -335,8 +363,8 @@ class ModelPool:
         with self._changed:
             self._workers.discard(threading.current_thread())
             model.state, model.unload_reason, model.restarting, model.retry_at = UNLOADED, None, False, 0.0
-            if model.waiting:
-                model.wanted_since = self.clock()  # requests came for it while it drained: load it again
+            # Requests came for it while it drained: load it again.
+            model.wanted_since, model.wanted_by = (self.clock(), "request") if model.waiting else (None, None)
             self._plan()
             self._changed.notify_all()
         self._emit(ModelEvent("unload", model.name, reason, self.clock() - started))
@@ -344,10 +372,15 @@ class ModelPool:
     def _supervisor_said(self, model, state, detail):
         """A supervisor's word on a llama.cpp that died: "restarting", then "ready" or "failed"."""
         with self._changed:
-            if state == "restarting" and model.state == LOADED:
-                model.state, model.restarting = LOADING, True
+            if state == "restarting" and model.state in (LOADED, DRAINING):
+                model.restarting = True  # a model draining goes on to its unload, which ends the restarts
+                if model.state == LOADED:
+                    model.state = LOADING
+            elif state == "ready" and model.state == DRAINING:
+                model.restarting = False
             elif state == "ready" and model.restarting and model.state in (LOADING, FAILED):
                 model.state, model.restarting, model.last_used, model.retry_at = LOADED, False, self.clock(), 0.0
+                model.wanted_since = model.wanted_by = None
             elif state == "failed" and model.restarting:
                 # The supervisor keeps trying on its own; until it succeeds, requests fail at once.
                 model.state, model.failure, model.retry_at = FAILED, detail, float("inf")
@@ -389,7 +422,7 @@ def _start_together(models):
     def start(model):
         try:
             model.supervisor.start()
-        except LlamaStartError as error:
+        except Exception as error:  # noqa: BLE001 - an OSError from spawning it too: named, in one line
             failures.append(LlamaStartError(f"model {model.name}: {error}"))
 
     threads = [threading.Thread(target=start, args=(model,), name="model-preload") for model in models]

@@ -8,8 +8,6 @@ UNLOADED, LOADING, LOADED, DRAINING, UNLOADING, FAILED = (
     "unloaded", "loading", "loaded", "draining", "unloading", "failed")
 # What clients see: a model draining still serves the requests it has; one unloading is as good as unloaded.
 SHOWN = {DRAINING: LOADED, UNLOADING: UNLOADED}
-# States that hold (or are about to hold) a llama.cpp process, and so count against the limits.
-OCCUPYING = (LOADING, LOADED, DRAINING, UNLOADING)
 
 # After a failed load the next request may try again after 5 s, doubling to 5 minutes.
 LOAD_RETRY_S = 5.0
@@ -90,19 +88,20 @@ class Hold:
         self.running = False  # True once the model is loaded for it
         self.released = False
 
-    def wait(self, timeout=None) -> bool:
+    def wait(self, timeout=None, gone=None) -> bool:
         """Wait up to timeout (None: as long as the load may take) for the model to be loaded; True when it is.
-        Raise ModelLoadFailed or ModelLoadTimeout (and let go of the claim) when it will not be."""
-        return self.pool._wait(self, timeout)
+        Raise ModelLoadFailed or ModelLoadTimeout when it will not be, ClientClosedRequest once gone() says the
+        client left (and let go of the claim)."""
+        return self.pool._wait(self, timeout, gone)
 
     def release(self):
         """Let go of the model: the request is over. A second call does nothing."""
         self.pool._release(self)
 
-    def wait_for_restart(self) -> bool:
+    def wait_for_restart(self, gone=None) -> bool:
         """After its llama.cpp could not be reached: if the model is being restarted (it died), wait for that as
         for a load and return True (the request may be sent again); False when it is not (the failure stands)."""
-        return self.pool._wait_for_restart(self)
+        return self.pool._wait_for_restart(self, gone)
 
 
 def load_failure(error) -> str:

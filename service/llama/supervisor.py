@@ -232,6 +232,9 @@ class LlamaSupervisor:
                     return  # stop() ended the child while it loaded: not a failure
                 log.error("llama.cpp restart failed", extra={"fields": {"reason": str(error).splitlines()[0]}})
                 self._tell("failed", str(error).splitlines()[0])
+                # One that never became ready (still loading, or hung) is ended, so that the next turn of this
+                # loop tries again rather than wait on it forever.
+                self._end(self.process, 5.0)
 
     def _tell(self, state, detail):
         if self.on_state is not None:

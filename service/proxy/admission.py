@@ -16,13 +16,13 @@ class Admission:
         self._route = route
         self._client = client
         self._record = record
-        self._gone = gone  # gone() -> True once the client has left (waitress tells), or None
+        self.gone = gone  # gone() -> True once the client has left (waitress tells), or None
 
     def wait(self, timeout=None) -> bool:
         """Wait up to timeout (None: as long as the load and the queue allow) for the model, then for a slot;
         True once both are had. Raise what the pool or the queue raise (503, 429), or ClientClosedRequest if
         the client left while queued."""
-        if self.hold is not None and not self.hold.wait(timeout):
+        if self.hold is not None and not self.hold.wait(timeout, self.gone):
             return False
         if self.turn is None:
             if self._scheduler is None:
@@ -30,7 +30,7 @@ class Admission:
             self.turn = self._scheduler.enter(self._route, self._client)
         elif self._record.queue_ms is not None:
             return True  # had already
-        if not self.turn.granted and not self.turn.wait(timeout, self._gone):
+        if not self.turn.granted and not self.turn.wait(timeout, self.gone):
             if self.turn.done:
                 raise ClientClosedRequest()  # it left the queue: nobody is there to answer
             return False

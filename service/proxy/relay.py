@@ -77,7 +77,7 @@ def send_watched(route, endpoint: Endpoint, raw: bytes, body: dict, stream: bool
             hold = admission.hold if admission is not None else None
             # Its llama.cpp had died when the request was sent (refused: nothing reached it): once restarted, it
             # takes the request. One cut off while llama.cpp worked on it is not sent again: it may be what killed it.
-            if hold is None or error.kind != "refused" or not hold.wait_for_restart():
+            if hold is None or error.kind != "refused" or not hold.wait_for_restart(admission.gone):
                 raise
             record.replica, response = route.send(send, record, keys)
     except BaseException:

@@ -333,8 +333,9 @@ def describe_connection_error(error) -> str:
     return type(error).__name__
 
 
-# Connection failures that show a request never reached llama.cpp (describe_connection_error's words).
-NEVER_REACHED = ("connection refused", "connection closed before any answer")
+# The one connection failure that shows a request never reached llama.cpp (describe_connection_error's words):
+# a connection closed before any answer may have been closed by a llama.cpp that read the request and then died.
+NEVER_REACHED = ("connection refused",)
 
 # Most specific first: RemoteDisconnected is a ConnectionResetError.
 _SOCKET_FAILURES = (

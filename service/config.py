@@ -38,7 +38,7 @@ SETTINGS = (
     # The gateway itself.
     Setting("API_HOST", text, "127.0.0.1", "address the gateway listens on; 0.0.0.0 serves the network"),
     Setting("API_PORT", port, 8000, "port the gateway listens on"),
-    Setting("WAITRESS_THREADS", positive_count, 64, "worker threads; each request holds one until answered (a stream "
+    Setting("WAITRESS_THREADS", positive_count, 128, "worker threads; each request holds one until answered (a stream "
             "for its life, a queued one while it waits); ~16 KiB each"),
     Setting("MAX_CONNECTIONS", positive_count, 4096, "open client connections waitress holds at most (idle and "
             "half-open ones count); past it, new ones wait in the listen queue"),

@@ -92,7 +92,8 @@ def proxy_json_post(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     """POST the client's bytes to the model's llama-server and answer with its JSON body (unchanged, but for
     the model's name where the gateway routes by model)."""
     route = current_app.extensions["router"].route(body.get("model"))
-    # Its model's load, then a slot: bounded by LLAMA_STARTUP_TIMEOUT_S and QUEUE_TIMEOUT_S.
+    # Its model's load, then a slot: bounded by LLAMA_STARTUP_TIMEOUT_S and QUEUE_TIMEOUT_S. Without a timeout of
+    # its own the wait ends with both had, or raises (a 503, a 429, or the client gone).
     admit(route, endpoint.takes_slot).wait()
     response, _ = send_watched(route, endpoint, raw, body, stream=False)
     answer, parsed = get_upstream().read_json(response, endpoint.path, endpoint.answers)

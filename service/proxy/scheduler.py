@@ -240,6 +240,7 @@ class SlotCounts:
         self.clock = clock
         self._known = {}
         self._failed_at = {}
+        self._asking = threading.Lock()  # one ask at a time: the others wait for its answer
 
     def __call__(self, replica, ask=True):
         """The replica's slots, or None while unknown; without ask, only what is known already."""
@@ -252,10 +253,16 @@ class SlotCounts:
             return known
         if not ask or self.clock() - self._failed_at.get(replica.url, float("-inf")) < SLOTS_RETRY_S:
             return None
-        try:
-            slots = self.ask_props(replica.url).get("total_slots")
-        except Exception:  # noqa: BLE001 - unknown for now: no limit rather than no service
-            slots = None
+        with self._asking:
+            known = self._known.get(replica.url)
+            if known is not None:  # learnt while this one waited
+                return known
+            if self.clock() - self._failed_at.get(replica.url, float("-inf")) < SLOTS_RETRY_S:
+                return None
+            try:
+                slots = self.ask_props(replica.url).get("total_slots")
+            except Exception:  # noqa: BLE001 - unknown for now: no limit rather than no service
+                slots = None
         if isinstance(slots, int) and slots > 0:
             self._known[replica.url] = replica.slots = slots  # the replica's, for cache-aware placement
             return slots

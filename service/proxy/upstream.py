@@ -141,6 +141,8 @@ class Upstream:
             self.session.mount(base_url + "/health", HTTPAdapter(pool_maxsize=2, max_retries=0))
             # Read by /health and metric scrapes, which must say at once what is wrong: no retries either.
             self.session.mount(base_url + "/metrics", HTTPAdapter(pool_maxsize=2, max_retries=0))
+            # Asked by the scheduler on a request's path (once): a failure means "slots unknown", not a wait.
+            self.session.mount(base_url + "/props", HTTPAdapter(pool_maxsize=2, max_retries=0))
             self.retries[base_url] = retries
         self.base_url = next(iter(targets))  # where calls go that name no base URL
         self._templates = {}

@@ -1,6 +1,7 @@
 """The gateway's endpoints, one blueprint per endpoint, each with the API family its clients speak."""
 from ..families import ANTHROPIC, LLAMA, OPENAI, RESPONSES
 from ..operations import openapi
+from ..ui import bp as ui_bp
 from . import admin, chat, completions, embeddings, health, infill, messages, models, rerank, responses, tokens
 
 # Each blueprint and the family of its routes (None: no family; errors there are OpenAI-shaped).
@@ -17,6 +18,7 @@ BLUEPRINTS = (
     (rerank.bp, LLAMA),
     (tokens.bp, LLAMA),
     (infill.bp, LLAMA),
+    (ui_bp, OPENAI),  # the operators' page; its JSON errors are OpenAI's, as on the admin routes
 )
 
 

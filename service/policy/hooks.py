@@ -1,4 +1,5 @@
 """The access policy around every request: request id, API key, per-client limits, CORS, and the log line."""
+import re
 import time
 
 from flask import current_app, g, request
@@ -12,9 +13,13 @@ from .shared_limits import SharedRateLimiter
 
 # Reachable without a key: load balancers and probes poll it.
 PUBLIC_PATHS = ("/health", "/openapi.json")
-# Routes for ADMIN_API_KEY alone (models on demand): no client key, no client limits. Matched by URL rule, so
-# that only a request that reaches their views needs the admin key.
-ADMIN_RULES = ("/models/load", "/models/unload")
+# Routes for ADMIN_API_KEY alone (models on demand, the operators' page's data): no client key, no client limits.
+# Matched by URL rule, so that only a request that reaches their views needs the admin key.
+ADMIN_RULES = ("/models/load", "/models/unload", "/ui/api/state", "/ui/api/chat")
+# The operators' page and its files: public, as they hold nothing but the sign-in form (its data is ADMIN_RULES').
+UI_PAGE_RULES = ("/ui", "/ui/static/<path:filename>")
+# CORS_ORIGINS is for API clients: no other origin may read the operators' page or call the admin routes.
+CORS_PATHS = re.compile(r"/(?!ui(/|$)|models/(load|unload)$)")
 
 # What a browser may read of an answer: the request id and every family's rate-limit headers.
 EXPOSED_HEADERS = ["x-request-id", "request-id"] + [
@@ -37,7 +42,7 @@ def init_policy(app, settings):
     else:
         app.extensions["limiter"] = RateLimiter(default, settings["RATE_LIMITS"], window_s)
     if settings["CORS_ORIGINS"]:
-        CORS(app, origins=list(settings["CORS_ORIGINS"]), methods=["GET", "POST", "OPTIONS"],
+        CORS(app, resources=CORS_PATHS, origins=list(settings["CORS_ORIGINS"]), methods=["GET", "POST", "OPTIONS"],
              allow_headers=["Authorization", "Content-Type", "x-request-id", "x-api-key", "anthropic-version",
                             "anthropic-beta"],
              expose_headers=EXPOSED_HEADERS, max_age=600)
@@ -47,6 +52,8 @@ def init_policy(app, settings):
 
 def _needs_key() -> bool:
     if request.method == "OPTIONS" or request.path in PUBLIC_PATHS:
+        return False
+    if request.url_rule is not None and request.url_rule.rule in UI_PAGE_RULES:
         return False
     return request.path != "/metrics" or current_app.config["METRICS_REQUIRE_KEY"]
 

@@ -90,6 +90,11 @@ class FairQueue:
         with self._changed:
             return sum(len(turns) for turns in self._waiting.values())
 
+    def waiting_by_client(self) -> dict:
+        """Requests waiting now, per client."""
+        with self._changed:
+            return {client: len(turns) for client, turns in self._waiting.items()}
+
     def enter(self, client, weight=1) -> Turn:
         """A request's Turn: granted at once if a slot is free and nobody waits, else queued (QueueFull when its
         client already has max_per_client waiting)."""

@@ -20,6 +20,9 @@ import requests
 
 from bench.flood import flood_round
 from bench.loadtest import Target, run
+from bench.models import models_rounds
+from bench.models import report_lines as models_report
+from bench.models import verdicts as models_verdicts
 from service.llama.supervisor import PROJECT_ROOT, free_port
 
 KEY = "bench-key"
@@ -191,8 +194,10 @@ def measure(quick=False) -> dict:
         memory = memory_round(gateway.pid, urls["gateway"], *((500, 1000) if quick else (10000, 20000)))
         flood = flood_gateway_round(urls["upstream"], *((300, 200) if quick else (5000, 500)), log)
         llama = llama_round(3 if quick else 20, log)
+        on_demand = models_rounds(KEY, quick)  # cold requests and swaps: models on demand (issue 11)
         return {"load": load, "generator": generator, "streaming": streaming, "memory": memory, "flood": flood,
-                "llama_stream": llama, "start_s": round(start_s, 3), "machine": machine(), "quick": quick}
+                "llama_stream": llama, **on_demand, "start_s": round(start_s, 3), "machine": machine(),
+                "quick": quick}
     finally:
         for process in processes:
             process.terminate()
@@ -240,6 +245,7 @@ def verdicts(figures) -> dict:
     flood = figures["flood"]
     result["flood_all_held"] = {"value": flood["held"], "goal": f"all {flood['connections']} held through the round",
                                 "met": flood["held"] == flood["connections"]}
+    result.update(models_verdicts(figures))
     return result
 
 
@@ -269,6 +275,7 @@ def report(figures) -> str:
     for i, name in enumerate(("without the flood", f"with the flood ({flood['held']} held)")):
         lines.append(f"| {name} | {flood['p50_ms'][i]:.3f} | {flood['rss_mib'][i]} |")
     lines.append(f"| per connection | | {flood['kib_per_connection']} KiB |")
+    lines += [""] + models_report(figures)
     memory = figures["memory"]
     lines += ["", f"Gateway RSS: {memory['rss_mib'][0]} MiB after {memory['requests'][0]} requests, "
               f"{memory['rss_mib'][1]} MiB after {memory['requests'][1]}. Start with an external upstream: "

@@ -92,7 +92,7 @@ def never_reading(host, port, raw: bytes) -> socket.socket:
     return client
 
 
-def test_a_client_that_stops_reading_is_cut(make_app, access_log):
+def test_a_client_that_stops_reading_is_cut_and_its_thread_freed(make_app, access_log):
     peer = BrokenPeer(flood())
     try:
         app = make_app(peer.url, STREAM_STALL_TIMEOUT_S="1")
@@ -102,8 +102,13 @@ def test_a_client_that_stops_reading_is_cut(make_app, access_log):
             assert time.monotonic() - started < 6
             # What a client that reads nothing costs: the watermark, and the one write that went past it.
             assert buffered_bytes(server) <= WATERMARK + len(BIG_EVENT)
-            client.close()  # the waitress thread stays blocked writing to it until it goes
+            # Its connection is closed and its waitress thread freed, while the client still holds its socket.
             [line] = access_log.wait(1)
+            deadline = time.monotonic() + 2
+            while server.task_dispatcher.active_count and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.task_dispatcher.active_count == 0, "the stalled stream still holds a waitress thread"
+            assert client.fileno() != -1
     finally:
         peer.close()
     assert line["error"] == "client_stalled"

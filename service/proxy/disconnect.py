@@ -135,14 +135,16 @@ class DisconnectWatch:
         while True:
             threading.Event().wait(self.interval)
             with self._lock:
-                cut = [(call, reason) for call, checks in self._watched.items()
+                cut = [(call, reason, checks[0]) for call, checks in self._watched.items()
                        for reason in [_reason(*checks)] if reason]
-                for call, _ in cut:
+                for call, _, _ in cut:
                     del self._watched[call]
-            for call, reason in cut:
+            for call, reason, client_gone in cut:
                 log.info("client %s; closing its llama-server call",
                          "stopped reading" if reason == CLIENT_STALLED else "disconnected")
                 call.abort(reason)
+                if reason == CLIENT_STALLED:
+                    close_client_connection(client_gone)
 
     def abort_all(self) -> int:
         """Cut every call in flight (the shutdown grace is over); return how many."""
@@ -151,6 +153,17 @@ class DisconnectWatch:
         for call in calls:
             call.abort(SHUTDOWN)
         return len(calls)
+
+
+def close_client_connection(client_gone):
+    """Close the connection of a client that stopped reading, from waitress's own loop (its channels are not
+    thread-safe), so that the waitress thread blocked writing to it is freed at once rather than when the client
+    reads or leaves. client_gone is the request's waitress.client_disconnected, a method of the connection's
+    channel; under another server (or a waitress without it) nothing happens and the thread waits as before."""
+    channel = getattr(client_gone, "__self__", None)
+    trigger = getattr(getattr(channel, "server", None), "trigger", None)  # wakes the loop, runs a thunk there
+    if callable(getattr(trigger, "pull_trigger", None)) and callable(getattr(channel, "handle_close", None)):
+        trigger.pull_trigger(channel.handle_close)
 
 
 def _reason(client_gone, stalled):

@@ -125,7 +125,9 @@ def url(value):
 # A model on Hugging Face: hf:OWNER/REPO[:QUANT] or hf:OWNER/REPO/FILE.gguf (service/llama/hub.py fetches it).
 HUB_PREFIX = "hf:"
 _HUB_NAME = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,95}"
-HUB_MODEL = re.compile(rf"hf:(?P<repo>{_HUB_NAME}/{_HUB_NAME})(?::(?P<quant>[A-Za-z0-9][A-Za-z0-9._-]{{0,63}})"
+# The Hub's own rule for a repo id's two parts: no "--" or "..", nor a "." or "-" at either end.
+_REPO_PART = r"(?![^/:]*(?:--|\.\.))[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+HUB_MODEL = re.compile(rf"hf:(?P<repo>{_REPO_PART}/{_REPO_PART})(?::(?P<quant>[A-Za-z0-9][A-Za-z0-9._-]{{0,63}})"
                        rf"|/(?P<file>(?:{_HUB_NAME}/)*{_HUB_NAME}\.gguf))?")
 HUB_FORMS = "hf:OWNER/REPO, hf:OWNER/REPO:QUANT or hf:OWNER/REPO/FILE.gguf"
 

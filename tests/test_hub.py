@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 from collections import namedtuple
 
@@ -81,12 +82,12 @@ def test_hf_names_are_settings_values_checked_for_their_form(spec, parsed):
 
 
 @pytest.mark.parametrize("spec", ["hf:", "hf:gemma", "hf:a/b/c", "hf:a/b:", "hf:a/b/../x.gguf", "hf:a/b:Q4 K",
-                                  "hf:-a/b"])
+                                  "hf:-a/b", "hf:a--b/repo", "hf:a/b..c", "hf:o/r./x.gguf", "hf:o/r+x"])
 def test_a_malformed_hf_name_says_which_forms_there_are(spec):
     forms = r"must be hf:OWNER/REPO, hf:OWNER/REPO:QUANT or hf:OWNER/REPO/FILE\.gguf, such as hf:ggml-org/"
     with pytest.raises(ValueError, match=forms):
         model_file(spec)
-    with pytest.raises(HubError, match=f"^{spec}: {forms}"):  # bin/pull's line
+    with pytest.raises(HubError, match=f"^{re.escape(spec)}: {forms}"):  # bin/pull's line
         fetch(spec, "unused")
 
 
@@ -104,6 +105,23 @@ FILES = ["a-Q4_K_M.gguf", "a-q8_0.gguf", "a.BF16.gguf", "mmproj-a-Q4_K_M.gguf", 
 ])
 def test_a_name_picks_the_files_of_one_model(quant, file, expected):
     assert pick(FILES, "o/a", quant, file) == expected
+
+
+def test_a_listing_that_names_files_outside_the_repo_never_has_them_picked():
+    hostile = ["../evil-Q4_K_M.gguf", "/abs/evil-Q4_K_M.gguf", "a\\..\\evil-Q4_K_M.gguf", "x//evil-Q4_K_M.gguf",
+               "good-Q4_K_M.gguf"]
+    assert pick(hostile, "o/a") == ["good-Q4_K_M.gguf"]
+
+
+def test_a_mirrors_password_never_reaches_the_log(caplog):
+    import logging
+
+    from service.llama import hub as hub_module
+
+    hub_module._quiet_hub()
+    with caplog.at_level(logging.WARNING, logger="huggingface_hub"):
+        logging.getLogger("huggingface_hub").warning("Error while downloading from %s", "http://user:S3CRET@mirror/x")
+    assert "S3CRET" not in caplog.text and "http://mirror/x" in caplog.text
 
 
 def test_a_repo_of_one_model_needs_no_quant_but_a_named_quant_must_be_there():

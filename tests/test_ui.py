@@ -296,3 +296,15 @@ def test_client_counts_cover_the_last_hour_and_the_window():
     assert recent.by_client(60)["team"]["requests"] == 2
     clock.now += HOUR_S
     assert recent.by_client(60) == {} and len(recent.latest()) == 4
+
+
+def test_a_flood_of_keyless_refusals_keeps_the_real_requests_and_long_paths_are_cut():
+    from service.operations.request_log import PATH_SHOWN, shown_path
+
+    recent = RecentRequests(size=3, clock=Clock())
+    recent.add({**entry(), "request_id": "real"})
+    for number in range(50):
+        recent.add({**entry(client=None, status=401), "request_id": f"junk{number}"})
+    listed = [item["request_id"] for item in recent.latest()]
+    assert "real" in listed and len(listed) <= 3 + 20
+    assert shown_path("/" + "B" * 250_000) == "/" + "B" * (PATH_SHOWN - 1) + "…"

@@ -65,6 +65,8 @@ def fetch(spec: str, models_dir: str, *, refresh: bool = False, bar: bool = None
             log.warning("hub unreachable: serving the kept copy", extra={"fields": {"model": spec, "path": kept}})
             return kept
         raise HubError(_explain(error, spec, repo, models_dir)) from None
+    except ValueError as error:  # a repo id or a file name the Hub's client refuses (HFValidationError and kin)
+        raise HubError(f"{spec}: {_without_credentials(str(error).splitlines()[0])}") from None
 
 
 def pick(filenames, repo: str, quant: str = None, file: str = None) -> list:
@@ -110,6 +112,8 @@ def _models(filenames) -> dict:
     listed; multimodal projectors (mmproj) are no model of their own."""
     groups = {}
     for name in sorted(filenames):
+        if not _safe_name(name):
+            continue  # a listing (a mirror's) that names a file outside the repo: never picked, never claimed
         base = name.rsplit("/", 1)[-1].lower()
         if base.endswith(".gguf") and "mmproj" not in base:
             split = SPLIT_PART.search(name)
@@ -121,6 +125,12 @@ def _models(filenames) -> dict:
         if not split or numbers == list(range(1, int(split[2]) + 1)):
             models[files[0]] = files
     return models
+
+
+def _safe_name(name: str) -> bool:
+    """A repo file name that stays inside the folder it is kept in."""
+    parts = name.split("/")
+    return bool(name) and "\\" not in name and not name.startswith("/") and ".." not in parts and "" not in parts
 
 
 def _quant_of(filename: str) -> str:
@@ -228,8 +238,30 @@ def _quiet_hub():
     the gateway's own handler only (JSON or text), not a second one of its own; no line per HTTP request."""
     constants.HF_HUB_DISABLE_TELEMETRY = True
     logging.getLogger("huggingface_hub").handlers.clear()
+    for name in ("huggingface_hub", "httpx2"):  # their messages quote URLs: a mirror's user:password never shown
+        if not any(isinstance(each, _HideCredentials) for each in logging.getLogger(name).filters):
+            logging.getLogger(name).addFilter(_HideCredentials())
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("httpx2").setLevel(logging.WARNING)  # a line per request; DEBUG shows them
+
+
+_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def _without_credentials(text: str) -> str:
+    """text with any user:password@ of a URL in it taken out."""
+    return _CREDENTIALS.sub("", text)
+
+
+class _HideCredentials(logging.Filter):
+    """Takes user:password@ out of the URLs in a log record's message."""
+
+    def filter(self, record):
+        """Rewrite the record's message without credentials; keep the record."""
+        message = record.getMessage()
+        if "@" in message:
+            record.msg, record.args = _without_credentials(message), None
+        return True
 
 
 def _unreachable(error) -> bool:

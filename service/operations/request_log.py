@@ -16,6 +16,16 @@ QUIET_PATHS = ("/health", "/metrics", "/ui", "/ui/api/state")
 QUIET_PREFIXES = ("/ui/static/",)
 
 
+# Paths are logged and listed up to this many characters: a path (up to waitress's 256 KiB of headers) is the
+# client's to choose, and needs no key.
+PATH_SHOWN = 200
+
+
+def shown_path(path: str) -> str:
+    """The path as logged: cut short, with an ellipsis, past PATH_SHOWN characters."""
+    return path if len(path) <= PATH_SHOWN else path[:PATH_SHOWN] + "…"
+
+
 def request_id_from(header) -> str:
     """Keep a sane incoming x-request-id, else make a new one."""
     if header and _SANE_REQUEST_ID.fullmatch(header):
@@ -67,7 +77,7 @@ class RequestRecord:
         """Write the request's one log line."""
         quiet = (self.path in QUIET_PATHS or self.path.startswith(QUIET_PREFIXES)) and (self.status or 500) < 400
         fields = {"request_id": self.request_id, "client_id": self.client_id, "method": self.method,
-                  "path": self.path, "status": self.status, "duration_ms": self.elapsed_ms(),
+                  "path": shown_path(self.path), "status": self.status, "duration_ms": self.elapsed_ms(),
                   "upstream_ms": self.upstream_ms, "ttft_ms": self.ttft_ms, "prompt_tokens": self.prompt_tokens,
                   "completion_tokens": self.completion_tokens, "retries": self.retries, "queue_ms": self.queue_ms,
                   "affinity": self.affinity, "error": self.error}

@@ -12,6 +12,9 @@ import time
 HOUR_S = 3600.0
 BUCKET_S = 10.0  # the counts' resolution: a rate-limit window is summed from whole buckets
 RECENT_SIZE = 100
+# Requests refused before anyone was known to have sent them (no key, a wrong one) have a ring of their own: a
+# flood of them, which needs no key, must not push the real requests off the page.
+REFUSED_SIZE = 20
 
 
 class RecentRequests:
@@ -20,16 +23,21 @@ class RecentRequests:
     def __init__(self, size=RECENT_SIZE, clock=time.time):
         self.clock = clock
         self._entries = collections.deque(maxlen=size)
+        self._refused = collections.deque(maxlen=REFUSED_SIZE)
+        self._added = 0  # entries taken so far: the order of both rings together
         self._buckets = {}  # client id -> deque of [bucket number, requests, tokens, failures], oldest first
         self._lock = threading.Lock()
 
     def add(self, entry: dict):
         """Take one finished request's log fields (with its route and arrival time)."""
         with self._lock:
-            self._entries.append(entry)
+            self._added += 1
             client = entry.get("client_id")
             if client is None:
-                return  # refused before it was known whose it was: in the list, but nobody's count
+                # Refused before it was known whose it was: listed, nobody's count.
+                self._refused.append((self._added, entry))
+                return
+            self._entries.append((self._added, entry))
             buckets = self._buckets.setdefault(client, collections.deque())
             number = int(entry["time"] // BUCKET_S)
             if not buckets or buckets[-1][0] < number:
@@ -44,7 +52,8 @@ class RecentRequests:
     def latest(self) -> list:
         """The last requests' entries, newest first."""
         with self._lock:
-            return list(reversed(self._entries))
+            entries = list(self._entries) + list(self._refused)
+        return [entry for _, entry in sorted(entries, key=lambda item: item[0], reverse=True)]  # by arrival here
 
     def by_client(self, window_s: float) -> dict:
         """Per client seen in the last hour: {"requests", "tokens", "failures"} over the hour, and

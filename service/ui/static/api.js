@@ -16,6 +16,7 @@ export function forgetKey() {
 
 // Call one of the gateway's JSON routes with the admin key (the saved one unless given); resolves to the Response.
 export function call(path, { method = "GET", body, key = savedKey(), signal } = {}) {
+  if (!key) return Promise.reject(new Error("Signed out."));  // never "Bearer null": signed out, nothing is sent
   const headers = { Authorization: `Bearer ${key}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   return fetch(path, {

@@ -242,14 +242,21 @@ def no_anthropic_environment(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture(scope="module")
-def slow_llama(tmp_path_factory):
-    """A real llama.cpp on a bigger random model: 4000 tokens take 20-70 s on a 2-core box."""
+@pytest.fixture(scope="session")
+def slow_model_path(tmp_path_factory):
+    """A bigger random model, written once: a generation there lasts long enough for a test to act meanwhile."""
     from service.llama.demo_model import write_demo_model
+
+    return write_demo_model(str(tmp_path_factory.mktemp("slow") / "slow.gguf"), embedding_size=512, layers=8,
+                            feed_forward_size=2048)
+
+
+@pytest.fixture(scope="module")
+def slow_llama(slow_model_path):
+    """A real llama.cpp on the slow model, one slot: 4000 tokens take 20-70 s on a 2-core box."""
     from service.llama.supervisor import LlamaSupervisor
 
-    path = write_demo_model(str(tmp_path_factory.mktemp("slow") / "slow.gguf"), embedding_size=512, layers=8,
-                            feed_forward_size=2048)
-    supervisor = LlamaSupervisor(path, ctx=8192, parallel=1, threads=1, embeddings=False, startup_timeout=60).start()
+    supervisor = LlamaSupervisor(slow_model_path, ctx=8192, parallel=1, threads=1, embeddings=False,
+                                 startup_timeout=60).start()
     yield supervisor
     supervisor.stop()

@@ -11,7 +11,6 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from service.llama.demo_model import write_demo_model
 from service.llama.supervisor import LlamaSupervisor
 from service.proxy import relay
 from tests.apps import routed_app
@@ -34,11 +33,10 @@ SHORT = {"prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def slow(tmp_path_factory):
-    """A real llama.cpp with 2 slots on a bigger random model: a stream there lasts until the test cuts it."""
-    path = write_demo_model(str(tmp_path_factory.mktemp("sched") / "slow.gguf"), embedding_size=512, layers=8,
-                            feed_forward_size=2048)
-    supervisor = LlamaSupervisor(path, ctx=4096, parallel=2, threads=1, embeddings=False, startup_timeout=60).start()
+def slow(slow_model_path):
+    """A real llama.cpp with 2 slots on the slow model: a stream there lasts until the test cuts it."""
+    supervisor = LlamaSupervisor(slow_model_path, ctx=4096, parallel=2, threads=1, embeddings=False,
+                                 startup_timeout=60).start()
     yield supervisor
     supervisor.stop()
 

@@ -74,8 +74,10 @@ def test_bench_quick_runs_and_reports(tmp_path):
     assert "| goal | measured | target | met |" in result.stdout
     cold, swapping = figures["cold_request"], figures["swap_under_load"]
     assert all(cold[figure] > 0 for figure in ("llama_load_ms", "llama_ready_ms", "llama_first_answer_ms", "cold_ms",
-                                               "warm_ms", "swap_ms", "swap_load_ms"))
-    assert {"added_ms", "cold_minus_own_load_ms", "swap_unload_ms"} <= set(cold)
+                                               "own_load_ms", "warm_ms", "swap_ms", "swap_load_ms"))
+    assert {"added_ms", "cold_minus_llama_load_ms", "cold_minus_llama_ready_ms", "swap_unload_ms"} <= set(cold)
+    assert {figure: len(values) for figure, values in cold["samples_ms"].items()} == {
+        "llama_load": 3, "llama_ready": 3, "llama_first_answer": 3, "cold": 3, "warm": 3, "own_load": 3}
     assert swapping["failed"] == 0, swapping["failures"]  # not a speed: no request may fail while models swap
     assert [(client["model"], client["ok"] > 0) for client in swapping["clients"]] == [("a", True), ("b", True)]
     # The clients' models took turns: a request waiting for its model is not starved by the other client's.

@@ -191,7 +191,7 @@ class LlamaSupervisor:
                 pass
             if self._stopping.wait(delay):
                 raise LlamaStartError("llama.cpp was stopped while starting")
-            delay = min(delay * 2, 0.25)
+            delay = min(delay * 2, 0.05)  # a load that ends just after a check costs at most 50 ms more
         raise LlamaStartError(f"llama.cpp did not become ready within {timeout or self.startup_timeout:g} s "
                               "(LLAMA_STARTUP_TIMEOUT_S)")
 

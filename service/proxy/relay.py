@@ -158,7 +158,7 @@ def _stream_after_wait(admission, endpoint, raw, body, route) -> Response:
                 yield WAITING_COMMENT
             opened.append(open_stream(endpoint, raw, body, route))
         except ApiError as error:
-            g.record.error = error.code
+            g.record.error, g.record.upstream_error = error.code, getattr(error, "kind", None)
             family = current_family()
             yield family.events(family, StreamRequest(body.get("model"), lambda path: None)).error_event(
                 error.status, error.client_message, **error.fields)

@@ -136,3 +136,10 @@ def test_bad_urls_are_named_without_their_credentials(name, value):
     assert message.startswith(f"{name}: ")
     assert SECRET not in message and "alice" not in message
     assert "host" in message  # still says which URL is wrong
+
+
+def test_the_admin_client_id_and_key_are_the_admins_alone():
+    with pytest.raises(ConfigError, match="client id 'admin'"):
+        load_settings({"OPENAI_API_KEYS": "k1:team,k2:admin"})
+    with pytest.raises(ConfigError, match="ADMIN_API_KEY: must differ"):
+        load_settings({"OPENAI_API_KEYS": "k1:team", "ADMIN_API_KEY": "k1"})

@@ -80,6 +80,10 @@ def test_a_failed_load_is_503_model_load_failed_in_the_envelope(pooled):
     assert error["code"] == "model_load_failed" and "bad magic" in error["message"]
     again = app.test_client().post("/v1/embeddings", json={"model": "m", "input": "x"})
     assert again.status_code == 503 and supervisor.starts == 1  # within the backoff: no second load
+    health = app.test_client().get("/health")
+    replica = health.get_json()["models"]["m"]["replicas"][0]
+    assert health.status_code == 503 and replica["status"] == "failed"
+    assert "bad magic" not in health.get_data(as_text=True)  # public: llama.cpp's words (file paths) stay out
 
 
 def test_models_and_health_show_an_unloaded_model_without_asking_for_it(pooled, httpserver):

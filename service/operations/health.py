@@ -113,7 +113,9 @@ def _not_loaded(model) -> dict:
     """A local model that is not loaded: no fault while it can be loaded (unloaded, or loading), down when its
     load failed."""
     if model.status == "failed":
-        return {"status": "failed", "reason": model.failure, "serving": "down"}
+        # Not llama.cpp's words: /health is public, and they name files on the box. The log line has them.
+        return {"status": "failed", "reason": "its llama.cpp failed to load (the gateway's log says why)",
+                "serving": "down"}
     return {"status": model.status, "serving": "ok" if model.status == "unloaded" else "degraded"}
 
 

@@ -23,6 +23,9 @@ from bench.loadtest import Target, run
 from bench.models import models_rounds
 from bench.models import report_lines as models_report
 from bench.models import verdicts as models_verdicts
+from bench.scheduling import report_lines as scheduling_report
+from bench.scheduling import scheduling_rounds
+from bench.scheduling import verdicts as scheduling_verdicts
 from service.llama.supervisor import PROJECT_ROOT, free_port
 
 KEY = "bench-key"
@@ -195,8 +198,9 @@ def measure(quick=False) -> dict:
         flood = flood_gateway_round(urls["upstream"], *((300, 200) if quick else (5000, 500)), log)
         llama = llama_round(3 if quick else 20, log)
         on_demand = models_rounds(KEY, quick)  # cold requests and swaps: models on demand (issue 11)
+        scheduling = scheduling_rounds(quick)  # a noisy neighbour, conversations over replicas (issue 13)
         return {"load": load, "generator": generator, "streaming": streaming, "memory": memory, "flood": flood,
-                "llama_stream": llama, **on_demand, "start_s": round(start_s, 3), "machine": machine(),
+                "llama_stream": llama, **on_demand, **scheduling, "start_s": round(start_s, 3), "machine": machine(),
                 "quick": quick}
     finally:
         for process in processes:
@@ -246,6 +250,7 @@ def verdicts(figures) -> dict:
     result["flood_all_held"] = {"value": flood["held"], "goal": f"all {flood['connections']} held through the round",
                                 "met": flood["held"] == flood["connections"]}
     result.update(models_verdicts(figures))
+    result.update(scheduling_verdicts(figures))
     return result
 
 
@@ -275,7 +280,7 @@ def report(figures) -> str:
     for i, name in enumerate(("without the flood", f"with the flood ({flood['held']} held)")):
         lines.append(f"| {name} | {flood['p50_ms'][i]:.3f} | {flood['rss_mib'][i]} |")
     lines.append(f"| per connection | | {flood['kib_per_connection']} KiB |")
-    lines += [""] + models_report(figures)
+    lines += [""] + models_report(figures) + [""] + scheduling_report(figures)
     memory = figures["memory"]
     lines += ["", f"Gateway RSS: {memory['rss_mib'][0]} MiB after {memory['requests'][0]} requests, "
               f"{memory['rss_mib'][1]} MiB after {memory['requests'][1]}. Start with an external upstream: "

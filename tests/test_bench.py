@@ -54,8 +54,8 @@ def run_bench(args, timeout) -> subprocess.CompletedProcess:
 
 
 # bin/bench --quick took 11 s on an idle 2-core machine and 36 s with both cores busy, before its models-on-demand
-# rounds added 10 to 15 s: too close to the suite's 60 s per test (setup.cfg). Its own bound, with the run's
-# timeout inside it.
+# rounds added 10 to 15 s (and its scheduling rounds about 8 s more): too close to the suite's 60 s per test
+# (setup.cfg). Its own bound, with the run's timeout inside it.
 @pytest.mark.llama
 @pytest.mark.timeout(180)
 def test_bench_quick_runs_and_reports(tmp_path):
@@ -86,3 +86,19 @@ def test_bench_quick_runs_and_reports(tmp_path):
     assert {"cold_added_ms", "swap_failed_requests"} <= set(figures["verdicts"])
     assert "| cold request through the gateway, nothing else loaded |" in result.stdout
     assert "| swap under load: 2 clients" in result.stdout and "Swaps: " in result.stdout
+    noisy, multi = figures["noisy_neighbour"], figures["multi_turn"]
+    assert all(noisy[name][figure] > 0 for name in ("direct", "fair", "fifo")
+               for figure in ("b_s", "a_total_s", "all_done_s")), noisy
+    assert noisy["yardstick"]["alone_s"] > 0 and noisy["yardstick"]["slot_turn_s"] > 0
+    assert {name: len(noisy["samples"][name]) for name in ("direct", "fair", "fifo", "yardstick")} == {
+        "direct": 1, "fair": 1, "fifo": 1, "yardstick": 1}
+    for placement in ("least_busy", "cache_aware"):
+        figures_of = multi[placement]
+        assert figures_of["ttft_p50_ms"] > 0 and figures_of["turns_per_run"] == 4  # 2 conversations x 2 turns
+        assert 0 < figures_of["fresh_prompt_tokens"] <= figures_of["prompt_tokens"]
+    # Not a speed: with cache-aware placement only each conversation's first turn is computed afresh.
+    assert multi["cache_aware"]["turns_afresh"] == multi["conversations"] == 2
+    assert multi["cold_prompt_ms"] > 0 and multi["warm_prompt_ms"] > 0  # llama.cpp's timings came through
+    assert {"noisy_neighbour_b_ratio", "noisy_neighbour_b_speedup", "noisy_neighbour_a_total_ratio",
+            "noisy_neighbour_all_done_ratio", "multi_turn_ttft_speedup"} <= set(figures["verdicts"])
+    assert "| noisy neighbour: 2 slots" in result.stdout and "| multi-turn: 2 conversations" in result.stdout

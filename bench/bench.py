@@ -1,7 +1,7 @@
 """bin/bench: the gateway's own overhead, measured against calling the upstream directly and against a bare
 Flask + waitress + requests passthrough, with every policy feature of the gateway switched on.
 
-    python bin/bench            # the full run (about two minutes)
+    python bin/bench            # the full run (about eight minutes: overhead, flood, models on demand, scheduling)
     python bin/bench --quick    # a smoke run (seconds); numbers are rough
     python bin/bench --json FILE
 """

@@ -10,6 +10,7 @@ from waitress import wasyncore
 from waitress.parser import HTTPRequestParser, ParsingError, TransferEncodingNotImplemented
 from waitress.task import ErrorTask
 
+from . import wsgi_loop
 from .families import family_for
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,11 @@ OUTBUF_HIGH_WATERMARK = 1024 * 1024
 def make_server(app, *, host, port, threads, max_body_bytes, max_connections=4096, idle_timeout_s=30,
                 outbuf_high_watermark=OUTBUF_HIGH_WATERMARK):
     """Create (not yet run) the waitress server for app."""
+    epoll = wsgi_loop.available()
     server = waitress.create_server(app, host=host, port=port, threads=threads, ident="llama-gateway",
+                                    # Linux: waitress's loop on epoll (wsgi_loop), over a map that tells it
+                                    # which connections came and went.
+                                    map=wsgi_loop.TrackedMap() if epoll else None,
                                     max_request_body_size=max_body_bytes,
                                     # Keep reading while a request runs, so waitress can tell that its client
                                     # has gone (waitress.client_disconnected) and llama.cpp can be cut off.
@@ -121,6 +126,8 @@ def make_server(app, *, host, port, threads, max_body_bytes, max_connections=409
                                     outbuf_high_watermark=outbuf_high_watermark)
     for listener in _listeners(server):
         listener.channel_class = EnvelopeChannel
+    if epoll:
+        server.asyncore = wsgi_loop.EpollAsyncore
     return server
 
 

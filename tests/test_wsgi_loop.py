@@ -8,7 +8,8 @@ import pytest
 from service import wsgi_loop
 from tests.fakes import Clock
 
-pytestmark = pytest.mark.skipif(not wsgi_loop.available(), reason="epoll is Linux's: waitress's own loop runs elsewhere")
+pytestmark = pytest.mark.skipif(not wsgi_loop.available(),
+                                reason="epoll is Linux's: waitress's own loop runs elsewhere")
 
 
 class Connection:

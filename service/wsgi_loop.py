@@ -15,8 +15,10 @@ from errno import EINTR
 
 from waitress import wasyncore
 
-READ = select.POLLIN | select.POLLPRI
-WRITE = select.POLLOUT
+# poll()'s flags, which wasyncore.readwrite reads, and which epoll's equal on Linux. Windows has neither (nor
+# these names): there this module is imported but never used.
+READ = getattr(select, "POLLIN", 0) | getattr(select, "POLLPRI", 0)
+WRITE = getattr(select, "POLLOUT", 0)
 # Every connection is asked again this often: what changes a connection without an event (waitress's upkeep marks
 # idle ones to close) is seen within this long.
 SWEEP_S = 1.0

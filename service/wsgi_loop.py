@@ -10,15 +10,19 @@ only way it changes then is by waitress's own upkeep (closing idle ones), which 
 Linux only (epoll); elsewhere waitress's own loop runs (select() on Windows).
 """
 import select
+import threading
 import time
 from errno import EINTR
 
 from waitress import wasyncore
 
 # poll()'s flags, which wasyncore.readwrite reads, and which epoll's equal on Linux. Windows has neither (nor
-# these names): there this module is imported but never used.
-READ = getattr(select, "POLLIN", 0) | getattr(select, "POLLPRI", 0)
+# these names): there this module is imported but never used. Not POLLPRI, which waitress's own loop asks for: one
+# TCP urgent byte from a client keeps it set, and waitress only logs it, so its loop would spin until the client
+# left (waitress's handle_expt); unasked, the byte is ignored.
+READ = getattr(select, "POLLIN", 0)
 WRITE = getattr(select, "POLLOUT", 0)
+NOT_OPEN = getattr(select, "POLLNVAL", 0)
 # Every connection is asked again this often: what changes a connection without an event (waitress's upkeep marks
 # idle ones to close) is seen within this long.
 SWEEP_S = 1.0
@@ -30,24 +34,36 @@ class TrackedMap(dict):
     def __init__(self):
         super().__init__()
         self.changed = set()
+        # Task threads close connections too (waitress, when a write fails): the loop takes the changes whole.
+        self._lock = threading.Lock()
 
     def __setitem__(self, fd, channel):
-        super().__setitem__(fd, channel)
-        self.changed.add(fd)
+        with self._lock:
+            super().__setitem__(fd, channel)
+            self.changed.add(fd)
 
     def __delitem__(self, fd):
-        super().__delitem__(fd)
-        self.changed.add(fd)
+        with self._lock:
+            super().__delitem__(fd)
+            self.changed.add(fd)
 
     def pop(self, fd, *default):
         """Remove fd, noting it."""
-        self.changed.add(fd)
-        return super().pop(fd, *default)
+        with self._lock:
+            self.changed.add(fd)
+            return super().pop(fd, *default)
 
     def clear(self):
         """Remove every descriptor, noting them."""
-        self.changed.update(self)
-        super().clear()
+        with self._lock:
+            self.changed.update(self)
+            super().clear()
+
+    def take_changed(self) -> set:
+        """The descriptors added or removed since the last call."""
+        with self._lock:
+            changed, self.changed = self.changed, set()
+        return changed
 
 
 def _wanted(channel) -> int:
@@ -92,7 +108,7 @@ class EpollLoop:
             wasyncore.readwrite(channel, flags)
 
     def _update(self):
-        changed, self.map.changed = self.map.changed, set()
+        changed = self.map.take_changed()
         for fd in changed:
             if fd not in self.map:
                 self._forget(fd)
@@ -107,8 +123,12 @@ class EpollLoop:
             if channel is None:
                 self.busy.discard(fd)
                 continue
+            # Steady first: once seen steady no task can change it, so the flags read after it are the lasting ones
+            # (read the other way round, a task ending in between could leave a connection registered for
+            # nothing until the next sweep).
+            steady = _steady(channel)
             self._register(fd, channel, _wanted(channel))
-            if _steady(channel):
+            if steady:
                 self.busy.discard(fd)
             else:
                 self.busy.add(fd)
@@ -119,9 +139,17 @@ class EpollLoop:
             return
         if known is not None:
             self._forget(fd)
-        if flags:  # as poll2: a connection that waits for nothing is not registered (nor told of a hang-up)
+        if not flags:  # as poll2: a connection that waits for nothing is not registered (nor told of a hang-up)
+            return
+        try:
             self.epoll.register(fd, flags)
-            self.registered[fd] = (channel, flags)
+        except OSError:
+            # Closed meanwhile by another thread (a task whose write failed): gone from the map, or about to be.
+            # poll() would say POLLNVAL of it, which closes it: do the same.
+            if self.map.get(fd) is channel:
+                wasyncore.readwrite(channel, NOT_OPEN)
+            return
+        self.registered[fd] = (channel, flags)
 
     def _forget(self, fd):
         if self.registered.pop(fd, None) is not None:

@@ -91,7 +91,11 @@ class EnvelopeChannel(HTTPChannel):
 
 
 def _listeners(server) -> list:
-    """The listening servers: the server itself, or each one of a multi-socket server (IPv4 and IPv6, say)."""
+    """The listening servers: the server itself, or each one of a multi-socket server (IPv4 and IPv6, say); as
+    they were when it was made (stop_listening takes them out of the map, and stop_server still needs them)."""
+    known = getattr(server, "gateway_listeners", None)
+    if known:
+        return known
     listeners = [item for item in getattr(server, "map", {}).values() if hasattr(item, "channel_class")]
     return listeners or [server]
 
@@ -124,7 +128,8 @@ def make_server(app, *, host, port, threads, max_body_bytes, max_connections=409
                                     # A write blocks past this many unsent bytes, so that a slow reader's stream
                                     # waits (and the stall check sees it) instead of piling up in memory.
                                     outbuf_high_watermark=outbuf_high_watermark)
-    for listener in _listeners(server):
+    server.gateway_listeners = _listeners(server)
+    for listener in server.gateway_listeners:
         listener.channel_class = EnvelopeChannel
     if epoll:
         server.asyncore = wsgi_loop.EpollAsyncore

@@ -21,7 +21,7 @@ class Connection:
         self.sock = sock
         self.requests, self.total_outbufs_len, self.will_close, self.close_when_flushed = [], 0, False, False
         self.asked = 0
-        self.reads = 0
+        self.reads = self.urgent = 0
 
     def readable(self):
         self.asked += 1
@@ -41,7 +41,7 @@ class Connection:
         pass
 
     def handle_expt_event(self):
-        pass
+        self.urgent += 1
 
 
 @pytest.fixture
@@ -126,3 +126,51 @@ def test_the_gateways_server_runs_on_it(make_app):
         assert server.asyncore is wsgi_loop.EpollAsyncore and isinstance(server._map, wsgi_loop.TrackedMap)
     finally:
         server.close()
+
+
+def test_a_connection_closed_by_another_thread_before_it_is_registered_is_closed_not_fatal():
+    tracked = wsgi_loop.TrackedMap()
+    loop = wsgi_loop.EpollLoop(tracked, clock=Clock())
+    ours, theirs = socket.socketpair()
+    connection = tracked[ours.fileno()] = Connection(ours)
+    closed = []
+    connection.handle_close = lambda: closed.append(True)
+    ours.close()  # a task thread's failed write closed its socket; the loop has not yet seen it go
+    loop.poll(0)  # registering it fails: the loop goes on, and the connection is closed as poll() would
+    assert closed == [True]
+    loop.close()
+    theirs.close()
+
+
+def test_an_urgent_byte_is_not_asked_for_so_the_loop_cannot_spin_on_it():
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname())
+    ours, _ = listener.accept()
+    tracked = wsgi_loop.TrackedMap()
+    connection = tracked[ours.fileno()] = Connection(ours)
+    loop = wsgi_loop.EpollLoop(tracked, clock=Clock())
+    client.send(b"G", socket.MSG_OOB)  # waitress only logs it: under poll's POLLPRI every turn would see it again
+    loop.poll(0.2)
+    assert (connection.reads, connection.urgent) == (0, 0)
+    loop.close()
+    for sock in (ours, client, listener):
+        sock.close()
+
+
+def test_a_server_on_several_addresses_stops_cleanly(make_app, monkeypatch):
+    import threading
+
+    import waitress
+
+    from service.wsgi_server import make_server, stop_listening, stop_server
+
+    create = waitress.create_server
+    monkeypatch.setattr(waitress, "create_server",
+                        lambda app, host, port, **kw: create(app, listen="127.0.0.1:0 127.0.0.2:0", **kw))
+    server = make_server(make_app("http://127.0.0.1:9"), host="x", port=0, threads=1, max_body_bytes=100)
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    stop_listening(server)
+    stop_server(server)  # it needs the listeners' map and trigger, which stop_listening took out of the map
+    loop.join(5)
+    assert not loop.is_alive()

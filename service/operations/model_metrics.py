@@ -62,12 +62,17 @@ class QueueMetrics:
         self.affinity = Counter("gateway_cache_affinity", "Placements among a model's replicas: hit (the replica "
                                 "that served the prompt's beginning), miss (none did), overflow (it was too busy)",
                                 ["model", "result"], registry=registry)
+        self._waits = {}
         if scheduler is not None:
             registry.register(QueueDepthCollector(scheduler))
 
     def observe_wait(self, model, waited_s):
         """Count one request's wait for a slot."""
-        self.wait.labels(model or "*").observe(waited_s)
+        per_model = self._waits.get(model)
+        if per_model is None:
+            # labels() takes a lock and hashes on every call: each model's child is looked up once (they are few).
+            per_model = self._waits[model] = self.wait.labels(model or "*")
+        per_model.observe(waited_s)
 
     def observe(self, record):
         """Count one finished request's placement, if it was placed cache-aware."""

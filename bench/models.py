@@ -120,17 +120,17 @@ class ModelEvents:
 
 
 @contextmanager
-def serving(env, log_path):
-    """bin/serve with env, its log in log_path, until the block ends; yields its URL once /health answers 200."""
+def serving(env, log):
+    """bin/serve with env (API_PORT set), its output into the open file log, until the block ends; yields its URL
+    once /health answers 200."""
     url = f"http://127.0.0.1:{env['API_PORT']}"
-    with open(log_path, "w") as log:
-        gateway = subprocess.Popen([sys.executable, "bin/serve"], env={**os.environ, **env}, cwd=PROJECT_ROOT,
-                                   stdout=log, stderr=log)
+    gateway = subprocess.Popen([sys.executable, "bin/serve"], env={**os.environ, **env}, cwd=PROJECT_ROOT,
+                               stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 60
         while not _answers(url + "/health"):
             if gateway.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"models round: the gateway did not start; see {log_path}")
+                raise RuntimeError(f"the gateway did not start; see {log.name}")
             time.sleep(0.02)
         yield url
     finally:
@@ -276,7 +276,7 @@ def models_rounds(key, quick=False) -> dict:
                                 load_settings({**os.environ, **env}))
     log_path = os.path.join(directory, "gateway.log")
     events = ModelEvents(log_path)
-    with serving(env, log_path) as url:
+    with open(log_path, "w") as log, serving(env, log) as url:
         cold = cold_round(Client(url, key), events, supervisor, runs)
         swapping = swap_round(url, key, events, seconds)
     return {"cold_request": cold, "swap_under_load": swapping}

@@ -14,8 +14,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -24,9 +22,10 @@ from functools import partial
 
 import requests
 
+from bench.models import serving
 from service import create_app
 from service.llama.demo_model import write_demo_model
-from service.llama.supervisor import PROJECT_ROOT, LlamaSupervisor, free_port, start_all
+from service.llama.supervisor import LlamaSupervisor, free_port, start_all
 from service.wsgi_server import make_server, stop_server
 
 # Two clients, so that the fair scheduler has someone to be fair to.
@@ -104,30 +103,9 @@ def yardstick(url, tokens) -> dict:
     return {"alone_s": done - sent, "slot_turn_s": statistics.mean(done - sent for sent, done in pair)}
 
 
-@contextmanager
 def gateway(env, log):
-    """bin/serve with env (and a free port), its output in log, until the block ends; yields its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen([sys.executable, "bin/serve"], env={**os.environ, **env, "API_PORT": str(port)},
-                               cwd=PROJECT_ROOT, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 60
-        while not _answers(url + "/health"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"scheduling round: the gateway did not start; see {log.name}")
-            time.sleep(0.02)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(30)
-
-
-def _answers(url) -> bool:
-    try:
-        return requests.get(url, timeout=1).status_code == 200
-    except requests.RequestException:
-        return False
+    """bin/serve with env on a free port, its output in log, until the block ends; yields its URL."""
+    return serving({**env, "API_PORT": str(free_port())}, log)
 
 
 def noisy_neighbour_round(quick=False) -> dict:

@@ -157,7 +157,8 @@ def load_settings(source: Mapping[str, Any] = None) -> dict:
     if settings["OPENAI_API_KEY"] in keys:
         raise ConfigError("OPENAI_API_KEYS: repeats the key of OPENAI_API_KEY")
     if "admin" in [client for _, client in settings["OPENAI_API_KEYS"] or ()]:
-        raise ConfigError("OPENAI_API_KEYS: the client id 'admin' is the admin key's (ADMIN_API_KEY); name it otherwise")
+        raise ConfigError("OPENAI_API_KEYS: the client id 'admin' is the admin key's (ADMIN_API_KEY); "
+                          "name it otherwise")
     if settings["ADMIN_API_KEY"] and settings["ADMIN_API_KEY"] in [settings["OPENAI_API_KEY"], *keys]:
         raise ConfigError("ADMIN_API_KEY: must differ from every client key (a client key must never act as admin)")
     return settings

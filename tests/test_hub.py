@@ -14,7 +14,8 @@ from huggingface_hub import constants, file_download
 
 from service.converters import hub_model, model_file, model_paths
 from service.llama import hub as hub_module
-from service.llama.hub import HubError, LogProgress, fetch, kept_copy, pick, progress_class
+from service.llama.hub import HubError, fetch, kept_copy, pick
+from service.llama.hub_progress import LogProgress, progress_class
 from service.llama.model_file import LocalModel, choose_model, model_files, model_name, resolve
 from tests.fake_hub import FakeHub, demo_gguf
 
@@ -290,7 +291,6 @@ def test_progress_in_the_logs_is_a_line_at_start_each_tenth_and_end(caplog):
     assert [line["percent"] for line in lines] == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
     assert lines[-1]["done"] is True and lines[0]["file"] == "m.gguf" and lines[0]["part"] == "1/2"
     assert json.dumps(lines)  # plain values, for the JSON log
-
 
 
 def test_on_a_terminal_the_bar_shows_the_file_its_size_and_speed():

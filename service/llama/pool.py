@@ -15,7 +15,9 @@ import time
 
 from ..errors import ClientClosedRequest
 from .pooled_model import (DRAINING, FAILED, LOAD_RETRY_MAX_S, LOAD_RETRY_S, LOADED, LOADING, UNLOADED,
-                           UNLOADING, Hold, ModelEvent, ModelLoadFailed, ModelLoadTimeout, load_failure)
+                           UNLOADING, Hold, ModelEvent, ModelLoadFailed, ModelLoadTimeout, load_failure,
+                           start_together)
+from .room import Room
 from .supervisor import LlamaStartError
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ class ModelPool:
         self.by_url = {model.supervisor.url: model for model in models}
         self.max_loaded = max_loaded
         self.memory_mib = memory_mib
+        self.room = Room(max_loaded, memory_mib)
         self.load_timeout = load_timeout_s
         self.clock = clock
         self.listeners = []  # called with each ModelEvent (metrics)
@@ -47,8 +50,8 @@ class ModelPool:
             model.supervisor.on_state = lambda state, detail, model=model: self._supervisor_said(model, state, detail)
             if memory_mib and model.need_mib and model.need_mib > memory_mib:
                 model.state, model.retry_at = FAILED, float("inf")
-                model.failure = (f"it needs about {model.need_mib:,.0f} MiB (weights, KV cache, prompt cache), more than "
-                                 f"MODELS_MEMORY_MIB={memory_mib}")
+                model.failure = (f"it needs about {model.need_mib:,.0f} MiB (weights, KV cache, prompt cache), "
+                                 f"more than MODELS_MEMORY_MIB={memory_mib}")
                 log.warning("model too large for the memory budget", extra={"fields": {
                     "model": model.name, "need_mib": round(model.need_mib), "budget_mib": memory_mib}})
 
@@ -141,7 +144,7 @@ class ModelPool:
             raise LlamaStartError(f"the models with preload=on need about {need:,.0f} MiB, more than "
                                   f"MODELS_MEMORY_MIB={self.memory_mib}")
         started = self.clock()
-        _start_together(first)
+        start_together(first)
         with self._changed:
             for model in first:
                 model.state, model.last_used = LOADED, self.clock()
@@ -241,11 +244,6 @@ class ModelPool:
         if model.state in (UNLOADED, FAILED) and model.wanted_since is None:
             model.wanted_since, model.wanted_by = self.clock(), reason
 
-    @staticmethod
-    def _holds_room(model) -> bool:
-        # A model whose crashed llama.cpp its supervisor keeps restarting holds its room too.
-        return model.state in (LOADING, LOADED) or (model.state == FAILED and model.restarting)
-
     def _plan(self):
         """Start what the states call for: load wanted models that fit, choose what to unload to make room for
         the first that does not (those behind it wait their turn), give models chosen for room that is no longer
@@ -257,7 +255,7 @@ class ModelPool:
         if not wanted:
             self._undrain()
         for model in wanted:
-            shortfall = self._shortfall(model)
+            shortfall = self.room.shortfall(model, self.models.values())
             if shortfall is None:
                 self._begin(model, LOADING, self._load_now, model.wanted_by or "request")
                 continue
@@ -267,42 +265,15 @@ class ModelPool:
             if model.state == DRAINING and model.running == 0:
                 self._begin(model, UNLOADING, self._unload_now, model.unload_reason)
 
-    def _shortfall(self, model):
-        """None if model fits now; else (models, MiB) to unload beyond those already leaving ((0, 0) when it
-        fits once they have left)."""
-        staying = [other for other in self.models.values() if self._holds_room(other)]
-        leaving = [other for other in self.models.values() if other.state in (DRAINING, UNLOADING)]
-        if self._excess(model, staying + leaving) == (0, 0.0):
-            return None
-        return self._excess(model, staying)
-
-    def _excess(self, model, occupied) -> tuple:
-        """(models, MiB) by which model beside occupied would go over MODELS_MAX_LOADED and MODELS_MEMORY_MIB."""
-        count = len(occupied) + 1 - self.max_loaded if self.max_loaded else 0
-        mib = 0.0
-        if self.memory_mib and model.need_mib:
-            mib = sum(other.need_mib or 0 for other in occupied) + model.need_mib - self.memory_mib
-        return max(0, count), max(0.0, mib)
-
     def _make_room(self, model, extra_models, extra_mib):
-        """Choose models to unload, idle ones first, least recently used first; refuse the model at once when
-        even unloading every model that is not pinned would not make room for it."""
-        pinned = [other for other in self.models.values() if other.pinned and self._holds_room(other)]
-        if self._excess(model, pinned) != (0, 0.0):
+        """Drain the models chosen to make room (room.py); refuse the model at once when nothing could."""
+        if self.room.never_fits(model, self.models.values()):
             self._refuse(model, "no room beside the pinned models (MODEL_SETTINGS pin=on); raise MODELS_MAX_LOADED "
                                 "or MODELS_MEMORY_MIB")
             return
-        # Not one whose waiters have yet to wake up and take it: it was loaded for them.
-        candidates = sorted((other for other in self.models.values() if not other.pinned and other.waiting == 0
-                             and (other.state == LOADED or (other.state == FAILED and other.restarting))),
-                            key=lambda other: (other.running > 0, other.last_used))
-        reason = "lru" if extra_models > 0 else "memory"
-        for victim in candidates:
-            if extra_models <= 0 and extra_mib <= 0:
-                break
+        victims, reason = self.room.victims(self.models.values(), extra_models, extra_mib)
+        for victim in victims:
             self._drain(victim, reason)
-            extra_models -= 1
-            extra_mib -= victim.need_mib or 0
 
     def _undrain(self):
         """Models chosen to make room that nobody needs any more (its requester gave up): back to serving."""
@@ -412,25 +383,3 @@ class ModelPool:
             log.error(f"model {event.kind} failed", extra={"fields": {**fields, "error": event.error}})
         for listener in self.listeners:
             listener(event)
-
-
-def _start_together(models):
-    """Start several models' llama.cpp side by side (they load at once); if one fails, stop them all and raise
-    its LlamaStartError, naming the model."""
-    failures = []
-
-    def start(model):
-        try:
-            model.supervisor.start()
-        except Exception as error:  # noqa: BLE001 - an OSError from spawning it too: named, in one line
-            failures.append(LlamaStartError(f"model {model.name}: {error}"))
-
-    threads = [threading.Thread(target=start, args=(model,), name="model-preload") for model in models]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if failures:
-        for model in models:
-            model.supervisor.stop()
-        raise failures[0]

@@ -1,8 +1,10 @@
 """A local model as the pool sees it (service/llama/pool.py): its states, a request's hold on it, and the errors
 and events of loading it."""
+import threading
 from dataclasses import dataclass
 
 from ..errors import ApiError
+from .supervisor import LlamaStartError
 
 UNLOADED, LOADING, LOADED, DRAINING, UNLOADING, FAILED = (
     "unloaded", "loading", "loaded", "draining", "unloading", "failed")
@@ -114,3 +116,25 @@ def load_failure(error) -> str:
     errors = [line.split(" E ", 1)[1] for line in said if " E " in line[:24]]
     detail = errors[0] if errors else said[-1] if said else None
     return f"{reason}: {detail.strip()}" if detail else reason
+
+
+def start_together(models):
+    """Start several models' llama.cpp side by side (they load at once); if one fails, stop them all and raise
+    a LlamaStartError naming it."""
+    failures = []
+
+    def start(model):
+        try:
+            model.supervisor.start()
+        except Exception as error:  # noqa: BLE001 - an OSError from spawning it too: named, in one line
+            failures.append(LlamaStartError(f"model {model.name}: {error}"))
+
+    threads = [threading.Thread(target=start, args=(model,), name="model-preload") for model in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        for model in models:
+            model.supervisor.stop()
+        raise failures[0]

@@ -177,4 +177,3 @@ def init_metrics(app, include_upstream=False) -> GatewayMetrics:
     app.extensions["metrics"] = exporter
     app.extensions["gateway_metrics"] = gateway
     return gateway
-

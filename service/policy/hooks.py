@@ -69,7 +69,9 @@ def begin_request():
     current_family()  # looked up once, from the matched route, and kept on g for every answer below
     g.record = record = RequestRecord(request_id_from(request.headers.get("x-request-id")), request.method,
                                       request.path, time.perf_counter(),
-                                      route=request.url_rule.rule if request.url_rule else "unmatched")
+                                      route=request.url_rule.rule if request.url_rule else "unmatched",
+                                      # the operators' page's last-requests list, fed by the log line
+                                      recent=current_app.extensions.get("recent_requests"))
     current_app.extensions["gateway_metrics"].in_flight.inc()
     current_app.extensions["lifecycle"].begin()
     if _is_admin():

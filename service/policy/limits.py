@@ -94,8 +94,8 @@ class LimitTable:
     def __init__(self, default: Limits, overrides=None):
         self.default = default
         # A client's weight (RATE_LIMITS client:weight=N) is the scheduler's, not a limit.
-        self.overrides = {client: Limits(**{**default.__dict__, **{name: value for name, value in limits.items()
-                                                                     if name != "weight"}})
+        self.overrides = {client: Limits(**{**default.__dict__,
+                                            **{name: value for name, value in limits.items() if name != "weight"}})
                           for client, limits in (overrides or {}).items()}
 
     def limits_for(self, client: str) -> Limits:

@@ -77,5 +77,3 @@ def waiting_by_client(scheduler) -> dict:
         for client, count in queue.waiting_by_client().items():
             waiting[client] = waiting.get(client, 0) + count
     return waiting
-
-

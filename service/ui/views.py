@@ -5,7 +5,7 @@ comes from /ui/api/state and the playground's /ui/api/chat, which need ADMIN_API
 as on the admin routes), sent by the page's script as Authorization: Bearer; the key lives in the tab's
 sessionStorage, never in a cookie or a URL. Loading and unloading use the admin routes themselves.
 """
-from flask import Blueprint, current_app, g, jsonify, render_template
+from flask import Blueprint, current_app, jsonify, render_template
 
 from ..api.chat import CHAT
 from ..api.chat import schema as chat_schema
@@ -26,15 +26,6 @@ SECURITY_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Conte
 @bp.record_once
 def _keep_recent(state):
     state.app.extensions["recent_requests"] = RecentRequests()
-
-
-@bp.after_app_request
-def _feed_recent(response):
-    """Let every request's record reach the last-requests list when it writes its log line."""
-    record = g.get("record")
-    if record is not None:
-        record.recent = current_app.extensions["recent_requests"]
-    return response
 
 
 @bp.after_request

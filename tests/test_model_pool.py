@@ -57,8 +57,10 @@ def test_without_a_limit_every_model_loads_at_start():
     assert [(event.kind, event.reason) for event in events] == [("load", "preload")] * 3
 
 
-def test_concurrent_first_requests_start_exactly_one_load():
-    pool, routes, events = make_pool(max_loaded=1)
+# With room for two, a model already loading would fit beside itself: only its state keeps a second load away.
+@pytest.mark.parametrize("max_loaded", [1, 2])
+def test_concurrent_first_requests_start_exactly_one_load(max_loaded):
+    pool, routes, events = make_pool(max_loaded=max_loaded)
     supervisor = pool.models["a"].supervisor
     supervisor.gate = threading.Event()
     holds = [pool.claim(routes["a"]) for _ in range(6)]
@@ -66,8 +68,8 @@ def test_concurrent_first_requests_start_exactly_one_load():
     waiters = [threading.Thread(target=lambda hold=hold: results.append(hold.wait())) for hold in holds]
     for waiter in waiters:
         waiter.start()
-    wait_until(lambda: supervisor.starts == 1)
-    assert pool.statuses()["a"] == "loading"
+    wait_until(lambda: supervisor.starts >= 1)
+    assert pool.statuses()["a"] == "loading" and supervisor.starts == 1
     supervisor.gate.set()
     for waiter in waiters:
         waiter.join(5)
@@ -166,6 +168,16 @@ def test_pinned_models_stay_and_a_model_with_no_room_is_refused():
     assert pool.statuses() == {"a": "loaded", "b": "failed"}
 
 
+def test_the_least_recently_used_model_makes_room_unless_it_is_pinned():
+    pool, routes, events = make_pool(max_loaded=2, a_options={"pinned": True, "preload": True})
+    pool.start()  # a, pinned, is loaded first: the least recently used from here on
+    use(pool, routes["b"])
+    use(pool, routes["c"])
+    assert pool.statuses() == {"a": "loaded", "b": "unloaded", "c": "loaded"}
+    assert pool.models["a"].supervisor.stops == 0
+    assert [(event.model, event.reason) for event in events if event.kind == "unload"] == [("b", "lru")]
+
+
 def test_more_preloaded_models_than_the_limit_stop_the_start():
     pool, _, _ = make_pool(("a", "b"), max_loaded=1, a_options={"preload": True}, b_options={"preload": True})
     with pytest.raises(LlamaStartError, match="MODELS_MAX_LOADED=1"):
@@ -173,18 +185,18 @@ def test_more_preloaded_models_than_the_limit_stop_the_start():
 
 
 def test_an_idle_model_is_unloaded_after_its_ttl_and_loads_again_when_asked():
+    # b is pinned, idle, and its TTL is the shorter: were it given one, it would be gone before a.
     pool, routes, events = make_pool(("a", "b"), a_options={"ttl_s": 0.2, "preload": True},
-                                     b_options={"ttl_s": 0.2, "pinned": True})
+                                     b_options={"ttl_s": 0.1, "pinned": True})
     pool.start()
-    busy = pool.claim(routes["b"])
     try:
         wait_until(lambda: any(event.kind == "unload" for event in events))  # told once it is unloaded
-        assert pool.statuses() == {"a": "unloaded", "b": "loaded"}  # b is pinned: never unloaded on its own
+        assert pool.models["b"].state == LOADED and pool.models["b"].supervisor.stops == 0  # pinned: it stays
+        assert pool.statuses() == {"a": "unloaded", "b": "loaded"}
         assert [(event.model, event.reason) for event in events if event.kind == "unload"] == [("a", "idle")]
         use(pool, routes["a"])
         assert pool.models["a"].supervisor.starts == 2
     finally:
-        busy.release()
         pool.stop()
 
 
@@ -194,7 +206,45 @@ def test_admin_load_and_unload_wait_for_the_outcome():
     busy = pool.claim(routes["a"])
     threading.Timer(0.1, busy.release).start()
     assert pool.unload("a") == "unloaded"  # once its request had ended
+    wait_until(lambda: len(events) >= 2)  # the unload is told just after its state changes
     assert [(event.kind, event.reason) for event in events] == [("load", "admin"), ("unload", "admin")]
+
+
+def test_an_admin_unload_takes_over_a_drain_whose_requester_gives_up():
+    # Issue 25: a drains to make room for b; the admin unloads a; b's client leaves. a must still go once its
+    # request ends, and the admin's answer must say it is on its way, not "loaded".
+    pool, routes, events = make_pool(("a", "b"), max_loaded=1, load_timeout_s=0.2)
+    busy = pool.claim(routes["a"])
+    busy.wait()
+    wanting = pool.claim(routes["b"])
+    assert pool.models["a"].state == "draining"
+    assert pool.unload("a") == "draining"  # a's request outlasts the admin's wait: the unload goes on
+    wanting.release()  # b's client gave up: a's room is no longer needed, but the admin still wants it gone
+    assert pool.models["a"].state == "draining"
+    pool.load_timeout = 5.0  # the admin's short wait is over; the load below may take its time
+    late = pool.claim(routes["a"])  # a new request waits for a's reload instead of keeping it loaded
+    assert not late.wait(timeout=0.05)
+    busy.release()
+    assert late.wait(timeout=5)
+    late.release()
+    assert pool.models["a"].supervisor.stops == 1 and pool.models["b"].supervisor.starts == 0
+    wait_until(lambda: len(events) >= 3)  # an event is told just after the state changes
+    assert [(event.kind, event.model, event.reason) for event in events] == [
+        ("load", "a", "request"), ("unload", "a", "admin"), ("load", "a", "request")]
+
+
+def test_an_admin_unload_of_a_draining_model_waits_for_its_requests():
+    pool, routes, events = make_pool(("a", "b"), max_loaded=1)
+    busy = pool.claim(routes["a"])
+    busy.wait()
+    wanting = pool.claim(routes["b"])
+    threading.Timer(0.1, busy.release).start()
+    assert pool.unload("a") == "unloaded"
+    assert wanting.wait(timeout=5) and pool.statuses() == {"a": "unloaded", "b": "loaded"}
+    wanting.release()
+    wait_until(lambda: any(event.kind == "unload" for event in events))  # told just after the state changes
+    assert [(event.kind, event.model, event.reason) for event in events if event.kind == "unload"] == [
+        ("unload", "a", "admin")]
 
 
 def test_requests_wait_while_a_crashed_model_restarts():

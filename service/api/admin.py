@@ -1,7 +1,8 @@
 """POST /models/load and /models/unload: the admin API of models on demand, in llama-server router's shape.
 
 Only ADMIN_API_KEY reaches these views (policy/hooks.py checks it, as it checks client keys elsewhere). The
-answer is llama-server's {"success": true}, with the model's status after the call.
+answer is llama-server's {"success": true}, with the model's status after the call: an unload still waiting for
+the model's requests when the bounded wait ends says "draining" (or "unloading"), and goes on by itself.
 """
 from flask import Blueprint, current_app, jsonify
 
@@ -24,7 +25,7 @@ def load_model():
 
 @bp.post("/models/unload")
 def unload_model():
-    """Unload a model the gateway runs, waiting (bounded) until its llama.cpp has stopped."""
+    """Unload a model the gateway runs, waiting (bounded) until its llama.cpp has stopped (else draining)."""
     name, pool = _pooled_model()
     return jsonify({"success": True, "status": pool.unload(name, reason=REASON)})
 

@@ -109,7 +109,8 @@ class ModelPool:
         return model.status
 
     def unload(self, name, reason="admin"):
-        """Unload a model once its requests have ended (new ones wait for it to load again); return its status."""
+        """Unload a model once its requests have ended (new ones wait for it to load again); return its status,
+        draining or unloading when that has not ended within LLAMA_STARTUP_TIMEOUT_S (it goes on)."""
         model = self.models[name]
         with self._changed:
             deadline = self.clock() + self.load_timeout
@@ -118,9 +119,14 @@ class ModelPool:
             if model.state == LOADED or (model.state == FAILED and model.restarting):
                 self._drain(model, reason)  # a failed restart too: its supervisor stops trying
                 self._plan()
+            elif model.state == DRAINING:
+                # It drains to make room for a request that may yet give up (and would have it serve again): the
+                # unload is now the admin's, and happens once its requests have ended whatever that request does.
+                model.unload_reason = reason
             while model.state in (DRAINING, UNLOADING) and self._changed.wait(max(0.0, deadline - self.clock())):
                 pass
-            return model.status
+            # Clients see a draining model as loaded; the admin who asked for its unload is told it is on its way.
+            return model.state if model.state in (DRAINING, UNLOADING) else model.status
 
     def statuses(self) -> dict:
         """Each model's status: loaded, loading, unloaded or failed."""

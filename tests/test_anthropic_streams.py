@@ -159,3 +159,50 @@ def test_llama_cpp_error_mid_stream_becomes_anthropics_error_event(make_app, liv
     assert tail.startswith(b"event: error\ndata: ") and tail.endswith(b"\n\n") and tail.count(b"\n\n") == 1
     assert json.loads(tail[len(b"event: error\ndata: "):]) == {"type": "error", "error": {
         "type": "api_error", "message": "llama-server failed mid-stream: llama.cpp ran out of memory"}}
+
+
+# --- the stream's end: message_stop reaches the client ---
+
+BLOCK_STOP = b'event: content_block_stop\ndata: {"type":"content_block_stop","index":0}\n\n'
+MESSAGE_DELTA = (b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn",'
+                 b'"stop_sequence":null},"usage":{"output_tokens":1}}\n\n')
+WHOLE = START + BLOCK + DELTA + BLOCK_STOP + MESSAGE_DELTA + STOP
+# The same stream as the upstream's writes may cut it: the relay must pass every event whatever the cuts.
+CUTS = {
+    "an event a chunk": [START, BLOCK, DELTA, BLOCK_STOP, MESSAGE_DELTA, STOP],
+    "usage and stop together": [START, BLOCK + DELTA + BLOCK_STOP, MESSAGE_DELTA + STOP],
+    "stop cut in two": [START + BLOCK + DELTA + BLOCK_STOP + MESSAGE_DELTA + STOP[:20], STOP[20:]],
+    "one chunk": [WHOLE],
+}
+EVENT_TYPES = ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
+               "message_delta", "message_stop"]
+
+
+def event_names(raw: bytes) -> list:
+    """The `event:` names of a raw SSE body, in order."""
+    return [line[len(b"event: "):].decode() for line in raw.split(b"\n") if line.startswith(b"event: ")]
+
+
+@pytest.mark.parametrize("cut", CUTS.values(), ids=CUTS.keys())
+def test_a_whole_stream_reaches_the_client_as_sent_message_stop_last(make_app, live_gateway, httpserver, cut):
+    httpserver.expect_request("/v1/messages").respond_with_handler(
+        lambda request: Response(cut, content_type="text/event-stream"))
+    base = live_gateway(make_app(httpserver.url_for("").rstrip("/"), **DEFAULT_KEY_LIMITS))
+    raw = requests.post(base + "/v1/messages", headers={"x-api-key": DEFAULT_KEY, **ANTHROPIC_VERSION}, timeout=30,
+                        json={"model": "demo", "messages": HI, "max_tokens": 9, "stream": True}).content
+    assert raw == WHOLE, event_names(raw)
+    events = list(anthropic_sdk(base).messages.create(model="demo", messages=HI, max_tokens=9, stream=True))
+    assert [event.type for event in events] == EVENT_TYPES
+
+
+@pytest.mark.parametrize("upstream", ["ascii_llama", "llama"])
+def test_llama_cpp_streams_end_with_message_stop(make_app, live_gateway, request, upstream):
+    # ascii_llama's streams open with llama.cpp's own message_start; llama's with the gateway's (its editor).
+    base = live_gateway(make_app(request.getfixturevalue(upstream).url, **DEFAULT_KEY_LIMITS))
+    raw = requests.post(base + "/v1/messages", headers={"x-api-key": DEFAULT_KEY, **ANTHROPIC_VERSION}, timeout=30,
+                        json={"model": "demo", "messages": HI, "max_tokens": 3, "stream": True, "temperature": 0})
+    names = event_names(raw.content)
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"], names
+    assert names.count("message_stop") == 1 and raw.content.endswith(b"\n\n")
+    events = list(anthropic_sdk(base).messages.create(model="demo", messages=HI, max_tokens=3, stream=True, **GREEDY))
+    assert events[-1].type == "message_stop", [event.type for event in events]

@@ -29,7 +29,9 @@ def settings(**values):
 
 
 def test_every_gguf_in_models_is_a_model_named_after_its_file(tmp_path):
-    for name in ("b-chat.gguf", "a-embed.gguf", DEMO_MODEL_NAME, "notes.txt"):
+    for name in ("b-chat.gguf", "a-embed.gguf"):
+        gguf_file(tmp_path / name)
+    for name in (DEMO_MODEL_NAME, "notes.txt"):
         (tmp_path / name).write_bytes(b"")
     models = local_models(settings(), str(tmp_path))
     assert [(m.name, m.source) for m in models] == [("a-embed", "models/"), ("b-chat", "models/")]
@@ -138,3 +140,15 @@ def test_pool_settings_per_model_and_the_memory_need_counts_the_prompt_cache(dem
     other_model = LocalModel("o", demo_model_path, "MODEL_PATHS")
     other = pooled_model(other_model, supervisor_for(other_model, plain), plain)
     assert other.ttl_s == 60 and other.need_mib > 8192  # llama.cpp's own prompt cache default is counted
+
+
+def test_a_models_own_ttl_0_means_never_whatever_model_idle_ttl_s_says(tmp_path):
+    from service.llama.fleet import pooled_model
+
+    values = settings(MODEL_IDLE_TTL_S="60", MODEL_SETTINGS="kept:ttl=0,brief:ttl=5")
+    ttls = {}
+    for name in ("kept", "brief", "plain"):
+        model = LocalModel(name, gguf_file(tmp_path / f"{name}.gguf"), "MODEL_PATHS")
+        ttls[name] = pooled_model(model, supervisor_for(model, values), values).ttl_s
+    # 0 is a setting of its own (never unload), not "unset": it must not fall back to the global TTL.
+    assert ttls == {"kept": 0, "brief": 5, "plain": 60}

@@ -9,7 +9,8 @@ import redis
 from service.families import OPENAI
 from service.policy import shared_limits
 from service.policy.limits import Limits, RateLimited
-from service.policy.shared_limits import ACQUIRE, LEASE_TTL_S, RETRY_S, WARN_EVERY_S, LimitStoreUnavailable, SharedRateLimiter
+from service.policy.shared_limits import (ACQUIRE, LEASE_TTL_S, RETRY_S, WARN_EVERY_S, LimitStoreUnavailable,
+                                          SharedRateLimiter)
 from tests.fakes import Clock
 from tests.processes import posix_only
 
@@ -185,3 +186,15 @@ def test_a_slot_held_past_the_lease_ttl_is_freed(redis_server):
         shared.acquire("team")
     client.zadd(TEAM_KEYS[2], {lease.lease_id: started - 1000})  # began over LEASE_TTL_S ago: counted as lost
     assert shared.acquire("team").holds_slot
+
+
+def test_every_key_expires_with_the_window_so_no_client_leaves_keys_behind(redis_server):
+    # A pair of keys per client that ever called: without an expiry they would stay in Redis for ever.
+    window_s = 60.0
+    shared, client = limiter(redis_server, window_s=window_s, rpm=10, tpm=1000), store(redis_server)
+    lease = shared.acquire("team")
+    assert 0 < client.pttl(TEAM_KEYS[0]) <= window_s * 1000  # requests
+    assert client.exists(TEAM_KEYS[1]) == 0  # no tokens spent yet
+    shared.release(lease, tokens=7)
+    assert 0 < client.pttl(TEAM_KEYS[1]) <= window_s * 1000  # tokens
+    assert 0 < client.pttl(TEAM_KEYS[0]) <= window_s * 1000

@@ -210,9 +210,9 @@ def test_a_failed_fetch_leaves_nothing_a_start_takes_for_a_model(hub, models_dir
 
 
 def test_only_whole_models_count_in_models_dir(tmp_path):
-    (tmp_path / "a.gguf").write_bytes(b"")
+    (tmp_path / "a.gguf").write_bytes(b"GGUF")
     for part in ("b-00001-of-00002", "b-00002-of-00002", "c-00001-of-00002", "a.gguf.1234abcd"):
-        (tmp_path / f"{part}.gguf").write_bytes(b"")
+        (tmp_path / f"{part}.gguf").write_bytes(b"GGUF")
     downloads = tmp_path / ".cache" / "huggingface" / "download"
     downloads.mkdir(parents=True)
     (downloads / "d.gguf.1234abcd.incomplete").write_bytes(b"")

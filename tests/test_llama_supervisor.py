@@ -1,8 +1,12 @@
 """The embedded llama.cpp: the demo model, model choice, and a supervised child that restarts and stops."""
+import http.server
 import logging
 import os
 import queue
+import re
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -11,9 +15,10 @@ import pytest
 import requests
 
 from service.llama import supervisor as supervisor_module
+from service.llama.child import SERVING
 from service.llama.demo_model import DEMO_MODEL_NAME, write_demo_model
 from service.llama.model_file import choose_model
-from service.llama.supervisor import LlamaStartError, LlamaSupervisor, find_binary
+from service.llama.supervisor import LlamaStartError, LlamaSupervisor, find_binary, first_error
 
 
 def test_demo_model_is_deterministic(tmp_path):
@@ -26,6 +31,7 @@ def test_demo_model_is_deterministic(tmp_path):
 
 def test_choose_model_prefers_setting_then_models_dir_then_demo(tmp_path):
     configured = str(tmp_path / "x.gguf")
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
     assert choose_model(configured, str(tmp_path)).source == "LLAMA_MODEL"
     demo = choose_model(None, str(tmp_path / "empty"))
     assert demo.source == "demo" and demo.is_demo and os.path.basename(demo.path) == DEMO_MODEL_NAME
@@ -48,11 +54,108 @@ def test_missing_binary_is_a_clear_error():
         find_binary("/no/such/llama-server")
 
 
-def test_child_that_cannot_load_fails_with_its_last_lines(tmp_path):
+def test_child_that_cannot_load_fails_with_llama_cpps_own_error_in_one_line(tmp_path):
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"not a gguf")
-    with pytest.raises(LlamaStartError, match="exited with code"):
+    with pytest.raises(LlamaStartError) as failed:
         LlamaSupervisor(str(broken), startup_timeout=30).start()
+    # The cause first, not buried in the ~20 lines llama.cpp printed.
+    assert re.fullmatch(r"llama\.cpp exited with code 1 while loading broken\.gguf: \w+: invalid magic characters.*",
+                        str(failed.value)), str(failed.value)
+
+
+@pytest.mark.parametrize("lines, said", [
+    (["0.00.001 I srv init: loading model", "0.00.002 E gguf_init: invalid  magic", "0.00.003 E srv init: exiting"],
+     "gguf_init: invalid magic"),  # llama.cpp's own format: its first error
+    (["loading model", "error: couldn't bind HTTP server socket", "exiting"],
+     "error: couldn't bind HTTP server socket"),  # plain text, as a llama-server binary logs by default
+    (["loading model", "Killed"], "Killed"),
+    ([], "it printed nothing")])
+def test_the_line_that_says_what_went_wrong(lines, said):
+    assert first_error(lines) == said
+
+
+# Another program: a web server that answers 200 to everything, as a stray llama-server would; prints its port.
+ANSWERS_200 = """
+import http.server, sys
+class Any(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), Any)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+@pytest.fixture
+def other_program():
+    """The port of another process that answers 200 on it."""
+    process = subprocess.Popen([sys.executable, "-c", ANSWERS_200], stdout=subprocess.PIPE, text=True)
+    try:
+        yield int(process.stdout.readline())
+    finally:
+        process.kill()
+        process.wait(5)
+
+
+def test_a_port_another_program_holds_is_refused_before_starting(demo_model_path, other_program):
+    supervisor = LlamaSupervisor(demo_model_path, port=other_program, ctx=512, parallel=1, threads=1,
+                                 embeddings=False, startup_timeout=30)
+    try:
+        with pytest.raises(LlamaStartError, match=rf"^port {other_program} on 127\.0\.0\.1 is in use by another "
+                                                  r"program.*set LLAMA_PORT to a free port"):
+            supervisor.start()
+        assert supervisor.process is None, "a child was started onto a port it cannot have"
+    finally:
+        supervisor.stop()
+
+
+@pytest.mark.llama
+def test_a_200_from_another_program_is_not_the_child_serving(demo_model_path, other_program, monkeypatch):
+    # The port was free when checked; another program took it before the child could listen.
+    monkeypatch.setattr(supervisor_module, "port_in_use", lambda host, port: False)
+    supervisor = LlamaSupervisor(demo_model_path, port=other_program, ctx=512, parallel=1, threads=1,
+                                 embeddings=False, startup_timeout=30)
+    try:
+        with pytest.raises(LlamaStartError) as failed:
+            supervisor.start()
+    finally:
+        supervisor.stop()
+    assert re.match(r"llama\.cpp exited with code 1 while loading demo\.gguf: .*couldn't bind", str(failed.value))
+
+
+def test_a_child_gone_by_the_time_of_its_200_is_not_ready(monkeypatch):
+    # A llama-server binary says nothing the supervisor waits for: a 200 counts only if the child still runs then.
+    monkeypatch.setattr(supervisor_module, "port_in_use", lambda host, port: False)
+    supervisor = LlamaSupervisor("/fake.gguf", startup_timeout=10)
+    supervisor.says_serving = False
+    supervisor.command = lambda: [sys.executable, "-c", "import time; time.sleep(60)"]
+
+    class AnswersOnceTheChildIsGone(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            supervisor.process.kill()  # the child could not listen and left; another program answers
+            supervisor.process.wait(5)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), AnswersOnceTheChildIsGone)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    supervisor.port = other.server_address[1]
+    try:
+        with pytest.raises(LlamaStartError, match="exited with code"):
+            supervisor.start()
+    finally:
+        supervisor.stop()
+        other.shutdown()
+        other.server_close()
 
 
 @pytest.mark.llama
@@ -80,7 +183,8 @@ def test_killed_child_is_restarted_health_shows_the_gap_and_requests_recover(dem
     assert supervisor.process.poll() is not None
 
 
-# A stand-in for llama-server: answers /health with 200 once it has "loaded" for argv[1] seconds.
+# A stand-in for service.llama.child: answers /health with 200 once it has "loaded" for argv[1] seconds, and says
+# that it serves as the child does.
 FAKE_LLAMA = """
 import http.server, sys, time
 port = int(sys.argv[sys.argv.index("--port") + 1])
@@ -92,8 +196,10 @@ class Health(http.server.BaseHTTPRequestHandler):
         self.end_headers()
     def log_message(self, *args):
         pass
-http.server.HTTPServer(("127.0.0.1", port), Health).serve_forever()
-"""
+server = http.server.HTTPServer(("127.0.0.1", port), Health)
+print(%r, flush=True)
+server.serve_forever()
+""" % SERVING
 
 
 class FakeLlama(LlamaSupervisor):
@@ -139,6 +245,29 @@ def fake_llama(monkeypatch):
 def alive(supervisor) -> list:
     """The children of supervisor that still run."""
     return [child.pid for child in supervisor.spawned if child.poll() is None]
+
+
+def test_a_restart_onto_a_port_another_program_took_fails_and_says_so(fake_llama):
+    supervisor = fake_llama()
+    first = supervisor.children.get_nowait()
+    said, taken = queue.Queue(), []
+
+    def on_state(state, detail):
+        if state == "restarting" and not taken:  # the child died; another program takes its port meanwhile
+            taken.append(socket.create_server(("127.0.0.1", supervisor.port)))
+        said.put((state, detail))
+
+    supervisor.on_state = on_state
+    first.kill()
+    try:
+        assert said.get(timeout=10)[0] == "restarting"
+        state, detail = said.get(timeout=10)
+    finally:
+        taken[0].close()
+    assert state == "failed", detail
+    assert re.match(rf"port {supervisor.port} on 127\.0\.0\.1 is in use by another program.*restart the gateway",
+                    detail)
+    assert supervisor.spawned == [first], "a child was started onto the taken port"
 
 
 def test_stop_while_the_watcher_spawns_a_restart_leaves_no_child(fake_llama):

@@ -1,5 +1,6 @@
 """The memory estimate of a GGUF, part by part, against the buffer sizes a real llama.cpp reports when it loads it."""
 import collections
+import logging
 import re
 import sys
 import threading
@@ -10,7 +11,7 @@ import pytest
 
 from service.llama import demo_model
 from service.llama.demo_model import write_demo_model
-from service.llama.model_memory import MIB, estimate, estimate_mib
+from service.llama.model_memory import MIB, estimate, estimate_mib, fit_context, trained_context
 from service.llama.supervisor import LlamaSupervisor, start_all
 
 SHAPES = {"demo": dict(embedding_size=64, layers=2, feed_forward_size=128),
@@ -186,3 +187,37 @@ def test_a_file_that_is_not_gguf_has_no_estimate(tmp_path, demo_model_path, cont
 def test_a_missing_file_or_a_folder_has_no_estimate(tmp_path):
     assert estimate_mib(str(tmp_path / "missing.gguf"), 1024) is None
     assert estimate_mib(str(tmp_path), 1024) is None
+
+
+def gguf_with_context(path, context=None) -> str:
+    """A GGUF of metadata only, trained for context tokens (None: it does not say)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    if context:
+        writer.add_context_length(context)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+def test_the_trained_context_comes_from_the_file(tmp_path):
+    assert trained_context(gguf_with_context(tmp_path / "a.gguf", 2048)) == 2048
+    assert trained_context(gguf_with_context(tmp_path / "b.gguf")) is None
+    (tmp_path / "c.gguf").write_bytes(b"not a model")
+    assert trained_context(str(tmp_path / "c.gguf")) is None
+    assert trained_context(str(tmp_path / "missing.gguf")) is None
+
+
+def test_a_context_capped_to_the_trained_length_says_so_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="service.llama.model_memory")
+    path = gguf_with_context(tmp_path / "short.gguf", 4096)
+    assert fit_context("short", path, 65536) == 4096
+    assert fit_context("short", path, 1024) == 1024
+    assert fit_context("short", path, 4096) == 4096
+    capped = [record for record in caplog.records
+              if record.getMessage() == "context capped to the model's trained length"]
+    assert [(record.levelname, record.fields) for record in capped] == [
+        ("WARNING", {"model": "short", "asked": 65536, "trained": 4096})]

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from service.llama.demo_model import CONTEXT_LENGTH
 from service.llama.fleet import model_traits
 from service.llama.model_file import model_files
 from tests.fake_hub import LISTING, RESOLVE, FakeHub, demo_gguf
@@ -71,7 +72,7 @@ def test_pull_fetches_a_model_logs_its_progress_and_prints_where_it_is_kept(pull
     progress = [(line["file"], line["percent"]) for line in logged if line["event"] == "download"]
     assert progress[0] == ("tiny-Q4_K_M.gguf", 0) and progress[-1] == ("tiny-Q4_K_M.gguf", 100)
     assert [line["path"] for line in logged if line["event"] == "model fetched"] == [path]
-    assert model_traits(path)["trained_ctx"] == 4096  # a whole GGUF
+    assert model_traits(path)["trained_ctx"] == CONTEXT_LENGTH  # a whole GGUF
     assert all(LISTING.fullmatch(r.path) or RESOLVE.fullmatch(r.path) for r in hub.requests)  # no telemetry
     assert [model.path for model in model_files(pull.models_dir)] == [path]
 

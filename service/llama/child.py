@@ -11,6 +11,9 @@ import sys
 import threading
 import time
 
+# The line this child prints on stdout once it serves (service/llama/supervisor.py waits for it).
+SERVING = "service.llama.child: serving on"
+
 
 def parse_args(argv):
     """Parse the llama-server flags this child understands."""
@@ -96,11 +99,14 @@ def main(argv=None):
     if args.exit_with_stdin:
         threading.Thread(target=_leave_when_parent_goes, daemon=True).start()
     try:
-        server = xllamacpp.Server(server_params(args))  # noqa: F841 (serves while referenced)
+        server = xllamacpp.Server(server_params(args))
     except RuntimeError:
-        # The model did not load; llama.cpp has said why in its log. Not printed here: the supervisor quotes the
-        # child's last lines, and llama.cpp's own are the ones that say what is wrong.
+        # The model did not load, or the port was taken; llama.cpp has said why in its log. Not printed here: the
+        # supervisor quotes llama.cpp's own error line, the one that says what is wrong.
         os._exit(1)
+    # Server() returns once the model is loaded and this process listens on the port: say so, so that the
+    # supervisor knows a 200 there is ours and not another program's.
+    print(f"{SERVING} {server.listening_address}", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -8,13 +8,18 @@ import os
 import numpy as np
 
 DEMO_MODEL_NAME = "demo-random-tiny-llama.gguf"
+# Written into the file (general.version): a kept demo of another version is written again. Raise it whenever
+# the demo changes, or checkouts that kept the old file in models/ go on serving it.
+DEMO_VERSION = "2"  # 2: trained context 131072 (was 4096)
 
 # Shape of the demo model: small enough to write in milliseconds, a real llama graph all the same.
 EMBEDDING_SIZE = 64
 LAYERS = 2
 HEADS = 4
 FEED_FORWARD_SIZE = 128
-CONTEXT_LENGTH = 4096
+# What llama.cpp caps the context at. Long, so that the demo takes agents' prompts (11k-25k tokens) at whatever
+# LLAMA_CTX asks; it costs nothing in the file, only the KV cache a bigger LLAMA_CTX allocates.
+CONTEXT_LENGTH = 131072
 
 
 def _vocabulary():
@@ -35,9 +40,10 @@ def write_demo_model(path: str, seed: int = 0, *, embedding_size: int = EMBEDDIN
 
     rng = np.random.default_rng(seed)
     tokens, token_types = _vocabulary()
-    partial = f"{path}.partial"
+    partial = f"{path}.{os.getpid()}.partial"  # two gateways starting at once each write their own
     writer = gguf.GGUFWriter(partial, "llama")
     writer.add_name("demo random tiny llama")
+    writer.add_version(DEMO_VERSION)
     writer.add_context_length(CONTEXT_LENGTH)
     writer.add_embedding_length(embedding_size)
     writer.add_block_count(layers)
@@ -79,3 +85,14 @@ def write_demo_model(path: str, seed: int = 0, *, embedding_size: int = EMBEDDIN
     writer.close()
     os.replace(partial, path)
     return path
+
+
+def is_current_demo(path: str) -> bool:
+    """True when path holds the demo model this code writes (its version), False for an older one or no GGUF."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(path).get_field("general.version")
+    except (OSError, ValueError, IndexError):  # missing, empty, not GGUF, truncated
+        return False
+    return field is not None and field.contents() == DEMO_VERSION

@@ -1,17 +1,23 @@
 """Model files: what a GGUF is called, which ones models/ holds, which one the embedded llama.cpp serves alone
 (LLAMA_MODEL, else the first *.gguf in models/, else the demo), and where an hf: name's file is (hub.py)."""
 import glob
+import logging
 import os
 import re
 from dataclasses import dataclass
 
-from ..converters import HUB_PREFIX
-from .demo_model import DEMO_MODEL_NAME, write_demo_model
+from ..converters import HUB_MODEL, HUB_PREFIX
+from .demo_model import DEMO_MODEL_NAME, is_current_demo, write_demo_model
+
+log = logging.getLogger(__name__)
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "models")
 
 # A split GGUF's parts: name-00001-of-00003.gguf ... name-00003-of-00003.gguf; llama.cpp loads the first.
 SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+
+# Every GGUF file begins with these four bytes.
+GGUF_MAGIC = b"GGUF"
 
 
 @dataclass(frozen=True)
@@ -49,29 +55,67 @@ def is_whole_model(path: str) -> bool:
                                for part in range(2, count + 1))
 
 
+def is_gguf(path: str) -> bool:
+    """True when the file at path begins as every GGUF does."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _served(path: str) -> bool:
+    # One stray file must not stop the start (llama.cpp would refuse it): it is left out, with one line.
+    if is_gguf(path):
+        return True
+    log.warning("not a GGUF file: skipped", extra={"fields": {"path": path}})
+    return False
+
+
 def model_files(models_dir: str = MODELS_DIR) -> list:
-    """Every *.gguf in models_dir, by name; the demo model (written there if need be) when there is none.
+    """Every GGUF in models_dir (*.gguf), by name; the demo model (written there if need be) when there is none.
 
     Only whole files count: a download in progress lives in models_dir/.cache/huggingface/download/ as
-    *.incomplete until it is complete and moved here, and a split model counts once all its parts are here.
+    *.incomplete until it is complete and moved here, and a split model counts once all its parts are here. A
+    file that is not GGUF is skipped with a warning.
     """
     found = sorted(path for path in glob.glob(os.path.join(models_dir, "*.gguf"))
-                   if os.path.basename(path) != DEMO_MODEL_NAME and is_whole_model(path))
+                   if os.path.basename(path) != DEMO_MODEL_NAME and is_whole_model(path) and _served(path))
     if found:
         return [LocalModel(model_name(path), path, "models/") for path in found]
     os.makedirs(models_dir, exist_ok=True)
     demo = os.path.join(models_dir, DEMO_MODEL_NAME)
-    if not os.path.isfile(demo):
+    if not is_current_demo(demo):  # none yet, or one an older checkout wrote
         write_demo_model(demo)
     return [LocalModel(model_name(demo), demo, "demo")]
+
+
+def local_model_path(text: str) -> str:
+    """The absolute path of a model file setting that names a file here; else ValueError saying what to write
+    instead (a folder, or a Hugging Face name without hf:)."""
+    path = os.path.abspath(os.path.expanduser(text))
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; name a .gguf file in it, or set MODELS_DIR={path} instead to serve "
+                         "every .gguf there")
+    if os.path.isfile(path):
+        return path
+    # OWNER/REPO (or OWNER/REPO:QUANT) reads as a relative path; one folder and a .gguf name is more likely a path.
+    looks_hub = HUB_MODEL.fullmatch(HUB_PREFIX + text) and not (text.count("/") == 1 and text.endswith(".gguf"))
+    hint = f"; for a model on Hugging Face write {HUB_PREFIX}{text}" if looks_hub else ""
+    raise ValueError(f"no such model file: {path}{hint}")
 
 
 def resolve(spec: str, models_dir: str = MODELS_DIR) -> str:
     """The local path of a model file setting: a path as it is; for hf:OWNER/REPO[:QUANT] or
     hf:OWNER/REPO/FILE.gguf, the copy kept in models_dir (no network call), else fetched there from Hugging Face
-    first. Raises hub.HubError, a LlamaStartError, with one line saying what to do."""
+    first. Raises a LlamaStartError (hub.HubError for hf:) with one line saying what to do."""
     if not spec.startswith(HUB_PREFIX):
-        return spec
+        try:
+            return local_model_path(spec)
+        except ValueError as error:
+            from .supervisor import LlamaStartError  # not at the top: supervisor imports this module
+
+            raise LlamaStartError(str(error)) from None
     from .hub import fetch  # huggingface_hub is loaded only for models named hf:
 
     return fetch(spec, models_dir)

@@ -6,7 +6,10 @@ side: sliding-window layers (Gemma 2/3, ...) are counted with a full-context cac
 with their uncompressed key and value widths. Recurrent models (Mamba, RWKV) get no KV cache here and their small
 recurrent state is not counted.
 """
+import logging
 from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
 
@@ -99,3 +102,27 @@ def estimate_mib(path: str, ctx: int, *, cache_type_bytes: float = 2.0) -> float
     the file cannot be read as GGUF."""
     found = estimate(path, ctx, cache_type_bytes=cache_type_bytes)
     return None if found is None else found.mib
+
+
+def trained_context(path: str) -> int | None:
+    """The context length the GGUF at path was trained for (its <arch>.context_length); None when it does not say
+    or cannot be read as GGUF."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (OSError, ValueError, IndexError):  # missing, empty, not GGUF, truncated
+        return None
+    length = _value(reader, f"{_value(reader, 'general.architecture', '')}.context_length")
+    return int(length) if length else None
+
+
+def fit_context(model: str, path: str, asked: int) -> int:
+    """The context to run a model with: asked, capped to what the model was trained for, with a warning when it
+    is (a client's long prompt then fails, and the setting alone would not say why)."""
+    trained = trained_context(path)
+    if trained is None or asked <= trained:
+        return asked
+    log.warning("context capped to the model's trained length",
+                extra={"fields": {"model": model, "asked": asked, "trained": trained}})
+    return trained

@@ -6,6 +6,7 @@ import threading
 from ..operations.logs import configure_logging
 from ..serve import load_environment
 from .model_file import choose_model
+from .model_memory import fit_context
 from .supervisor import LlamaStartError, LlamaSupervisor
 
 
@@ -15,9 +16,10 @@ def main() -> int:
     configure_logging(settings["LOG_LEVEL"], settings["LOG_FORMAT"])
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    model = choose_model(settings["LLAMA_MODEL"])
     try:
-        supervisor = LlamaSupervisor.from_settings(settings, model.path)
+        model = choose_model(settings["LLAMA_MODEL"])
+        supervisor = LlamaSupervisor.from_settings(
+            settings, model.path, ctx=fit_context(model.name, model.path, settings["LLAMA_CTX"]))
     except LlamaStartError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

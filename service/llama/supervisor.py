@@ -1,7 +1,9 @@
 """Start llama.cpp as a child process, wait until it serves, restart it with backoff if it dies, stop it on exit."""
 import collections
+import errno
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -12,6 +14,7 @@ import time
 
 import requests
 
+from .child import SERVING
 from .model_file import model_name
 
 log = logging.getLogger(__name__)
@@ -25,7 +28,7 @@ HEALTHY_RUN_S = 60.0
 
 
 class LlamaStartError(RuntimeError):
-    """llama.cpp did not come up; the message carries the last lines it printed."""
+    """llama.cpp did not come up; the message says why in one line (llama.cpp's own error line, if it printed one)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -33,6 +36,46 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+# What a bind answers when another program holds the port; Windows says WSAEACCES when it holds it for sole use.
+IN_USE = {errno.EADDRINUSE} | {getattr(errno, name) for name in ("WSAEADDRINUSE", "WSAEACCES")
+                               if hasattr(errno, name)}
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when another program holds host:port, so that a llama.cpp started there could not listen (and its
+    health checks would reach that program instead)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError:
+        return False  # an unknown host: llama.cpp says so itself
+    with socket.socket(family, kind, proto) as probe:
+        if os.name == "nt":
+            # Windows lets SO_REUSEADDR share a port in use: probe for sole use instead.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        else:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as llama.cpp: TIME_WAIT is no conflict
+        try:
+            probe.bind(address)
+        except OSError as error:
+            return error.errno in IN_USE
+    return False
+
+
+# llama.cpp's log lines are "<time> <level> <text>", its errors at level E. Output without that prefix (a
+# llama-server binary logs plain text by default) is searched for words that mark an error instead.
+ERROR_WORDS = re.compile(r"\b(error|failed|invalid|cannot|couldn't|unable)\b", re.IGNORECASE)
+
+
+def first_error(lines) -> str:
+    """The line of llama.cpp's output that says what went wrong: its first error, else its last line."""
+    for line in lines:
+        parts = line.split(None, 2)
+        if len(parts) == 3 and parts[1] == "E":
+            return " ".join(parts[2].split())
+    found = next((line for line in lines if ERROR_WORDS.search(line)), lines[-1] if lines else "")
+    return " ".join(found.split()) or "it printed nothing"
 
 
 def find_binary(configured: str = None):
@@ -61,6 +104,7 @@ class LlamaSupervisor:
         self.model_path = model_path
         self.host = host
         self.port = port or free_port(host)
+        self.port_chosen = not port  # picked free here, not set by LLAMA_PORT
         self.binary = binary
         self.startup_timeout = startup_timeout
         self.ctx = ctx
@@ -82,6 +126,10 @@ class LlamaSupervisor:
         self.process = None
         self.restarts = 0  # restarts after the child died, over this supervisor's life; start() is not one
         self.output = collections.deque(maxlen=40)
+        # The child of service.llama.child says when it serves; a llama-server binary cannot.
+        self.says_serving = binary is None
+        self._serving = threading.Event()  # the current child said it serves
+        self._reader = None
         self._stopping = threading.Event()
         # Held while a child is being spawned: stop() takes it too, so it never misses a child being born.
         self._lock = threading.Lock()
@@ -161,20 +209,52 @@ class LlamaSupervisor:
             # here and then ends the child started now.
             if self._stopping.is_set():
                 return False
+            if port_in_use(self.host, self.port):
+                raise LlamaStartError(self._port_taken())
             self.process = subprocess.Popen(
                 self.command(), env=env, stdin=subprocess.DEVNULL if self.binary else subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **options)
-        threading.Thread(target=self._read_output, args=(self.process,), daemon=True).start()
+            self.output.clear()  # an error is told from this child's lines, never from one that died before
+            self._serving = threading.Event()  # before its reader starts: each reader holds its own child's
+            self._reader = threading.Thread(target=self._read_output, args=(self.process,), daemon=True)
+        self._reader.start()
         log.info("llama.cpp starting", extra={"fields": {"pid": self.process.pid, "backend": self.backend,
                                                          "port": self.port}})
         return True
 
+    def _port_taken(self) -> str:
+        where = f"port {self.port} on {self.host} is in use by another program, so llama.cpp cannot listen there"
+        if self.port_chosen:
+            return f"{where} (it was free when the gateway started); stop that program or restart the gateway"
+        return f"{where}; stop that program, or set LLAMA_PORT to a free port (unset: one is picked)"
+
     def _read_output(self, process):
         # Keep the last lines for error reports; show them all only at DEBUG (they can be many).
+        serving = self._serving
         for line in iter(process.stdout.readline, b""):
             text = line.decode("utf-8", "replace").rstrip()
+            if text.startswith(SERVING):
+                serving.set()
+                continue
             self.output.append(text)
             log.debug("llama.cpp output", extra={"fields": {"line": text}})
+
+    def _exit_error(self) -> LlamaStartError:
+        """Why the child ended while starting: llama.cpp's own error line first, in one line."""
+        self._reader.join(2)  # its last lines, which say why, may still be in the pipe
+        return LlamaStartError(f"llama.cpp exited with code {self.process.returncode} while loading "
+                               f"{os.path.basename(self.model_path)}: {first_error(list(self.output))} "
+                               "(LOG_LEVEL=debug logs all it printed)")
+
+    def _answers(self) -> bool:
+        # A 200 only says that something answers on the port. The child of service.llama.child says it serves once
+        # it listens there; before that, whatever answers is another program.
+        if self.says_serving and not self._serving.is_set():
+            return False
+        try:
+            return requests.get(self.url + "/health", timeout=2).status_code == 200
+        except requests.RequestException:
+            return False
 
     def wait_ready(self, timeout=None):
         """Poll llama.cpp's /health until it answers 200 (it answers 503 while loading the model)."""
@@ -182,13 +262,13 @@ class LlamaSupervisor:
         delay = 0.02
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise LlamaStartError(f"llama.cpp exited with code {self.process.returncode} while starting; "
-                                      f"its last lines:\n" + "\n".join(self.output))
-            try:
-                if requests.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
+                raise self._exit_error()
+            if self._answers():
+                # Still running after its 200, else the 200 came from another program on its port (a binary
+                # that could not listen there exits at once).
+                if self.process.poll() is not None:
+                    raise self._exit_error()
+                return
             if self._stopping.wait(delay):
                 raise LlamaStartError("llama.cpp was stopped while starting")
             delay = min(delay * 2, 0.05)  # a load that ends just after a check costs at most 50 ms more
@@ -218,11 +298,13 @@ class LlamaSupervisor:
                 delay = RESTART_DELAY_S
             log.warning("llama.cpp exited; restarting", extra={"fields": {"exit_code": code, "restart_in_s": delay}})
             self._tell("restarting", f"llama.cpp exited with code {code}")
-            if self._stopping.wait(delay) or not self._spawn():
+            if self._stopping.wait(delay):
                 return
             delay = min(delay * 2, RESTART_DELAY_MAX_S)
-            self.restarts += 1
             try:
+                if not self._spawn():  # a port taken meanwhile is a failed restart, tried again after the delay
+                    return
+                self.restarts += 1
                 self.wait_ready()
                 log.info("llama.cpp serving again", extra={"fields": {"restarts": self.restarts,
                                                                       "pid": self.process.pid}})

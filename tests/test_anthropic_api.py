@@ -86,7 +86,8 @@ def test_tokens_spent_by_answers_exhaust_the_tpm_limit(gateway, access_log):
 # --- errors, as the SDK's exception classes ---
 
 @pytest.mark.parametrize("body, field", [
-    ({"messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 1}, "messages[0].role"),
+    # Any role word passes (Claude Code sends "system" in messages), but llama.cpp answers a 500 for a number.
+    ({"messages": [{"role": 5, "content": "hi"}], "max_tokens": 1}, "messages[0].role"),
     ({"messages": HI, "max_tokens": anthropic.omit}, "max_tokens"),
     ({"messages": "hi", "max_tokens": 1}, "messages"),
     ({"messages": HI, "max_tokens": 1, "tools": [{"description": "d", "input_schema": {"type": "object"}}]},
@@ -94,11 +95,11 @@ def test_tokens_spent_by_answers_exhaust_the_tpm_limit(gateway, access_log):
     # llama.cpp would answer these with a 500 ("key 'text' not found"), or a 200 Anthropic refuses.
     ({"messages": [{"role": "user", "content": [{"type": "text"}]}], "max_tokens": 1}, "messages[0].content[0].text"),
     ({"messages": [], "max_tokens": 1}, "messages"),
-], ids=["role wizard", "no max_tokens", "messages not a list", "tool without name", "text block without text",
+], ids=["role not a string", "no max_tokens", "messages not a list", "tool without name", "text block without text",
         "no messages"])
 def test_invalid_bodies_raise_bad_request_naming_the_field_and_never_reach_llama_cpp(
         make_app, live_gateway, httpserver, body, field):
-    # An upstream that would take anything: only the gateway can refuse these (llama.cpp takes a wizard's turn).
+    # An upstream that would take anything: only the gateway can refuse these.
     httpserver.expect_request("/v1/messages").respond_with_json({"type": "message"})
     base = live_gateway(make_app(httpserver.url_for("").rstrip("/"), **DEFAULT_KEY_LIMITS))
     with pytest.raises(anthropic.BadRequestError) as caught:

@@ -5,9 +5,10 @@ import threading
 import pytest
 from werkzeug import Response
 
+from service import __version__
 from tests.apps import routed_app
 from tests.clients import assert_openai_envelope
-from tests.fakes import LOADING, unused_port_url
+from tests.fakes import COMPLETION, LOADING, unused_port_url
 from tests.metrics_helpers import scrape, value
 
 LLAMA_METRICS = "llamacpp:requests_processing {busy}\nllamacpp:requests_deferred {queued}\n"
@@ -208,3 +209,28 @@ def test_waiting_for_the_first_report_ends_with_its_probes_timeout(make_app, htt
             thread.join(5)
     assert {status for status, _ in bodies} == {503} and probes == ["/health"]
     assert all("did not answer" in body["error"]["message"] for _, body in bodies)
+
+
+# --- GET / and HEAD /: the base URL clients probe ---
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_the_base_url_answers_without_a_key_and_outside_the_limits(make_app, httpserver, method):
+    # Claude Code sends HEAD / with no key before anything else; a load balancer may probe it as often as it likes.
+    httpserver.expect_request("/v1/chat/completions").respond_with_json(COMPLETION)
+    client = make_app(httpserver.url_for("").rstrip("/"), OPENAI_API_KEY="k", RATE_LIMIT_RPM="1").test_client()
+    for _ in range(3):
+        response = client.open("/", method=method)
+        assert response.status_code == 200 and response.mimetype == "application/json"
+    assert client.get("/").get_json() == {"name": "llama.cpp gateway", "version": __version__, "api": "/v1",
+                                          "openapi": "/openapi.json", "health": "/health"}
+    assert httpserver.log == []  # llama.cpp is not asked
+    # The key's one request a minute is still there: the probes did not count.
+    chat = client.post("/v1/chat/completions", headers={"Authorization": "Bearer k"}, json={"messages": [
+        {"role": "user", "content": "hi"}]})
+    assert chat.status_code == 200, chat.get_data(as_text=True)
+
+
+def test_the_base_url_takes_only_get_and_head(fake_client, httpserver):
+    error = assert_openai_envelope(fake_client.post("/", json={}), 405)
+    assert "use GET" in error["message"]
+    assert httpserver.log == []

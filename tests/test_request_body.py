@@ -11,6 +11,11 @@ EMBEDDINGS = "/v1/embeddings"
 USER = [{"role": "user", "content": "hi"}]
 
 
+def tool_call_message(call):
+    """An assistant message that made one tool call."""
+    return {"role": "assistant", "content": None, "tool_calls": [call]}
+
+
 @pytest.mark.parametrize("path, body, param, words", [
     (CHAT, {}, "messages", "Missing data"),
     (CHAT, {"messages": "hi"}, "messages", "list"),
@@ -25,12 +30,36 @@ USER = [{"role": "user", "content": "hi"}]
     (CHAT, {"messages": USER, "stream_options": {"include_usage": 1}}, "stream_options.include_usage", "boolean"),
     (CHAT, {"messages": USER, "stop": [1]}, "stop", "string"),
     (CHAT, {"messages": USER, "top_p": 2}, "top_p", "less than or equal to 1"),
-    # llama.cpp would answer these itself: any role, an overflowed token count, n > 1 with its own message.
-    (CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role", "user, assistant"),
+    # llama.cpp would answer these itself: an overflowed token count, n > 1 with its own message.
     (CHAT, {"messages": USER, "max_tokens": 10**18}, "max_tokens", "less than or equal to 2147483647"),
     (CHAT, {"messages": USER, "max_completion_tokens": 2**31}, "max_completion_tokens", "2147483647"),
     (CHAT, {"messages": USER, "n": 5}, "n", "one choice per request"),
-    # llama.cpp answers these with a 500: a function tool without a name, token ids out of the vocabulary's range.
+    # llama.cpp answers these with a 500: a string field it reads that is not one (null included), a text part
+    # without its text, a tool or tool call that is not a named function, token ids out of the vocabulary's range.
+    (CHAT, {"messages": [{"role": 7, "content": "hi"}]}, "messages[0].role", "string"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi", "name": None}]}, "messages[0].name", "null"),
+    (CHAT, {"messages": [{"role": "tool", "content": "x", "tool_call_id": 5}]}, "messages[0].tool_call_id", "string"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages[0].content[0].text", "text"),
+    (CHAT, {"messages": [{"role": "user", "content": [5]}]}, "messages[0].content[0]", "content block"),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content", "string"),
+    (CHAT, {"messages": [tool_call_message({"id": "a", "function": {"name": "f", "arguments": "{}"}})]},
+     "messages[0].tool_calls[0].type", "Missing data"),
+    (CHAT, {"messages": [tool_call_message({"type": "function", "function": {"arguments": "{}"}})]},
+     "messages[0].tool_calls[0].function.name", "Missing data"),
+    (CHAT, {"messages": [tool_call_message({"type": "function", "function": {"name": "f"}})]},
+     "messages[0].tool_calls[0].function.arguments", "Missing data"),
+    (CHAT, {"messages": [tool_call_message({"type": "custom", "custom": {"name": "f", "input": "x"}})]},
+     "messages[0].tool_calls[0].type", "function only, not custom"),
+    (CHAT, {"messages": USER, "tools": [{"type": "custom", "custom": {"name": "f"}}]}, "tools[0].type",
+     "function only, not custom"),
+    (CHAT, {"messages": USER, "tools": [{"function": {"name": "f"}}]}, "tools[0].type", "Missing data"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function"}]}, "tools[0].function", "Missing data"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"description": "d"}}]},
+     "tools[0].function.name", "Missing data"),
+    (CHAT, {"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "description": None}}]},
+     "tools[0].function.description", "null"),
+    ("/apply-template", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+     "messages[0].content[0].text", "text"),
     ("/v1/responses", {"input": "hi", "tools": [{"type": "function"}]}, "tools[0].name", "needs its name"),
     ("/detokenize", {"tokens": [5, -1]}, "tokens[1]", "greater than or equal to 0"),
     (COMPLETIONS, {}, "prompt", "Missing data"),
@@ -96,4 +125,25 @@ def test_unknown_and_llama_fields_pass_through_byte_for_byte(fake_client, httpse
     httpserver.expect_request(CHAT, method="POST", data=raw).respond_with_json({"object": "chat.completion"})
     response = fake_client.post(CHAT, data=raw, content_type="application/json")
     assert response.status_code == 200
+    assert httpserver.log[0][0].get_data() == raw
+
+
+@pytest.mark.parametrize("body", [
+    # Roles are OpenAI's to extend (it added developer) and llama.cpp's template reads any word.
+    {"messages": [{"role": "wizard", "content": "hi"}, {"role": "developer", "content": "be brief"}, *USER]},
+    {"messages": [*USER, {"role": "system", "content": "mid-conversation"}, *USER]},
+    {"messages": [*USER, tool_call_message({"id": "a", "type": "function", "function": {"name": "f", "arguments": {}}}),
+                  {"role": "tool", "tool_call_id": "a", "content": "ok"}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "input_audio", "x": 1}]}]},
+    {"messages": [*USER, {"role": "assistant", "content": "x", "tool_calls": None}, *USER], "tools": []},
+    {"messages": USER, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"},
+                                                                  "strict": True}}], "tool_choice": "auto"},
+    {"messages": USER, "reasoning_effort": "minimal", "verbosity": "low", "prompt_cache_key": "k", "store": False},
+], ids=["any role word", "system mid-conversation", "a tool call and its result", "any content part type",
+        "null tool_calls, no tools", "a function tool", "newer OpenAI fields"])
+def test_what_llama_cpp_takes_reaches_it_unchanged(fake_client, httpserver, body):
+    raw = json.dumps(body).encode()
+    httpserver.expect_request(CHAT, method="POST", data=raw).respond_with_json({"object": "chat.completion"})
+    response = fake_client.post(CHAT, data=raw, content_type="application/json")
+    assert response.status_code == 200, response.get_data(as_text=True)
     assert httpserver.log[0][0].get_data() == raw

@@ -126,7 +126,9 @@ def test_what_openai_allows_and_llama_cpp_does_too_passes(keyed_llama):
     ({"store": True}, "store"),
     ({"conversation": "conv_123"}, "conversation"),
     ({"input": []}, "input"),
-    ({"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
+    ({"input": [{"role": 5, "content": "hi"}]}, "input[0].role"),
+    # llama.cpp answers a 500 for a function tool whose description is not a string.
+    ({"tools": [{"type": "function", "name": "f", "description": None}]}, "tools[0].description"),
     ({"max_output_tokens": 0}, "max_output_tokens"),
 ])
 def test_what_llama_cpp_cannot_do_is_a_400_naming_the_param(make_app, live_gateway, httpserver, fields, param):

@@ -2,10 +2,11 @@
 from ..families import ANTHROPIC, LLAMA, OPENAI, RESPONSES
 from ..operations import openapi
 from ..ui import bp as ui_bp
-from . import admin, chat, completions, embeddings, health, infill, messages, models, rerank, responses, tokens
+from . import admin, chat, completions, embeddings, health, infill, messages, models, rerank, responses, root, tokens
 
 # Each blueprint and the family of its routes (None: no family; errors there are OpenAI-shaped).
 BLUEPRINTS = (
+    (root.bp, None),
     (health.bp, None),
     (openapi.bp, None),
     (models.bp, OPENAI),

@@ -6,7 +6,8 @@ They check the fields each API defines and let every other field (llama.cpp's n_
 from .anthropic import CountTokensSchema, MessagesSchema
 from .errors import AnthropicErrorSchema, ErrorSchema, first_error
 from .llama import ApplyTemplateSchema, DetokenizeSchema, InfillSchema, RerankSchema, TokenizeSchema
-from .openai import ChatCompletionSchema, CompletionSchema, EmbeddingSchema, ResponseSchema
+from .openai import ChatCompletionSchema, CompletionSchema, EmbeddingSchema
+from .responses import ResponseSchema
 
 __all__ = ["ErrorSchema", "AnthropicErrorSchema", "first_error", "ChatCompletionSchema", "CompletionSchema",
            "EmbeddingSchema", "ResponseSchema", "MessagesSchema", "CountTokensSchema", "RerankSchema", "TokenizeSchema",

@@ -1,36 +1,21 @@
 """marshmallow schemas for Anthropic's Messages API: the fields it defines are checked as Anthropic checks them,
-so that an Anthropic client gets a 400 naming the field where llama.cpp would answer anyway (or with a 500)."""
-from marshmallow import ValidationError, fields, validate
+so that an Anthropic client gets a 400 naming the field where llama.cpp would answer anyway (or with a 500).
 
-from .fields import INT32_MAX, JsonBoolean, JsonInteger, JsonNumber, OpenSchema, optional
+What Anthropic extends from release to release passes: roles, content block types, tool types, and the beta
+fields Claude Code sends (thinking, context_management, output_config, ...), which llama.cpp reads or ignores.
+"""
+from marshmallow import fields, validate
 
-MESSAGE_ROLES = ("user", "assistant")
-
-
-class Content(fields.Field):
-    """A message's content: text, or a list of content blocks (objects with a type)."""
-
-    openapi = {"oneOf": [{"type": "string"}, {"type": "array", "items": {
-        "type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}}]}
-
-    def _deserialize(self, value, attr, data, **kwargs):
-        if isinstance(value, str):
-            return value
-        if not isinstance(value, list):
-            raise ValidationError("Must be a string or a list of content blocks.")
-        for index, block in enumerate(value):
-            if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-                raise ValidationError({index: ["Must be a content block: an object with a type."]})
-            if block["type"] == "text" and not isinstance(block.get("text"), str):
-                raise ValidationError({index: {"text": ["A text block needs its text, a string."]}})
-        return value
+from .fields import INT32_MAX, ContentBlocks, JsonBoolean, JsonInteger, JsonNumber, OpenSchema, optional
 
 
 class InputMessageSchema(OpenSchema):
-    """One input message (Anthropic's name): a role, user or assistant, and its content."""
+    """One input message (Anthropic's name): a role and its content."""
 
-    role = fields.String(required=True, validate=validate.OneOf(MESSAGE_ROLES))
-    content = Content(required=True)
+    # Any word: Claude Code 2.1 sends "system" here (the mid-conversation-system beta) and llama.cpp takes it.
+    # Only a role that is not a string breaks llama.cpp (a 500, "type must be string").
+    role = fields.String(required=True, validate=validate.Length(min=1))
+    content = ContentBlocks(required=True)
 
 
 class ToolSchema(OpenSchema):
@@ -46,7 +31,7 @@ class CountTokensSchema(OpenSchema):
 
     model = fields.String(required=True, validate=validate.Length(min=1))
     messages = fields.List(fields.Nested(InputMessageSchema), required=True, validate=validate.Length(min=1))
-    system = Content()
+    system = ContentBlocks()
     tools = fields.List(fields.Nested(ToolSchema))
 
 

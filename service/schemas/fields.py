@@ -58,6 +58,27 @@ class Rejected(fields.Field):
         raise ValidationError(self.message)
 
 
+class ContentBlocks(fields.Field):
+    """A message's content: text, or a list of content blocks. The block types are the API's to extend, so any
+    type passes; what llama.cpp cannot read is refused: a block that is not an object with a type, and a text
+    block without its text (llama.cpp answers that with a 500, "key 'text' not found")."""
+
+    openapi = {"oneOf": [{"type": "string"}, {"type": "array", "items": {
+        "type": "object", "required": ["type"], "properties": {"type": {"type": "string"}}}}]}
+
+    def _deserialize(self, value, attr, data, **kwargs):
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValidationError("Must be a string or a list of content blocks.")
+        for index, block in enumerate(value):
+            if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+                raise ValidationError({index: ["Must be a content block: an object with a type."]})
+            if block["type"] == "text" and not isinstance(block.get("text"), str):
+                raise ValidationError({index: {"text": ["A text block needs its text, a string."]}})
+        return value
+
+
 class OpenSchema(Schema):
     """A schema that checks its own fields and lets unknown ones through."""
 

@@ -1,12 +1,13 @@
-"""marshmallow schemas for OpenAI's POST bodies: they check the fields OpenAI defines and let every other
-field (llama.cpp's n_predict, grammar, json_schema, samplers, ...) through untouched.
+"""marshmallow schemas for OpenAI's chat, completions and embeddings bodies (the Responses API's is in
+responses.py): they check the fields OpenAI defines and let every other field (llama.cpp's n_predict, grammar,
+json_schema, samplers, ...) through untouched.
 
 The gateway forwards the client's own bytes, so these schemas only validate; they never rewrite a body.
 """
-from marshmallow import ValidationError, fields, validate, validates_schema
+from marshmallow import ValidationError, fields, validate
 
-from .fields import (TOKEN_IDS, JsonBoolean, JsonInteger, JsonNumber, OpenSchema, Rejected, is_token_ids, optional,
-                     token_count)
+from .fields import (TOKEN_IDS, ContentBlocks, JsonBoolean, JsonInteger, JsonNumber, OpenSchema, is_token_ids,
+                     optional, token_count)
 
 
 class StopSequences(fields.Field):
@@ -56,16 +57,54 @@ class EmbeddingInput(fields.Field):
         return value
 
 
-# The roles of OpenAI's chat messages; llama.cpp would take any other word as a role and answer.
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+# The tool types llama.cpp's chat serves: it answers any other with a 500 ("Unsupported tool type"), so the gateway
+# names the field in a 400 instead. (Its Responses and Messages APIs drop the tools they do not know: no check there.)
+CHAT_TOOL_TYPES = ("function",)
+TOOL_TYPE_ERROR = "llama.cpp's chat completions serve tools of type function only, not {input}"
+
+
+class ToolCallFunctionSchema(OpenSchema):
+    """The function an assistant's tool call called: its name and arguments, both of which llama.cpp reads."""
+
+    name = fields.String(required=True)
+    arguments = fields.Raw(required=True, allow_none=True)
+
+
+class ToolCallSchema(OpenSchema):
+    """One tool call of an assistant message, sent back in the conversation."""
+
+    id = fields.String()
+    type = fields.String(required=True, validate=validate.OneOf(CHAT_TOOL_TYPES, error=TOOL_TYPE_ERROR))
+    function = fields.Nested(ToolCallFunctionSchema, required=True)
 
 
 class MessageSchema(OpenSchema):
-    """One chat message: a role and, usually, content."""
+    """One chat message: a role and, usually, content.
 
-    role = fields.String(required=True, validate=validate.OneOf(CHAT_ROLES))
-    content = fields.Raw(allow_none=True)
-    name = optional(fields.String)
+    The role is any word (OpenAI added developer; llama.cpp's chat template reads any); the string fields
+    llama.cpp reads must be strings, never null, or it answers a 500 ("type must be string").
+    """
+
+    role = fields.String(required=True, validate=validate.Length(min=1))
+    content = optional(ContentBlocks)
+    name = fields.String()
+    tool_call_id = fields.String()
+    tool_calls = optional(fields.List, fields.Nested(ToolCallSchema))
+    reasoning_content = fields.String()  # llama.cpp's own: an earlier turn's reasoning
+
+
+class ChatFunctionSchema(OpenSchema):
+    """A function tool's function: llama.cpp reads its name and description as strings."""
+
+    name = fields.String(required=True, validate=validate.Length(min=1))
+    description = fields.String()
+
+
+class ChatToolSchema(OpenSchema):
+    """A tool the model may call: a function, the one kind llama.cpp's chat serves."""
+
+    type = fields.String(required=True, validate=validate.OneOf(CHAT_TOOL_TYPES, error=TOOL_TYPE_ERROR))
+    function = fields.Nested(ChatFunctionSchema, required=True)
 
 
 class StreamOptionsSchema(OpenSchema):
@@ -101,7 +140,7 @@ class ChatCompletionSchema(GenerationSchema):
     max_completion_tokens = token_count()
     logprobs = optional(JsonBoolean)
     top_logprobs = optional(JsonInteger, validate=validate.Range(min=0, max=20))
-    tools = optional(fields.List, fields.Dict())
+    tools = optional(fields.List, fields.Nested(ChatToolSchema))
     response_format = optional(fields.Dict)
 
 
@@ -119,58 +158,7 @@ class EmbeddingSchema(OpenSchema):
 
     input = EmbeddingInput(required=True)
     model = optional(fields.String)
+    # The two formats llama.cpp writes; it refuses any other itself, this names the field.
     encoding_format = optional(fields.String, validate=validate.OneOf(["float", "base64"]))
     dimensions = optional(JsonInteger, validate=validate.Range(min=1))
     user = optional(fields.String)
-
-
-RESPONSE_ROLES = ("system", "developer", "user", "assistant")
-
-
-class ResponseInput(fields.Field):
-    """The Responses API's input: text, or a non-empty list of input items (messages and the like)."""
-
-    openapi = {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "object"}}]}
-
-    def _deserialize(self, value, attr, data, **kwargs):
-        if isinstance(value, str):
-            return value
-        if not isinstance(value, list) or not value:
-            raise ValidationError("Must be a string or a non-empty list of input items.")
-        for index, item in enumerate(value):
-            if not isinstance(item, dict):
-                raise ValidationError({index: ["Must be an input item (an object)."]})
-            if "role" in item and item["role"] not in RESPONSE_ROLES:
-                raise ValidationError({index: {"role": [f"Must be one of: {', '.join(RESPONSE_ROLES)}."]}})
-        return value
-
-
-class FunctionToolSchema(OpenSchema):
-    """A tool of the Responses API; a function tool needs its name (llama.cpp answers a 500 without one)."""
-
-    type = fields.String(required=True)
-    name = fields.String(validate=validate.Length(min=1))
-
-    @validates_schema
-    def _function_has_a_name(self, data, **kwargs):
-        if data.get("type") == "function" and "name" not in data:
-            raise ValidationError("A function tool needs its name.", "name")
-
-
-class ResponseSchema(OpenSchema):
-    """POST /v1/responses."""
-
-    model = optional(fields.String)
-    input = ResponseInput(required=True)
-    instructions = optional(fields.String)
-    stream = optional(JsonBoolean)
-    max_output_tokens = token_count(minimum=1)
-    temperature = optional(JsonNumber, validate=validate.Range(min=0, max=2))
-    top_p = optional(JsonNumber, validate=validate.Range(min=0, max=1))
-    tools = optional(fields.List, fields.Nested(FunctionToolSchema))
-    # llama.cpp keeps no responses: nothing to continue from, nothing to store.
-    previous_response_id = Rejected("llama.cpp does not support 'previous_response_id': it keeps no responses; "
-                                    "send the whole conversation as input")
-    conversation = Rejected("llama.cpp does not support 'conversation': it keeps no conversations; send the whole "
-                            "conversation as input")
-    store = Rejected("llama.cpp does not store responses: send store false, or leave it out", accepted=(False,))

@@ -294,7 +294,8 @@ def report(figures) -> str:
 
 def main(argv=None) -> int:
     """Run the benchmark and print its tables (and JSON with --json)."""
-    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="bin/bench", description=__doc__,  # the whole of it: examples too
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a short smoke run; the numbers are rough")
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON to FILE")
     args = parser.parse_args(argv)

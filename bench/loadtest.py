@@ -1,4 +1,5 @@
 """bin/loadtest: drive any OpenAI-compatible server with chat requests and report throughput and latency.
+By default it drives the gateway bin/serve starts: API_HOST and API_PORT from the environment, else .env.
 
     python bin/loadtest --requests 40 --concurrency 8 --model llama --api-key local
     python bin/loadtest --url http://127.0.0.1:8080 --stream --duration 30 --json result.json
@@ -6,12 +7,35 @@
 import argparse
 import http.client
 import json
+import os
+import socket
 import statistics
 import sys
 import threading
 import time
 from collections import Counter
 from urllib.parse import urlsplit
+
+
+ENV_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".env")
+# A connection that can never succeed: a run would fire thousands of them a second and call it a rate.
+UNREACHABLE = (ConnectionRefusedError, socket.gaierror)
+
+
+class Unreachable(Exception):
+    """Nothing answers at the target (a refused connection, or a host that does not resolve): the run stopped at
+    the first."""
+
+
+def gateway_url(environ=None, env_file=ENV_FILE) -> str:
+    """The base URL of the gateway bin/serve would start: API_HOST and API_PORT as bin/serve reads them (the
+    environment, else .env); raise ConfigError on a bad one."""
+    from dotenv import dotenv_values
+
+    from service.config import local_base_url
+
+    file = dotenv_values(env_file) if os.path.isfile(env_file) else {}
+    return local_base_url({**file, **(os.environ if environ is None else environ)})
 
 
 def percentile(values, fraction):
@@ -27,6 +51,7 @@ class Target:
 
     def __init__(self, url, api_key=None, model="llama", prompt="Write one sentence about llamas.",
                  max_tokens=32, stream=False):
+        self.url = url
         parts = urlsplit(url.rstrip("/"))
         self.host, self.port = parts.hostname, parts.port or 80
         base = parts.path if parts.path.endswith("/v1") else parts.path + "/v1"
@@ -83,13 +108,17 @@ def send(conn, target: Target, keep_chunk_times=False) -> Result:
 
 
 def run(target: Target, requests=None, duration=None, concurrency=1, progress=None, keep_chunk_times=False):
-    """Send requests (a count, or for a duration) from concurrency threads; return (results, seconds)."""
+    """Send requests (a count, or for a duration) from concurrency threads; return (results, seconds). Raise
+    Unreachable at the first refused connection."""
     results, lock = [], threading.Lock()
     issued = [0]
     deadline = time.perf_counter() + duration if duration else None
+    unreachable = []
 
     def take() -> bool:
         with lock:
+            if unreachable:
+                return False
             if requests is not None and issued[0] >= requests:
                 return False
             if deadline is not None and time.perf_counter() >= deadline:
@@ -102,6 +131,9 @@ def run(target: Target, requests=None, duration=None, concurrency=1, progress=No
         while take():
             try:
                 result = send(conn, target, keep_chunk_times)
+            except UNREACHABLE as error:
+                unreachable.append(error)
+                break
             except (OSError, http.client.HTTPException) as error:
                 result = Result(type(error).__name__, 0.0)
                 conn.close()
@@ -118,6 +150,9 @@ def run(target: Target, requests=None, duration=None, concurrency=1, progress=No
         thread.start()
     for thread in threads:
         thread.join()
+    if unreachable:
+        error = unreachable[0]
+        raise Unreachable(f"nothing answers at {target.url}: {error.strerror or error}")
     return results, time.perf_counter() - started
 
 
@@ -177,8 +212,10 @@ def progress_bar(total=None, duration=None, stream=sys.stderr):
 
 def main(argv=None) -> int:
     """Run a load test from the command line."""
-    parser = argparse.ArgumentParser(prog="loadtest", description=__doc__.splitlines()[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: the gateway)")
+    parser = argparse.ArgumentParser(prog="bin/loadtest", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", help="server base URL (default: the gateway at API_HOST and API_PORT, as bin/serve "
+                                      "reads them; http://127.0.0.1:8000 unless they are set)")
     parser.add_argument("--requests", type=int, default=40, help="how many requests (unless --duration)")
     parser.add_argument("--duration", type=float, help="run for this many seconds instead of a count")
     parser.add_argument("--concurrency", type=int, default=8)
@@ -189,11 +226,22 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", default="Write one sentence about llamas.")
     parser.add_argument("--json", metavar="FILE", help="also write the summary as JSON to FILE")
     args = parser.parse_args(argv)
+    if not args.url:
+        from service.config import ConfigError, exit_on_config_error
+
+        try:
+            args.url = gateway_url()
+        except ConfigError as error:
+            exit_on_config_error(error)
     target = Target(args.url, args.api_key, args.model, args.prompt, args.max_tokens, args.stream)
     count = None if args.duration else args.requests
     show = progress_bar(total=count, duration=args.duration) if sys.stderr.isatty() else None
-    results, seconds = run(target, requests=count, duration=args.duration, concurrency=args.concurrency,
-                           progress=show)
+    try:
+        results, seconds = run(target, requests=count, duration=args.duration, concurrency=args.concurrency,
+                               progress=show)
+    except Unreachable as error:
+        print(f"error: {error}; start the gateway (bin/serve), or give --url", file=sys.stderr)
+        return 1
     if show:
         sys.stderr.write("\n")
     summary = summarize(results, seconds)

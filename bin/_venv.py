@@ -1,11 +1,15 @@
-"""Create or update the project's .venv and re-run a bin/ script inside it; shared by the bin/ scripts.
+"""Create or update the project's .venv and re-run a bin/ script inside it, with what every bin/ script shares:
+a --help that only prints, and Ctrl-C as one line.
 
 Only the standard library is used here: this runs on a fresh machine with nothing but Python 3.10+.
 """
+import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +33,14 @@ def ensure_venv(*requirement_files: str) -> Path:
     python = venv_python()
     if not python.exists():
         print(f"Creating {VENV} (first run) ...", file=sys.stderr, flush=True)
-        subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
+        try:
+            subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
+        except (KeyboardInterrupt, subprocess.CalledProcessError) as error:
+            # A half-made venv has its python but maybe no pip: the next run would take it for a whole one.
+            shutil.rmtree(VENV, ignore_errors=True)
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            sys.exit(f"error: creating {VENV.name} failed (exit {error.returncode}; the reason is above)")
     digest = hashlib.sha256(sys.version.encode())
     for name in requirement_files:
         digest.update((ROOT / name).read_bytes())
@@ -39,7 +50,9 @@ def ensure_venv(*requirement_files: str) -> Path:
         command = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
         for name in requirement_files:
             command += ["-r", str(ROOT / name)]
-        subprocess.check_call(command)
+        if subprocess.call(command) != 0:
+            sys.exit(f"error: installing {', '.join(requirement_files)} failed (pip's words are above); run the "
+                     "command again once the cause is fixed")
         stamp.write_text(digest.hexdigest())
     return python
 
@@ -55,3 +68,21 @@ def run_in_venv(script: str, requirement_files, argv) -> None:
         except KeyboardInterrupt:
             sys.exit(130)
     os.execv(str(python), command)
+
+
+@contextmanager
+def interruptible():
+    """Around a bin/ script's work: Ctrl-C (in an import, the first install, or the run) ends it with one line and
+    exit code 130, not a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def no_arguments(prog: str, doc: str, epilog: str = None) -> None:
+    """The command line of a script that takes no arguments: --help prints doc (and epilog) and exits 0; any
+    argument is refused with the usage line (exit 2), as a setting given as a flag would be ignored."""
+    argparse.ArgumentParser(prog=prog, description=doc, epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()

@@ -1,4 +1,5 @@
 """Settings: one declarative table, read from the environment once, with clear errors for bad values."""
+import difflib
 import os
 import sys
 from dataclasses import dataclass
@@ -164,6 +165,39 @@ def load_settings(source: Mapping[str, Any] = None) -> dict:
     return settings
 
 
+# Prefixes only the gateway's settings use: a variable under one that is not a setting is most likely a slip.
+OWN_PREFIXES = ("RATE_LIMIT", "LLAMA_", "MODEL_", "MODELS_", "UPSTREAM_", "QUEUE_", "REPLICA_", "WAITRESS_")
+# Variables under those prefixes that other programs read: llama.cpp's own (LLAMA_ARG_CTX_SIZE, its log, its -hf
+# cache) and llama-cpp-python's.
+FOREIGN_PREFIXES = ("LLAMA_ARG_", "LLAMA_LOG_", "LLAMA_CACHE", "LLAMA_CPP_")
+# How alike (difflib's ratio) a name must be to a setting's to be taken for a slip of it. RATE_LIMT_RPM is 0.96;
+# the OpenAI SDK's OPENAI_API_BASE is 0.83 to OPENAI_API_KEY, and PORT 0.67 to API_PORT: someone else's.
+CLOSE, NEAREST = 0.85, 0.75
+
+
+def unknown_settings(names) -> list:
+    """(name, the setting it is nearest to or None) for each of names that looks like a setting and is not one:
+    close to a setting's name (any case), or under a prefix only the gateway uses."""
+    found = []
+    for name in names:
+        upper = name.upper()
+        if name in SETTINGS_BY_NAME or upper.startswith(FOREIGN_PREFIXES):
+            continue
+        close = difflib.get_close_matches(upper, SETTINGS_BY_NAME, n=1, cutoff=CLOSE)
+        if close or upper.startswith(OWN_PREFIXES):
+            nearest = close or difflib.get_close_matches(upper, SETTINGS_BY_NAME, n=1, cutoff=NEAREST)
+            found.append((name, nearest[0] if nearest else None))
+    return found
+
+
+def local_base_url(source: Mapping[str, Any]) -> str:
+    """Where a client on this machine reaches a gateway listening on source's API_HOST and API_PORT (a wildcard
+    address is reached on loopback); raise ConfigError on a bad one."""
+    settings = load_settings({name: source.get(name) for name in ("API_HOST", "API_PORT")})
+    host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(settings["API_HOST"], settings["API_HOST"])
+    return f"http://{f'[{host}]' if ':' in host else host}:{settings['API_PORT']}"
+
+
 def settings_summary(settings: Mapping[str, Any]) -> dict:
     """The settings as they may be logged: secrets show only whether they are set, URLs no credentials."""
     return {setting.name: setting.shown(settings.get(setting.name)) for setting in SETTINGS}
@@ -180,9 +214,9 @@ def route_timeouts(settings: Mapping[str, Any]) -> dict:
 # The headings of .env.example, before the setting each one starts.
 _SECTIONS = {
     "API_HOST": "The gateway",
-    "OPENAI_API_KEY": "Access policy: API keys, per-client limits, CORS (see the README's security section)",
+    "OPENAI_API_KEY": "Access policy: API keys, per-client limits, CORS (see docs/configuration.md)",
     "LLAMA_SERVER_URL": "The upstream llama-server",
-    "MODEL_UPSTREAMS": "Several models and replicas (see the README's scaling-out section)",
+    "MODEL_UPSTREAMS": "Several models and replicas (see docs/operations.md, Scaling out)",
     "CHAT_CONNECT_TIMEOUT_S": "Timeouts per route group, in seconds (connect, and the longest silence while answering)",
     "LLAMA_SERVER_BIN": "The llama.cpp that bin/serve starts when LLAMA_SERVER_URL is unset",
 }
@@ -209,7 +243,7 @@ def render_env_example() -> str:
 
 
 def render_settings_table() -> str:
-    """The README's settings table (Markdown)."""
+    """The settings table of docs/configuration.md (Markdown)."""
     rows = ["| Variable | Default | What it does |", "|---|---|---|"]
     for setting in SETTINGS:
         default = {None: "unset", True: "on", False: "off"}.get(setting.default, None) \

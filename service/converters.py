@@ -147,10 +147,22 @@ def model_file(value):
     if text.startswith(HUB_PREFIX):
         hub_model(text)
         return text
+    return local_model_path(text)
+
+
+def local_model_path(text: str) -> str:
+    """The absolute path of a model file setting that names a file here; else ValueError saying what to write
+    instead (a folder, or a Hugging Face name without hf:)."""
     path = os.path.abspath(os.path.expanduser(text))
-    if not os.path.isfile(path):
-        raise ValueError(f"no such model file: {path}")
-    return path
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; name a .gguf file in it, or set MODELS_DIR={path} instead to serve "
+                         "every .gguf there")
+    if os.path.isfile(path):
+        return path
+    # OWNER/REPO (or OWNER/REPO:QUANT) reads as a relative path; one folder and a .gguf name is more likely a path.
+    looks_hub = HUB_MODEL.fullmatch(HUB_PREFIX + text) and not (text.count("/") == 1 and text.endswith(".gguf"))
+    hint = f"; for a model on Hugging Face write {HUB_PREFIX}{text}" if looks_hub else ""
+    raise ValueError(f"no such model file: {path}{hint}")
 
 
 # Client ids and limit names: what may appear in logs and metric labels.

@@ -1,13 +1,17 @@
 """The gateway process behind bin/serve: settings, the embedded llama.cpp if needed, waitress, clean exit."""
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from . import create_app
-from .config import ConfigError, exit_on_config_error, load_settings, settings_summary
+from .config import (ConfigError, exit_on_config_error, load_settings, local_base_url, settings_summary,
+                     unknown_settings)
 from .converters import public_url
 from .llama.fleet import Fleet, local_models
 from .llama.supervisor import PROJECT_ROOT, LlamaStartError
@@ -17,15 +21,88 @@ from .wsgi_server import make_server, stop_listening, stop_server
 log = logging.getLogger("service")
 
 
+ENV_FILE = os.path.join(PROJECT_ROOT, ".env")
+
+
 def load_environment() -> dict:
     """Read .env from the project root (without overriding the real environment), then every setting."""
     from dotenv import load_dotenv
 
-    load_dotenv(os.path.join(PROJECT_ROOT, ".env"), override=False)
+    load_dotenv(ENV_FILE, override=False)
     try:
         return load_settings(os.environ)
     except ConfigError as error:
         exit_on_config_error(error)
+
+
+def warn_unknown_settings(environ=os.environ, env_file=ENV_FILE):
+    """Log one warning per variable that looks like a setting and is not one (RATE_LIMT_RPM would otherwise be
+    ignored without a word), with the setting it is nearest to and where it was set."""
+    from dotenv import dotenv_values
+
+    in_file = dotenv_values(env_file) if os.path.isfile(env_file) else {}
+    for name, nearest in unknown_settings(environ):
+        log.warning("unknown setting ignored", extra={"fields": {
+            "name": name, "did_you_mean": nearest, "source": ".env" if name in in_file else "environment",
+            "settings": ".env.example"}})
+
+
+# Why a port cannot be listened on, and the setting to change for each reason.
+_LISTEN_ERRORS = {errno.EADDRINUSE: ("API_PORT", "{port} is in use on {host} (another program listens there); "
+                                                 "choose a free port"),
+                  errno.EACCES: ("API_PORT", "{port} needs privileges on {host}; choose a port above 1023"),
+                  errno.EADDRNOTAVAIL: ("API_HOST", "{host} is no address of this machine")}
+
+
+def check_listen_address(host: str, port: int):
+    """Stop the start with one line naming API_PORT (or API_HOST) when waitress could not listen there: checked
+    before any model loads, which can take minutes."""
+    try:
+        addresses = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP,
+                                       socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        exit_on_config_error(ConfigError(f"API_HOST: cannot resolve {host}: {error.strerror}"))
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            if os.name == "nt":
+                # Windows lets SO_REUSEADDR (waitress sets it) share a port in use: probe for sole use instead.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+            else:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as waitress: TIME_WAIT is no conflict
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as waitress
+            try:
+                probe.bind(address)
+            except OSError as error:
+                setting, words = _LISTEN_ERRORS.get(error.errno, ("API_PORT", "cannot listen on {host}:{port}: "
+                                                                              + str(error.strerror)))
+                exit_on_config_error(ConfigError(f"{setting}: " + words.format(host=host, port=port)))
+
+
+def warn_unanswered_upstreams(settings):
+    """Log one warning per external llama-server that does not answer /health now: requests to it fail until it
+    comes up (not refused: it may come up later)."""
+    import requests
+
+    urls = [url for urls in (settings["MODEL_UPSTREAMS"] or {None: (settings["LLAMA_SERVER_URL"],)}).values()
+            for url in urls if url]
+    if not urls:
+        return
+
+    def problem(url):
+        try:
+            status = requests.get(url + "/health", timeout=(settings["MODELS_CONNECT_TIMEOUT_S"],
+                                                            settings["MODELS_READ_TIMEOUT_S"])).status_code
+        except requests.RequestException as error:
+            return f"no answer ({type(error).__name__})"
+        # 503 is llama-server loading its model: it answers.
+        return None if status in (200, 503) else f"answered {status}, not llama-server's 200"
+
+    with ThreadPoolExecutor(max_workers=min(8, len(urls))) as probes:
+        for url, found in zip(urls, probes.map(problem, urls)):
+            if found:
+                log.warning("upstream does not answer /health", extra={"fields": {
+                    "url": public_url(url), "problem": found, "note": "requests to it fail until it is up"}})
 
 
 def make_fleet(settings):
@@ -45,9 +122,7 @@ def make_fleet(settings):
 
 def startup_facts(settings, fleet=None) -> dict:
     """What the gateway tells at startup: where to point a client and what answers behind it (no secrets)."""
-    host = settings["API_HOST"]
-    shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    facts = {"base_url": f"http://{shown_host}:{settings['API_PORT']}/v1"}
+    facts = {"base_url": f"{local_base_url(settings)}/v1"}
     local = {}
     if fleet:
         local = {supervisor.url: (model, supervisor) for model, supervisor in zip(fleet.models, fleet.supervisors)}
@@ -100,10 +175,10 @@ def announce(settings, fleet):
         if facts.get("demo_model"):
             log.warning("demo model: random weights, answers are noise; set LLAMA_MODEL=hf:OWNER/REPO or put a GGUF "
                         "in models/")
+        if facts["open_access"]:
+            log.warning("open access: no API key is configured (set OPENAI_API_KEY or OPENAI_API_KEYS)")
     else:
-        print(banner(facts), file=sys.stderr, flush=True)
-    if facts["open_access"]:
-        log.warning("open access: no API key is configured (set OPENAI_API_KEY or OPENAI_API_KEYS)")
+        print(banner(facts), file=sys.stderr, flush=True)  # which says it for a person, the open access too
 
 
 def raise_open_file_limit():
@@ -154,8 +229,11 @@ def run_until_stopped(app, server, settings) -> None:
 def main() -> int:
     """Run the gateway until Ctrl-C or SIGTERM; return the exit code."""
     settings = load_environment()
+    check_listen_address(settings["API_HOST"], settings["API_PORT"])  # before a model loads for minutes
     configure_logging(settings["LOG_LEVEL"], settings["LOG_FORMAT"])
+    warn_unknown_settings()
     fleet = make_fleet(settings)  # first: a bad ENABLED_MODELS stops the start with one line
+    warn_unanswered_upstreams(settings)  # the external ones, as set (before the local ones join the routes)
     log.info("config", extra={"fields": settings_summary(settings)})
     log.info("open files", extra={"fields": {"soft_limit": raise_open_file_limit()}})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # while llama.cpp loads: the finally stops it

@@ -223,7 +223,8 @@ def test_the_base_url_answers_without_a_key_and_outside_the_limits(make_app, htt
         assert response.status_code == 200 and response.mimetype == "application/json"
     assert client.get("/").get_json() == {"name": "llama.cpp gateway", "version": __version__, "api": "/v1",
                                           "openapi": "/openapi.json", "health": "/health"}
-    assert httpserver.log == []  # llama.cpp is not asked
+    # llama.cpp is not asked (an earlier test's /health probe may still arrive late on the shared fake upstream).
+    assert [request.path for request, _ in httpserver.log if request.path != "/health"] == []
     # The key's one request a minute is still there: the probes did not count.
     chat = client.post("/v1/chat/completions", headers={"Authorization": "Bearer k"}, json={"messages": [
         {"role": "user", "content": "hi"}]})

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from service.config import SETTINGS, ConfigError, Setting, load_settings, route_timeouts, settings_summary
+from service.config import (SETTINGS, ConfigError, Setting, load_settings, local_base_url, route_timeouts,
+                            settings_summary, unknown_settings)
 from service.converters import url
 
 
@@ -67,7 +68,7 @@ def test_route_timeouts_pair_connect_and_read_per_group():
     assert set(timeouts) == {"chat", "completions", "embeddings", "models"}
 
 
-def test_env_example_and_readme_table_are_generated_from_the_table():
+def test_env_example_and_the_settings_table_are_generated_from_the_table():
     import os
 
     from service.config import render_env_example, render_settings_table
@@ -79,8 +80,8 @@ def test_env_example_and_readme_table_are_generated_from_the_table():
     values = dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
     assert set(values) == {setting.name for setting in SETTINGS}
     assert load_settings(values) == load_settings({})
-    with open(os.path.join(root, "README.md"), encoding="utf-8") as readme:
-        assert render_settings_table() in readme.read()
+    with open(os.path.join(root, "docs", "configuration.md"), encoding="utf-8") as reference:
+        assert render_settings_table() in reference.read()
 
 
 # What must never reach a log line or an error message.
@@ -143,3 +144,33 @@ def test_the_admin_client_id_and_key_are_the_admins_alone():
         load_settings({"OPENAI_API_KEYS": "k1:team,k2:admin"})
     with pytest.raises(ConfigError, match="ADMIN_API_KEY: must differ"):
         load_settings({"OPENAI_API_KEYS": "k1:team", "ADMIN_API_KEY": "k1"})
+
+
+@pytest.mark.parametrize("names, found", [
+    (["RATE_LIMT_RPM"], [("RATE_LIMT_RPM", "RATE_LIMIT_RPM")]),  # a slip: close to a setting
+    (["rate_limit_rpm"], [("rate_limit_rpm", "RATE_LIMIT_RPM")]),  # the case: settings are upper case
+    (["LLAMA_CTX_SIZE"], [("LLAMA_CTX_SIZE", "LLAMA_CTX")]),  # the gateway's prefix, and near enough to name one
+    (["LLAMA_GPU_LAYERS"], [("LLAMA_GPU_LAYERS", None)]),  # the gateway's prefix, near none
+    (["API_PORT", "RATE_LIMIT_RPM", "MODEL_SETTINGS"], []),  # real settings
+    # Other programs' variables: the system's, the OpenAI SDK's, llama.cpp's own.
+    (["PATH", "HOME", "PORT", "HOSTNAME", "LOGNAME", "OPENAI_API_BASE", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY",
+      "HF_TOKEN", "LLAMA_ARG_CTX_SIZE", "LLAMA_CACHE", "PYTHONPATH"], []),
+])
+def test_names_that_look_like_settings_but_are_not(names, found):
+    assert unknown_settings(names) == found
+
+
+@pytest.mark.parametrize("source, url", [
+    ({}, "http://127.0.0.1:8000"),
+    ({"API_HOST": "0.0.0.0", "API_PORT": "9001"}, "http://127.0.0.1:9001"),  # a wildcard is reached on loopback
+    ({"API_HOST": "::", "API_PORT": 9002}, "http://[::1]:9002"),
+    ({"API_HOST": "::1"}, "http://[::1]:8000"),
+    ({"API_HOST": "10.0.0.5", "OTHER": "x"}, "http://10.0.0.5:8000"),
+])
+def test_local_base_url_follows_api_host_and_port(source, url):
+    assert local_base_url(source) == url
+
+
+def test_local_base_url_names_a_bad_port():
+    with pytest.raises(ConfigError, match="^API_PORT: "):
+        local_base_url({"API_PORT": "eighty"})

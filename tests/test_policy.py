@@ -85,6 +85,20 @@ def test_open_access_callers_share_the_anonymous_limits(make_app, httpserver):
     assert len(httpserver.log) == 2
 
 
+def test_model_listings_need_a_key_but_count_against_no_limit(limited, httpserver):
+    # Clients probe /v1/models at start (and some before every request): it must not eat their requests per minute.
+    httpserver.expect_request("/v1/models").respond_with_json({"object": "list", "data": [{"id": "llama",
+                                                                                          "object": "model"}]})
+    client = limited(RATE_LIMIT_RPM="1", RATE_LIMIT_CONCURRENT="1")
+    for path in ("/v1/models", "/models", "/v1/models/llama", "/v1/models", "/models/llama"):
+        response = client.get(path, headers=TEAM_A)
+        assert response.status_code == 200, path
+        assert "x-ratelimit-remaining-requests" not in response.headers  # not counted: no standing to show
+    assert_openai_envelope(client.get("/v1/models"), 401)  # still behind the key
+    assert [post(client, TEAM_A).status_code for _ in range(2)] == [200, 429]  # the one request was left whole
+    assert client.get("/v1/models", headers=TEAM_A).status_code == 200  # and past the limit, still listed
+
+
 def test_tpm_counts_usage_from_answers(limited):
     client = limited(RATE_LIMIT_TPM="100")
     first = post(client, TEAM_A)

@@ -1,7 +1,9 @@
 """bin/serve itself: starts (embedded and external), reports ready, answers, and leaves no process behind."""
+import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -10,6 +12,7 @@ import pytest
 import requests
 
 from service.llama.supervisor import free_port
+from service.serve import warn_unknown_settings
 from tests.processes import ROOT, SERVE, ServeProcess, posix_only
 
 
@@ -160,6 +163,12 @@ def test_nothing_it_prints_holds_the_llama_key_or_a_url_password(httpserver, log
 
 @pytest.mark.parametrize("env, words", [
     ({"API_PORT": "abc"}, "error: API_PORT: must be a whole number"),
+    # Per-model settings for a model that does not exist (the demo's name is not "llama").
+    ({"MODEL_SETTINGS": "llama:rerank=on"}, "error: MODEL_SETTINGS: no model named llama; the models are: "),
+    ({"MODEL_UPSTREAMS": "chat=http://127.0.0.1:9", "MODEL_SETTINGS": "chta:slots=2"},
+     "error: MODEL_SETTINGS: no model named chta; the models are: chat"),
+    ({"MODEL_UPSTREAMS": "chat=http://127.0.0.1:9", "ENABLED_MODELS": "chat"},
+     "error: ENABLED_MODELS: no model named chat; the models are: none that bin/serve starts"),
     ({"CHAT_READ_TIMEOUT_S": "-5"}, "error: CHAT_READ_TIMEOUT_S: must be a number of seconds above 0"),
     ({"LLAMA_MODEL": "/no/such.gguf"}, "error: LLAMA_MODEL: no such model file"),
     ({"ENABLED_MODELS": "nope"}, "error: ENABLED_MODELS: no model named nope; the models are: "),
@@ -167,8 +176,48 @@ def test_nothing_it_prints_holds_the_llama_key_or_a_url_password(httpserver, log
      "'http://127.0.0.1:80x'"),
 ])
 def test_bad_settings_stop_the_start_with_one_line(env, words):
-    result = subprocess.run([sys.executable, SERVE], env={**os.environ, **env}, capture_output=True, text=True,
-                            timeout=60)
+    # A free port: the gateway's own (8000) may be in use on this machine, which is refused first.
+    result = subprocess.run([sys.executable, SERVE], env={**os.environ, "API_PORT": str(free_port()), **env},
+                            capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith(words)
+
+
+def test_a_port_in_use_is_named_before_any_model_loads(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, SERVE], env={**os.environ, "API_PORT": str(port),
+                                                              "MODELS_DIR": str(tmp_path)},
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: API_PORT: {port} is in use on 127.0.0.1 (another program "
+                                          "listens there); choose a free port"]
+    assert list(tmp_path.iterdir()) == []  # not even the demo model was written
+
+
+def test_the_start_warns_once_of_what_would_go_unnoticed():
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    serve = ServeProcess(LLAMA_SERVER_URL=dead, RATE_LIMT_RPM="5", LOG_FORMAT="text")
+    try:
+        serve.wait_for(r"llama.cpp gateway ready on")  # not refused: the upstream may come up later
+    finally:
+        assert serve.stop() == 0
+    lines = serve.output().splitlines()
+    typo = [line for line in lines if "RATE_LIMT_RPM" in line]
+    assert len(typo) == 1 and "WARNING unknown setting ignored name=RATE_LIMT_RPM did_you_mean=RATE_LIMIT_RPM " \
+        "source=environment" in typo[0]
+    upstream = [line for line in lines if "/health" in line]
+    assert len(upstream) == 1 and f"WARNING upstream does not answer /health url={dead} " in upstream[0]
+    assert len([line for line in lines if "no API key" in line]) == 1  # the banner's, not a log line besides
+
+
+def test_unknown_settings_name_the_file_they_came_from(tmp_path, caplog):
+    env_file = tmp_path / ".env"
+    env_file.write_text("MODELS_DIRS=/srv/models\n")
+    with caplog.at_level(logging.WARNING, logger="service"):
+        # As after load_dotenv: the file's entries are in the environment too.
+        warn_unknown_settings({"MODELS_DIRS": "/srv/models", "LLAMA_THRADS": "4", "PATH": "/bin"}, str(env_file))
+    assert [record.fields for record in caplog.records] == [
+        {"name": "MODELS_DIRS", "did_you_mean": "MODELS_DIR", "source": ".env", "settings": ".env.example"},
+        {"name": "LLAMA_THRADS", "did_you_mean": "LLAMA_THREADS", "source": "environment", "settings": ".env.example"}]

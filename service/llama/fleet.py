@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from ..config import ConfigError
 from .model_file import MODELS_DIR, LocalModel, choose_model, model_files, resolve
-from .model_memory import estimate_mib
+from .model_memory import estimate_mib, fit_context
 from .pool import ModelPool
 from .pooled_model import PooledModel
 from .supervisor import LlamaSupervisor
@@ -15,26 +15,34 @@ from .supervisor import LlamaSupervisor
 
 def local_models(settings, models_dir: str = None) -> list:
     """The models to start, those named hf:... fetched (or found kept in MODELS_DIR); none when the settings name
-    only upstreams that already run."""
+    only upstreams that already run. A name in ENABLED_MODELS or MODEL_SETTINGS that no model has is refused."""
     models_dir = models_dir or settings["MODELS_DIR"] or MODELS_DIR
     if settings["MODEL_PATHS"]:
         models = [LocalModel(name, path, "MODEL_PATHS") for name, path in settings["MODEL_PATHS"].items()]
     elif settings["LLAMA_SERVER_URL"] or settings["MODEL_UPSTREAMS"]:
-        return []
+        models = []
     elif settings["LLAMA_MODEL"]:
         models = [choose_model(settings["LLAMA_MODEL"], models_dir)]
     else:
         models = model_files(models_dir)
-    enabled = settings["ENABLED_MODELS"]
-    if enabled:
-        names = [model.name for model in models]
-        unknown = [name for name in enabled if name not in names]
-        if unknown:
-            raise ConfigError(f"ENABLED_MODELS: no model named {', '.join(unknown)}; the models are: "
-                              f"{', '.join(names)}")
-        models = [model for model in models if model.name in enabled]
+    names = [model.name for model in models]
+    # MODEL_SETTINGS also gives upstream models their slots=N (the scheduler's); ENABLED_MODELS picks local ones.
+    _refuse_unknown("MODEL_SETTINGS", settings["MODEL_SETTINGS"], names + [
+        name for name in settings["MODEL_UPSTREAMS"] or () if name not in names],
+        none="none by name (LLAMA_SERVER_URL alone takes any name)")
+    _refuse_unknown("ENABLED_MODELS", settings["ENABLED_MODELS"], names,
+                    none="none that bin/serve starts (only LLAMA_SERVER_URL or MODEL_UPSTREAMS)")
+    if settings["ENABLED_MODELS"]:
+        models = [model for model in models if model.name in settings["ENABLED_MODELS"]]
     # After ENABLED_MODELS: a model left out is never downloaded.
     return [replace(model, path=resolve(model.path, models_dir)) for model in models]
+
+
+def _refuse_unknown(setting: str, named, known, none: str):
+    # A name no model has would be ignored without a word: a typo, or a setting meant for another start.
+    unknown = [name for name in named or () if name not in known]
+    if unknown:
+        raise ConfigError(f"{setting}: no model named {', '.join(unknown)}; the models are: {', '.join(known) or none}")
 
 
 def model_traits(path: str) -> dict:
@@ -66,7 +74,7 @@ def supervisor_for(model: LocalModel, settings, port=None) -> LlamaSupervisor:
     traits = model_traits(model.path)
     options = {"port": port, "embeddings": settings["LLAMA_EMBEDDINGS"], "pooling": "mean"}
     if traits.get("trained_ctx"):
-        options["ctx"] = min(settings["LLAMA_CTX"], traits["trained_ctx"])
+        options["ctx"] = fit_context(model.name, model.path, settings["LLAMA_CTX"])
     if traits.get("embedding_only"):
         options.update(embeddings=True, pooling=None)  # the model's own pooling (rank for a reranker)
     own = {key: value for key, value in _own_settings(model, settings).items() if key not in GATEWAY_OPTIONS}

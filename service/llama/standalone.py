@@ -4,7 +4,7 @@ import sys
 import threading
 
 from ..operations.logs import configure_logging
-from ..serve import load_environment
+from ..serve import load_environment, warn_unknown_settings
 from .model_file import choose_model
 from .model_memory import fit_context
 from .supervisor import LlamaStartError, LlamaSupervisor
@@ -14,6 +14,7 @@ def main() -> int:
     """Start llama.cpp with the LLAMA_* settings and keep it running (restarting it if it dies)."""
     settings = load_environment()
     configure_logging(settings["LOG_LEVEL"], settings["LOG_FORMAT"])
+    warn_unknown_settings()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:

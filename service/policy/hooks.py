@@ -12,12 +12,15 @@ from .limits import WINDOW_S, Limits, RateLimited, RateLimiter
 from .shared_limits import SharedRateLimiter
 
 # Reachable without a key: load balancers and probes poll it.
-PUBLIC_PATHS = ("/health", "/openapi.json")
+PUBLIC_PATHS = ("/", "/health", "/openapi.json")
 # Routes for ADMIN_API_KEY alone (models on demand, the operators' page's data): no client key, no client limits.
 # Matched by URL rule, so that only a request that reaches their views needs the admin key.
 ADMIN_RULES = ("/models/load", "/models/unload", "/ui/api/state", "/ui/api/chat")
 # The operators' page and its files: public, as they hold nothing but the sign-in form (its data is ADMIN_RULES').
 UI_PAGE_RULES = ("/ui", "/ui/static/<path:filename>")
+# Model listings: a key is needed, but no client limit counts them, as clients probe them (at start, to pick a
+# model) and they never reach llama.cpp's slots.
+UNLIMITED_RULES = ("/v1/models", "/models", "/v1/models/<path:model>", "/models/<path:model>")
 # CORS_ORIGINS is for API clients: no other origin may read the operators' page or call the admin routes.
 CORS_PATHS = re.compile(r"/(?!ui(/|$)|models/(load|unload)$)")
 
@@ -82,7 +85,7 @@ def begin_request():
         return
     record.client_id = authenticate(current_app.extensions["keyring"])
     limiter = current_app.extensions["limiter"]
-    if limiter.active:
+    if limiter.active and record.route not in UNLIMITED_RULES:
         try:
             g.lease = limiter.acquire(record.client_id)
         except RateLimited as refused:

@@ -7,6 +7,7 @@
   (401 without a token, 403 for a token without access), RevisionNotFound, EntryNotFound.
 
 Every request is logged (method, path, Range, whether a token came); cut() and stall() break a file's next GET.
+vision_repo() is the files of a vision model's repo: the model and its projector (mmproj) in two precisions.
 """
 import hashlib
 import json
@@ -27,6 +28,32 @@ def demo_gguf(tmp_path_factory, seed=0) -> bytes:
     path = tmp_path_factory.mktemp("hub-files") / f"demo-{seed}.gguf"
     write_demo_model(str(path), seed=seed)
     return path.read_bytes()
+
+
+def projector_gguf(tmp_path_factory, precision: str = "f16") -> bytes:
+    """The bytes of a small projector GGUF (general.architecture "clip", as llama.cpp's converter writes), a
+    different one for each precision."""
+    import gguf
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("hub-files") / f"mmproj-{precision}.gguf"
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_bool("clip.has_vision_encoder", True)
+    writer.add_string("clip.projector_type", "gemma3")
+    writer.add_name(f"projector {precision}")
+    writer.add_tensor("mm.input_projection.weight", np.ones((4, 4), dtype=np.float16 if "16" in precision else
+                                                          np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+def vision_repo(model: bytes, tmp_path_factory) -> dict:
+    """The files of a vision model's repo, as ggml-org's are: the model, its projector in F16 and in Q8_0."""
+    return {"vision-Q4_K_M.gguf": model, "mmproj-model-f16.gguf": projector_gguf(tmp_path_factory, "f16"),
+            "mmproj-model-q8_0.gguf": projector_gguf(tmp_path_factory, "q8_0"), "README.md": b"# vision"}
 
 
 @dataclass

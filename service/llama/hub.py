@@ -23,7 +23,7 @@ from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNo
                                     RemoteEntryNotFoundError, RepositoryNotFoundError)
 from ..converters import HUB_PREFIX, hub_model, public_url
 from .hub_progress import progress_class, size_text, wants_bar
-from .model_file import SPLIT_PART, model_name
+from .model_file import PROJECTOR_NAME, SPLIT_PART, model_name
 from .supervisor import LlamaStartError
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,8 @@ def _models(filenames) -> dict:
     for name in sorted(filenames):
         if not _safe_name(name):
             continue  # a listing (a mirror's) that names a file outside the repo: never picked, never claimed
-        base = name.rsplit("/", 1)[-1].lower()
-        if base.endswith(".gguf") and "mmproj" not in base:
+        base = name.rsplit("/", 1)[-1]
+        if base.lower().endswith(".gguf") and not PROJECTOR_NAME.search(base):
             split = SPLIT_PART.search(name)
             groups.setdefault(name[:split.start()] if split else name, []).append(name)
     models = {}
@@ -153,7 +153,8 @@ def _download(spec, models_dir, repo, quant, file, bar) -> str:
         # The commit, not "main": every part from one commit, and a file already fetched at it needs no request.
         hf_hub_download(repo, name, revision=info.sha, local_dir=models_dir, endpoint=endpoint,
                         tqdm_class=progress_class(name, f"{number}/{len(files)}", bar))
-    _record(models_dir, (repo, quant, file), {"repo": repo, "commit": info.sha, "files": files})
+    record = {"repo": repo, "commit": info.sha, "files": files}
+    _record(models_dir, _record_path(models_dir, repo, quant, file), record)
     path = _local_path(models_dir, files[0])
     log.info("model fetched", extra={"fields": {"model": spec, "path": path}})
     return path
@@ -202,9 +203,8 @@ def _sweep_stale_partials(models_dir):
             continue  # gone already, or held open by its (live) writer on Windows
 
 
-def _record(models_dir, name, content):
-    """Write the record of the files an hf: name picked, atomically."""
-    path = _record_path(models_dir, *name)
+def _record(models_dir, path, content):
+    """Write the record (at path, under models_dir) of the files an hf: name picked, atomically."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     ignore = os.path.join(models_dir, *RECORDS[:2], ".gitignore")
     if not os.path.exists(ignore):  # as huggingface_hub does for its own folder: models/ may be in a git checkout

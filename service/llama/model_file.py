@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from ..converters import HUB_MODEL, HUB_PREFIX
+from ..converters import HUB_PREFIX, local_model_path
 from .demo_model import DEMO_MODEL_NAME, is_current_demo, write_demo_model
 
 log = logging.getLogger(__name__)
@@ -15,6 +15,10 @@ MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pat
 
 # A split GGUF's parts: name-00001-of-00003.gguf ... name-00003-of-00003.gguf; llama.cpp loads the first.
 SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+
+# A multimodal projector (a vision or audio encoder: llama.cpp's --mmproj) by its name, as llama.cpp's own -hf
+# tells one from a model: mmproj-F16.gguf, gemma-3-4b-it-mmproj-f16.gguf. It is no model of its own.
+PROJECTOR_NAME = re.compile(r"mmproj", re.IGNORECASE)
 
 # Every GGUF file begins with these four bytes.
 GGUF_MAGIC = b"GGUF"
@@ -73,14 +77,16 @@ def _served(path: str) -> bool:
 
 
 def model_files(models_dir: str = MODELS_DIR) -> list:
-    """Every GGUF in models_dir (*.gguf), by name; the demo model (written there if need be) when there is none.
+    """Every GGUF model in models_dir (*.gguf), by name; the demo model (written there if need be) if there is none.
 
     Only whole files count: a download in progress lives in models_dir/.cache/huggingface/download/ as
     *.incomplete until it is complete and moved here, and a split model counts once all its parts are here. A
-    file that is not GGUF is skipped with a warning.
+    file that is not GGUF is skipped with a warning, and a projector (mmproj in its name) is no model: it is
+    served with the model it belongs to.
     """
     found = sorted(path for path in glob.glob(os.path.join(models_dir, "*.gguf"))
-                   if os.path.basename(path) != DEMO_MODEL_NAME and is_whole_model(path) and _served(path))
+                   if os.path.basename(path) != DEMO_MODEL_NAME and not PROJECTOR_NAME.search(os.path.basename(path))
+                   and is_whole_model(path) and _served(path))
     if found:
         return [LocalModel(model_name(path), path, "models/") for path in found]
     os.makedirs(models_dir, exist_ok=True)
@@ -88,21 +94,6 @@ def model_files(models_dir: str = MODELS_DIR) -> list:
     if not is_current_demo(demo):  # none yet, or one an older checkout wrote
         write_demo_model(demo)
     return [LocalModel(model_name(demo), demo, "demo")]
-
-
-def local_model_path(text: str) -> str:
-    """The absolute path of a model file setting that names a file here; else ValueError saying what to write
-    instead (a folder, or a Hugging Face name without hf:)."""
-    path = os.path.abspath(os.path.expanduser(text))
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder; name a .gguf file in it, or set MODELS_DIR={path} instead to serve "
-                         "every .gguf there")
-    if os.path.isfile(path):
-        return path
-    # OWNER/REPO (or OWNER/REPO:QUANT) reads as a relative path; one folder and a .gguf name is more likely a path.
-    looks_hub = HUB_MODEL.fullmatch(HUB_PREFIX + text) and not (text.count("/") == 1 and text.endswith(".gguf"))
-    hint = f"; for a model on Hugging Face write {HUB_PREFIX}{text}" if looks_hub else ""
-    raise ValueError(f"no such model file: {path}{hint}")
 
 
 def resolve(spec: str, models_dir: str = MODELS_DIR) -> str:

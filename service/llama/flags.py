@@ -1,0 +1,424 @@
+"""llama-server's flags as data: each flag (its spellings) and the xllamacpp CommonParams fields it sets.
+
+A llama-server binary takes a model's flags verbatim; the xllamacpp child builds its CommonParams from this table
+(`apply`). The gateway checks flags (`problems`, `owned`) and shows them (`command_line`) without importing
+xllamacpp: values here are plain data, and xllamacpp's enum members and classes are looked up by name (`Native`)
+only when applied. Semantics follow llama.cpp's common/arg.cpp; a flag missing here is one line in FLAGS.
+"""
+import difflib
+import functools
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+from typing import Any, Callable, NamedTuple, Optional
+
+
+class FlagError(ValueError):
+    """One problem with one flag: the message names the flag as it was written."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(message)
+        self.flag = flag
+
+
+class Native(NamedTuple):
+    """An xllamacpp object named by its path: an enum member, or a class called with args when applied."""
+    path: str
+    args: Optional[tuple] = None
+
+
+class Padded(NamedTuple):
+    """A list that fills a fixed-length field, the rest zeros (tensor_split has one entry per possible device)."""
+    values: tuple
+
+
+SAME = object()  # in Flag.weak: the flag's own value
+
+
+class Flag(NamedTuple):
+    """One llama-server flag: its spellings and how its value reaches CommonParams."""
+    names: tuple  # the first is the one messages and lists use
+    fields: tuple  # dotted CommonParams paths; with several, parse returns one value per field (None: leave it)
+    parse: Optional[Callable] = None  # text -> value; None: a switch, which takes no value
+    negs: tuple = ()  # spellings that turn a switch off
+    on: Any = True  # a switch's value(s) ...
+    off: Any = False  # ... and when turned off
+    merge: bool = False  # repeats add up (lists, sets, dicts, comma-joined overrides); else the last one wins
+    weak: tuple = ()  # (field, value or SAME) also set, unless another flag sets that field
+    needs: str = ""  # a field that must end up true, else the flag is ignored (as the child always did)
+    owner: str = ""  # why the gateway sets this flag itself; empty: a user's args may set it
+    secret: bool = False  # its value never shows in a message or a printed command line
+
+
+def _parser(hint, convert):
+    """A value parser: text -> value, with what the value looks like, for messages."""
+    def parse(text):
+        return convert(text)
+    parse.hint = hint
+    return parse
+
+
+def _hint(hint):
+    return lambda convert: _parser(hint, convert)
+
+
+def _int(low=-2 ** 31, high=2 ** 31 - 1, zero_ok=True):
+    hint = f"{low}..{high}" if high < 2 ** 31 - 1 else f"N >= {low}" if low > -2 ** 31 else "N"
+
+    def convert(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError("not a whole number") from None
+        if not low <= value <= high or (value == 0 and not zero_ok):
+            raise ValueError("out of range")
+        return value
+    return _parser(hint + ("" if zero_ok else ", not 0"), convert)
+
+
+@_hint("a number")
+def _float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("not a number") from None
+    if not math.isfinite(value):
+        raise ValueError("not a finite number")
+    return value
+
+
+def _choice(words, values, enum=""):
+    """One of words (values may take more spellings): its value, or with an enum that enum's member so named."""
+    def convert(text):
+        if text not in values:
+            raise ValueError("not one of the known values")
+        return Native(f"{enum}.{values[text]}") if enum else values[text]
+    return _parser("|".join(words.split()), convert)
+
+
+def _enum(enum, prefix, words, aliases=None):
+    """A member of an xllamacpp enum: prefix + WORD, or prefix + what aliases says."""
+    names = {word: word.upper().replace("-", "_") for word in words.split()} | (aliases or {})
+    return _choice(words, {word: prefix + name for word, name in names.items()}, enum)
+
+
+def _items(text):
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError("empty")
+    return items
+
+
+_TRUE, _FALSE = ("on", "enabled", "true", "1"), ("off", "disabled", "false", "0")  # llama.cpp's truthy, falsey
+_FLASH = {word: "LLAMA_FLASH_ATTN_TYPE_" + ("ENABLED" if word in _TRUE else "DISABLED" if word in _FALSE else "AUTO")
+          for word in _TRUE + _FALSE + ("auto", "-1")}
+_THINK = {**dict.fromkeys(_TRUE, (1, {"enable_thinking": "true"})), "auto": (-1, None), "-1": (-1, None),
+          **dict.fromkeys(_FALSE, (0, {"enable_thinking": "false"}))}  # the chat template is told too
+_KV_TYPE = _enum("ggml_type", "GGML_TYPE_", "f32 f16 bf16 q8_0 q4_0 q4_1 iq4_nl q5_0 q5_1")  # kv_cache_types
+_LOAD = "llama_load_mode.LLAMA_LOAD_MODE_"
+_SPEC = _enum("common_speculative_type", "COMMON_SPECULATIVE_TYPE_", "none draft-simple draft-eagle3 draft-mtp "
+              "draft-dflash draft-dspark ngram-simple ngram-map-k ngram-map-k4v ngram-mod ngram-cache")
+_DRAFT_SIMPLE = [Native("common_speculative_type.COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE")]
+# llama.cpp's pattern for the expert weights of a mixture-of-experts layer (common.h, LLM_FFN_EXPS_REGEX)
+_EXPERTS = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+_text, _path, _LORA = _parser("TEXT", str), _parser("FILE", str), "CommonAdapterLoraInfo"
+_LAYERS = _parser("N|auto|all", lambda text: {"auto": -1, "all": -2}.get(text) or _int()(text))  # -1: fit them
+_THREADS = _parser("N", lambda text: max(_int()(text), 0) or os.cpu_count() or 1)  # 0 or less: one per core
+
+
+@_hint("N >= 0")
+def _context(text):  # 0: the model's whole context, which llama.cpp's fitting must then not shrink
+    size = _int(0)(text)
+    return size, None if size else 2 ** 31 - 1
+
+
+@_hint("N")
+def _rope_scale(text):  # expands the context N times: the frequency scale is its inverse
+    factor = _float(text)
+    if not factor:
+        raise ValueError("not 0")
+    return 1.0 / factor
+
+
+@_hint("PATTERN=BUFFER,...")
+def _overrides(text):  # the buffer's name is known only to llama.cpp: apply checks it
+    items = _items(text)
+    if not all(pattern and buffer for pattern, _, buffer in (item.partition("=") for item in items)):
+        raise ValueError("each item is PATTERN=BUFFER")
+    return ",".join(items)
+
+
+@_hint("FNAME:SCALE,...")
+def _lora_scaled(text):
+    pairs = [item.rpartition(":") for item in _items(text)]  # the last colon: a Windows path has one of its own
+    if not all(path for path, _, _ in pairs):
+        raise ValueError("each item is FNAME:SCALE")
+    return [Native(_LORA, (path, _float(scale))) for path, _, scale in pairs]
+
+
+@_hint("a JSON object")
+def _template_kwargs(text):
+    parsed = json.loads(text)
+    if not isinstance(parsed, dict):
+        raise ValueError("not a JSON object")
+    # llama.cpp keeps each value as compact JSON text
+    return {key: json.dumps(value, separators=(",", ":"), ensure_ascii=False) for key, value in parsed.items()}
+
+
+@_hint("FILE")
+def _file_text(text):  # llama.cpp reads the file while parsing: a missing one is a bad value
+    with open(text, encoding="utf-8") as file:
+        return file.read()
+
+
+@_hint("DIRECTORY")
+def _directory(text):
+    if not os.path.isdir(text):
+        raise ValueError("not a directory")
+    return text if text.endswith(os.sep) else text + os.sep
+
+
+def _row(names, fields, parse=None, negs="", **options):
+    """A table row: spellings and fields as space-separated words."""
+    return Flag(tuple(names.split()), tuple(fields.split()), parse, tuple(negs.split()), **options)
+
+
+FLAGS = (
+    # Set by the gateway for every model: a user's args that set them would cut the gateway off its model.
+    _row("--model -m", "model.path", _path, owner="it passes the model (models file: source)"),
+    _row("--host", "hostnames", _parser("HOST", lambda text: [text]), owner="it picks the address"),
+    _row("--port", "port", _int(0, 65535), owner="it picks the port"),
+    _row("--alias -a", "model_alias", _parser("NAME,...", lambda text: set(_items(text))), merge=True,
+         owner="it names the model (models file: aliases)"),
+    _row("--metrics", "endpoint_metrics", owner="it reads llama.cpp's /metrics"),
+    _row("--api-key", "api_keys", _parser("KEY,...", _items), merge=True, secret=True, owner="it holds the keys"),
+    _row("--ctx-size -c", "n_ctx fit_params_min_ctx", _context, owner="it budgets memory by it (models file: ctx)"),
+    _row("--parallel -np", "n_parallel", _int(-1, zero_ok=False), owner="it schedules by it (models file: slots)"),
+    # Threads, batches, memory
+    _row("--threads -t", "cpuparams.n_threads", _THREADS, weak=(("cpuparams_batch.n_threads", SAME),)),
+    _row("--threads-batch -tb", "cpuparams_batch.n_threads", _THREADS),
+    _row("--threads-http", "n_threads_http", _int()),
+    _row("--batch-size -b", "n_batch", _int(1)),
+    _row("--ubatch-size -ub", "n_ubatch", _int(1)),
+    _row("--poll", "cpuparams.poll", _int(0, 100)),
+    _row("--prio", "cpuparams.priority",  # low (-1) to realtime (3)
+         _parser("-1..3", lambda text: Native("ggml_sched_priority", (_int(-1, 3)(text),)))),
+    _row("--numa", "numa", _enum("ggml_numa_strategy", "GGML_NUMA_STRATEGY_", "distribute isolate numactl")),
+    _row("--cache-ram -cram", "cache_ram_mib", _int(-1)),
+    _row("--keep", "n_keep", _int(-1)),
+    _row("--n-predict -n --predict", "n_predict", _int(-2)),
+    _row("--cache-reuse", "n_cache_reuse", _int(0)),
+    _row("--swa-full", "swa_full"),
+    _row("--kv-unified -kvu", "kv_unified", negs="--no-kv-unified -no-kvu"),
+    _row("--context-shift", "ctx_shift", negs="--no-context-shift"),
+    _row("--cache-prompt", "cache_prompt", negs="--no-cache-prompt"),
+    _row("--cont-batching -cb", "cont_batching", negs="--no-cont-batching -nocb"),
+    _row("--warmup", "warmup", negs="--no-warmup"),
+    _row("--no-kv-offload -nkvo", "no_kv_offload", negs="--kv-offload -kvo"),
+    _row("--no-mmap", "load_mode", negs="--mmap", on=Native(_LOAD + "NONE"), off=Native(_LOAD + "MMAP")),
+    _row("--mlock", "load_mode", on=Native(_LOAD + "MLOCK")),
+    _row("--load-mode -lm", "load_mode", _enum("llama_load_mode", "LLAMA_LOAD_MODE_", "none mmap mlock mmap+mlock dio "
+                                               "auto", {"mmap+mlock": "MMAP_MLOCK", "dio": "DIRECT_IO"})),
+    # Attention, KV cache, RoPE
+    _row("--flash-attn -fa", "flash_attn_type", _choice("on off auto", _FLASH, "llama_flash_attn_type")),
+    _row("--cache-type-k -ctk", "cache_type_k", _KV_TYPE),
+    _row("--cache-type-v -ctv", "cache_type_v", _KV_TYPE),
+    _row("--rope-scaling", "rope_scaling_type",
+         _enum("llama_rope_scaling_type", "LLAMA_ROPE_SCALING_TYPE_", "none linear yarn")),
+    _row("--rope-scale", "rope_freq_scale", _rope_scale),
+    _row("--rope-freq-base", "rope_freq_base", _float),
+    _row("--rope-freq-scale", "rope_freq_scale", _float),
+    _row("--yarn-orig-ctx", "yarn_orig_ctx", _int(0)),
+    _row("--yarn-ext-factor", "yarn_ext_factor", _float),
+    _row("--yarn-attn-factor", "yarn_attn_factor", _float),
+    _row("--yarn-beta-slow", "yarn_beta_slow", _float),
+    _row("--yarn-beta-fast", "yarn_beta_fast", _float),
+    # GPUs, and which weights stay on the CPU
+    _row("--n-gpu-layers -ngl --gpu-layers", "n_gpu_layers", _LAYERS),
+    _row("--main-gpu -mg", "main_gpu", _int(0)),
+    _row("--split-mode -sm", "split_mode", _enum("llama_split_mode", "LLAMA_SPLIT_MODE_", "none layer row tensor")),
+    _row("--tensor-split -ts", "tensor_split",
+         _parser("N0,N1,...", lambda text: Padded(tuple(map(_float, text.replace("/", ",").split(",")))))),
+    _row("--override-tensor -ot", "tensor_buft_overrides", _overrides, merge=True),
+    _row("--cpu-moe -cmoe", "tensor_buft_overrides", on=_EXPERTS + "=CPU", merge=True),
+    _row("--n-cpu-moe -ncmoe", "tensor_buft_overrides", _parser("N >= 0", lambda text: ",".join(  # first N layers'
+         rf"blk\.{layer}{_EXPERTS}=CPU" for layer in range(_int(0)(text))) or None), merge=True),
+    _row("--fit -fit", "fit_params", _choice("on off", {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)})),
+    _row("--fit-ctx -fitc", "fit_params_min_ctx", _int(0)),
+    # Embeddings and reranking: --pooling counts only with embeddings on, as the child always had it
+    _row("--embeddings --embedding", "embedding"),
+    _row("--pooling", "pooling_type", _enum("llama_pooling_type", "LLAMA_POOLING_TYPE_", "none mean cls last rank"),
+         needs="embedding"),
+    _row("--rerank --reranking", "embedding pooling_type",
+         on=(True, Native("llama_pooling_type.LLAMA_POOLING_TYPE_RANK"))),
+    # Vision and audio projectors
+    _row("--mmproj -mm", "mmproj.path", _path),
+    _row("--no-mmproj --no-mmproj-auto", "no_mmproj", negs="--mmproj-auto"),
+    _row("--mmproj-offload", "mmproj_use_gpu", negs="--no-mmproj-offload"),
+    # Speculative decoding: a draft model alone means the simple draft, as measured with xllamacpp
+    _row("--spec-draft-model -md --model-draft", "speculative.draft.mparams.path", _path,
+         weak=(("speculative.types", _DRAFT_SIMPLE),)),
+    _row("--spec-type", "speculative.types",
+         _parser(_SPEC.hint.replace("|", ","), lambda text: [_SPEC(word) for word in _items(text)]), merge=True),
+    _row("--spec-draft-n-max --draft-max --draft --draft-n", "speculative.draft.n_max", _int(0)),
+    _row("--spec-draft-n-min --draft-min --draft-n-min", "speculative.draft.n_min", _int(0)),
+    _row("--spec-draft-p-min --draft-p-min", "speculative.draft.p_min", _float),
+    _row("--spec-draft-p-split --draft-p-split", "speculative.draft.p_split", _float),
+    _row("--spec-draft-ngl -ngld --gpu-layers-draft --n-gpu-layers-draft", "speculative.draft.n_gpu_layers", _LAYERS),
+    _row("--spec-draft-type-k -ctkd --cache-type-k-draft", "speculative.draft.cache_type_k", _KV_TYPE),
+    _row("--spec-draft-type-v -ctvd --cache-type-v-draft", "speculative.draft.cache_type_v", _KV_TYPE),
+    _row("--spec-draft-threads -td --threads-draft", "speculative.draft.cpuparams.n_threads", _THREADS,
+         weak=(("speculative.draft.cpuparams_batch.n_threads", SAME),)),
+    # Adapters, chat templates, reasoning
+    _row("--lora", "lora_adapters",
+         _parser("FNAME,...", lambda text: [Native(_LORA, (path, 1.0)) for path in _items(text)]), merge=True),
+    _row("--lora-scaled", "lora_adapters", _lora_scaled, merge=True),
+    _row("--chat-template", "chat_template", _parser("JINJA_TEMPLATE", str)),
+    _row("--chat-template-file", "chat_template", _file_text),
+    _row("--chat-template-kwargs", "default_template_kwargs", _template_kwargs, merge=True),
+    _row("--jinja", "use_jinja", negs="--no-jinja"),
+    _row("--prefill-assistant", "prefill_assistant", negs="--no-prefill-assistant"),
+    _row("--reasoning-format", "reasoning_format",
+         _enum("common_reasoning_format", "COMMON_REASONING_FORMAT_", "none auto deepseek deepseek-legacy")),
+    _row("--reasoning -rea", "enable_reasoning default_template_kwargs", _choice("on off auto", _THINK), merge=True),
+    _row("--reasoning-budget", "sampling.reasoning_budget_tokens", _int(-1)),
+    # The server itself
+    _row("--slots", "endpoint_slots", negs="--no-slots"),
+    _row("--props", "endpoint_props"),
+    _row("--slot-save-path", "slot_save_path", _directory),
+    _row("--slot-prompt-similarity -sps", "slot_prompt_similarity", _float),
+    _row("--sleep-idle-seconds", "sleep_idle_seconds", _int(-1, zero_ok=False)),
+    _row("--timeout -to", "timeout_read timeout_write", _parser("N >= 0", lambda text: (_int(0)(text),) * 2)),
+    _row("--ui --webui", "ui", negs="--no-ui --no-webui"),
+    _row("--verbosity -lv --log-verbosity", "verbosity", _int(0)),
+)
+
+_NUMBER = re.compile(r"-?\d+(\.\d*)?([eE][-+]?\d+)?")  # a value such as -1, which is not a flag
+# Each spelling -> (its flag, whether it turns the flag on); built once from the constant table above.
+_SPELLINGS = {name: (flag, True) for flag in FLAGS for name in flag.names}
+_SPELLINGS.update({name: (flag, False) for flag in FLAGS for name in flag.negs})
+
+
+def known_flags() -> list:
+    """The first spelling of every flag the table knows, sorted."""
+    return sorted(flag.names[0] for flag in FLAGS)
+
+
+def _lookup(token):
+    # llama.cpp reads --n_gpu_layers as --n-gpu-layers
+    return _SPELLINGS.get(token.replace("_", "-") if token.startswith("--") else token, (None, True))
+
+
+def _scan(argv):
+    """The flags in argv as (flag, spelling, value), and one FlagError per problem."""
+    found, trouble, i, argv, last = [], [], 0, [str(token) for token in argv], "the start"
+    while i < len(argv):
+        token, i = argv[i], i + 1
+        flag, positive = _lookup(token)
+        if flag is None and token.startswith("-") and not _NUMBER.fullmatch(token):
+            close = difflib.get_close_matches(token, _SPELLINGS, n=1)
+            trouble.append(FlagError(token, f"unknown flag {token}" + (f" (did you mean {close[0]}?)" if close else "")
+                                     + "; known flags: " + " ".join(known_flags())))
+            while i < len(argv) and (not argv[i].startswith("-") or _NUMBER.fullmatch(argv[i])):
+                i += 1  # its values, whatever they are: one problem is enough
+        elif flag is None:  # the value itself is never shown: it may be a key written in the wrong place
+            trouble.append(FlagError(token, f"a value without a flag at position {i}, after {last}"))
+        elif flag.parse is None:
+            found.append((flag, token, flag.on if positive else flag.off))
+        elif i >= len(argv):
+            trouble.append(FlagError(token, f"{token} needs a value ({flag.parse.hint})"))
+        else:
+            text, i = argv[i], i + 1
+            try:
+                found.append((flag, token, flag.parse(text)))
+            except (ValueError, OSError) as error:
+                shown, reason = "(hidden)" if flag.secret else repr(text), getattr(error, "strerror", None) or error
+                trouble.append(FlagError(token, f"{token}: bad value {shown}: {reason} (expected {flag.parse.hint})"))
+        last = token if flag else last
+    return found, trouble
+
+
+def problems(argv) -> list:
+    """Every problem in argv, one FlagError each (unknown flag, missing or bad value); empty when it is fine."""
+    return _scan(argv)[1]
+
+
+def owned(argv) -> list:
+    """A FlagError for each flag in argv that the gateway sets itself, saying why."""
+    return [FlagError(token, f"{token} is set by the gateway: {flag.owner}")
+            for flag, token, _ in _scan(argv)[0] if flag.owner]
+
+
+def _merged(old, new):
+    if isinstance(new, str):  # tensor overrides: one comma-separated list
+        return f"{old},{new}"
+    return old + new if isinstance(new, list) else old | new if isinstance(new, (dict, set)) else new
+
+
+def _collect(found):
+    strong, weak = {}, {}
+    for flag, token, value in found:
+        values = value if len(flag.fields) > 1 else (value,)
+        for field, one in zip(flag.fields, values):
+            if one is not None:
+                merge = flag.merge and field in strong
+                strong[field] = (_merged(strong[field][0], one) if merge else one, token)
+        for field, one in flag.weak:
+            weak[field] = (value if one is SAME else one, token)
+    return {**{field: pair for field, pair in weak.items() if field not in strong}, **strong}
+
+
+def _plan(argv):
+    found, trouble = _scan(argv)
+    if trouble:
+        raise trouble[0]
+    settled = _collect(item for item in found if not item[0].needs)
+    return _collect(item for item in found if not item[0].needs or settled.get(item[0].needs, (False,))[0])
+
+
+def plan(argv) -> dict:
+    """What argv sets: CommonParams field path -> value (Native for xllamacpp objects); raises the first FlagError."""
+    return {field: value for field, (value, _) in _plan(argv).items()}
+
+
+def _native(value, xllamacpp):
+    if isinstance(value, Native):
+        found = functools.reduce(getattr, value.path.split("."), xllamacpp)
+        return found if value.args is None else found(*value.args)
+    if isinstance(value, (list, set)):
+        return type(value)(_native(item, xllamacpp) for item in value)
+    return value
+
+
+def apply(params, argv):
+    """Set on xllamacpp CommonParams what argv asks, as llama-server would; raises FlagError naming the flag."""
+    import xllamacpp  # only here: the gateway checks flags without it
+
+    for field, (value, token) in _plan(argv).items():
+        *path, name = field.split(".")
+        try:
+            target = functools.reduce(getattr, path, params)
+            if isinstance(value, Padded):  # one entry per possible device
+                length = len(getattr(target, name))
+                if len(value.values) >= length:
+                    raise ValueError(f"more values than this build's {length - 1} devices")
+                value = list(value.values) + [0.0] * (length - len(value.values))
+            setattr(target, name, _native(value, xllamacpp))
+        except (ValueError, TypeError, AttributeError, OverflowError, AssertionError) as error:
+            # xllamacpp checks some values only here (a buffer type for -ot); an older build may lack a field
+            raise FlagError(token, f"{token}: llama.cpp refused it: {error}") from None
+    return params
+
+
+def command_line(argv, program="llama-server", *, windows=None) -> str:
+    """argv as one command line for display, quoted for this platform, secret values hidden."""
+    shown, hide = [], False
+    for token in (str(token) for token in argv):
+        shown.append("***" if hide else token)
+        flag = _lookup(token)[0]
+        hide = not hide and bool(flag and flag.secret and flag.parse)
+    words = ([program] if program else []) + shown
+    return subprocess.list2cmdline(words) if (os.name == "nt" if windows is None else windows) else shlex.join(words)

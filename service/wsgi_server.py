@@ -150,19 +150,28 @@ def stop_listening(server):
     done.wait(5)
 
 
+# After the last sockets are closed, how long the threads they freed get to end their requests (and log them).
+THREADS_END_S = 2.0
+
+
 def stop_server(server, timeout_s=5.0):
     """Stop a running server from another thread: let its threads finish and its output reach the clients (the
     app's close() runs before waitress writes a stream's last chunk), then close every socket in the loop's own
-    thread, so that run() returns."""
+    thread, so that run() returns, and give the threads that frees a moment to end their requests."""
     listener = _listeners(server)[0]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and (server.task_dispatcher.active_count or any(
             getattr(channel, "total_outbufs_len", 0) for channel in list(listener._map.values()))):
         time.sleep(0.01)
+    closed = threading.Event()
 
     def close_all():
         for channel in list(listener._map.values()):
-            channel.close()
+            # A connection as waitress closes one (handle_close): its client marked gone, and a thread blocked
+            # writing to it (a client that stopped reading) woken, to end its request with ClientDisconnected.
+            # Its plain close() leaves that thread waiting for ever, and the request never logged.
+            (channel.handle_close if isinstance(channel, HTTPChannel) else channel.close)()
+        closed.set()
 
     server.task_dispatcher.shutdown(timeout=timeout_s)
     try:
@@ -173,3 +182,12 @@ def stop_server(server, timeout_s=5.0):
         # at its next poll.
         log.warning("waitress's trigger was already closed at shutdown; closing its sockets directly")
         close_all()
+    closed.wait(timeout_s)
+    _wait_for_threads(server.task_dispatcher, THREADS_END_S)
+
+
+def _wait_for_threads(dispatcher, timeout_s):
+    """Wait until every waitress thread has ended (told to by shutdown()), at most timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while dispatcher.threads and time.monotonic() < deadline:
+        time.sleep(0.01)

@@ -8,7 +8,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from service.proxy.disconnect import CLIENT_LEFT, CLIENT_STALLED, DisconnectWatch, StallClock, UpstreamCall
+from service.errors import ShuttingDown
+from service.proxy.disconnect import (CLIENT_LEFT, CLIENT_STALLED, SHUTDOWN, DisconnectWatch, StallClock,
+                                     UpstreamCall)
+from service.proxy.upstream import Upstream
 from tests.fakes import SSE_HEAD, BrokenPeer, Clock, chunk
 from tests.processes import LONG, llama_metric, wait_processing
 
@@ -49,6 +52,26 @@ def test_watch_cuts_calls_whose_client_stalled_and_says_why():
         time.sleep(0.01)
     assert (stalled.aborted, left.aborted, reading.aborted) == (CLIENT_STALLED, CLIENT_LEFT, None)
     watch.unwatch(reading)
+
+
+def test_after_abort_all_a_new_call_is_cut_before_it_is_sent():
+    # The shutdown grace is over: a request that got a slot just then must send nothing upstream.
+    watch = DisconnectWatch(interval_s=0.01)
+    running = UpstreamCall()
+    watch.watch(running, lambda: False)
+    assert watch.abort_all() == 1 and running.aborted == SHUTDOWN
+    late = UpstreamCall()
+    watch.watch(late, lambda: False)
+    peer = BrokenPeer(wait_for_close)
+    upstream = Upstream({peer.url: 2}, timeouts={"chat": (5, 5)})
+    try:
+        with pytest.raises(ShuttingDown):
+            upstream.request("POST", CHAT, group="chat", body=b"{}", call=late)
+    finally:
+        watch.unwatch(late)
+        peer.close()
+        upstream.close()
+    assert late.aborted == SHUTDOWN and peer.requests == 0
 
 
 def test_stall_clock_counts_only_a_write_in_progress():

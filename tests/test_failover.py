@@ -170,7 +170,12 @@ def test_a_replica_that_cannot_take_requests_is_ejected_after_eject_after(make_a
         app = routed_app(make_app, {"chat": [bad_url, good.url_for("")]}, REPLICA_EJECT_AFTER="2",
                          REPLICA_COOLDOWN_S="60")
         client = app.test_client()
-        assert {chat(client).status_code for _ in range(6)} == {200}  # each failure moved to the good one
+        statuses = [chat(client).status_code for _ in range(6)]
+        if failure == "closed before any answer":
+            # It may have read the request and died on it: never sent to another replica, the client is told.
+            assert sorted(statuses) == [200] * 4 + [502] * 2
+        else:
+            assert set(statuses) == {200}  # each failure moved to the good one
     finally:
         peer.close()
     samples = replica_samples(app)

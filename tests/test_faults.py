@@ -1,13 +1,15 @@
 """Every upstream fault through the real waitress stack: the asserted answer, and (checked by the live_gateway
 fixture) every waitress thread back to idle afterwards."""
 import json
+import socket
 import threading
 
 import pytest
 import requests
 from werkzeug import Response
 
-from tests.fakes import COMPLETION, LOADING, SSE_HEAD, BrokenPeer, chunk, unused_port_url
+from tests.fakes import COMPLETION, LOADING, SSE_HEAD, BrokenPeer, chunk, read_request, unused_port_url
+from tests.metrics_helpers import scrape, value
 
 CHAT = "/v1/chat/completions"
 BODY = {"messages": [{"role": "user", "content": "hi"}]}
@@ -16,6 +18,21 @@ EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
 
 def refused(httpserver, release):
     return unused_port_url(), {}
+
+
+def dies_on_the_request(httpserver, release):
+    # A llama.cpp that reads the request and dies on it: its port closes, then the connection, with no answer;
+    # the retries are refused.
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def die():
+        conn, _ = listener.accept()
+        with conn:
+            read_request(conn)
+            listener.close()  # here: closed from another thread, a blocked accept() would go on listening
+
+    threading.Thread(target=die, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}", {}
 
 
 def hangs_before_headers(httpserver, release):
@@ -53,6 +70,7 @@ def client_error(httpserver, release):
 
 @pytest.mark.parametrize("fault, status, code", [
     (refused, 502, "upstream_unavailable"),
+    (dies_on_the_request, 502, "upstream_unavailable"),
     (hangs_before_headers, 504, "upstream_timeout"),
     (loading_then_ready, 200, None),
     (still_loading, 503, "upstream_unavailable"),
@@ -72,6 +90,17 @@ def test_non_streamed_faults(make_app, httpserver, live_gateway, fault, status, 
     if status != 200:
         error = response.json()["error"]
         assert error["code"] == code and error["message"]
+
+
+@pytest.mark.parametrize("fault, kind", [(refused, "refused"), (dies_on_the_request, "reset")])
+def test_a_request_llama_cpp_may_have_taken_is_counted_as_reset(make_app, httpserver, live_gateway, access_log,
+                                                                fault, kind):
+    # Judged by every try: the retry of a request llama.cpp died on is refused, but the request was sent.
+    app = make_app(fault(httpserver, None)[0])
+    response = requests.post(live_gateway(app) + CHAT, json=BODY, headers={"x-request-id": "dies"}, timeout=10)
+    assert response.status_code == 502
+    access_log.line("dies")  # its metrics are counted just before its line is written
+    assert value(scrape(app.test_client()), "gateway_upstream_errors_total", kind=kind) == 1
 
 
 def reset_mid_stream(peer, conn):

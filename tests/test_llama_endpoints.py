@@ -17,6 +17,9 @@ AUTH = {"Authorization": f"Bearer {TEAM_KEY}"}
 DOCUMENTS = ["the cat sat on the mat", "stock prices fell", "a kitten sleeps", "rain is forecast"]
 RERANK = {"model": "ranker", "query": "where is the cat", "documents": DOCUMENTS}
 RERANK_ROUTES = ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking")
+# A 1x1 PNG.
+PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5"
+         "ErkJggg==")
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +98,57 @@ def test_rerank_in_text_embeddings_inference_format_passes_as_llama_cpp_answers_
 
 
 @pytest.mark.llama
-def test_rerank_without_a_reranker_is_llama_cpps_501_in_the_envelope(make_app, live_gateway, llama):
+def test_rerank_without_a_reranker_is_llama_cpps_501_saying_what_to_set(make_app, live_gateway, llama):
     _, base = gateway(make_app, live_gateway, llama.url)
     with pytest.raises(openai.APIStatusError) as refused:
         openai_sdk(base).post("/rerank", body=RERANK, cast_to=object)
     assert refused.value.status_code == 501
-    body = refused.value.body  # llama.cpp's own 501, its message kept, in OpenAI's envelope
+    body = refused.value.body  # llama.cpp's own 501 in OpenAI's envelope, with the gateway's advice
     assert (body["type"], body["param"], body["code"]) == ("not_supported_error", None, None)
-    assert "does not support reranking" in body["message"] and set(body) == {"message", "type", "param", "code"}
+    assert set(body) == {"message", "type", "param", "code"}
+    assert body["message"].startswith("This model does not support reranking: ")
+    assert "MODEL_SETTINGS=<model>:rerank=on" in body["message"]
+    assert "Start it with" not in body["message"]  # llama.cpp's advice: a flag of its own binary
+
+
+@pytest.mark.llama
+def test_an_image_for_a_model_without_a_projector_is_a_400_saying_what_it_needs(make_app, live_gateway, llama):
+    _, base = gateway(make_app, live_gateway, llama.url)
+    content = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": PIXEL}}]
+    with pytest.raises(openai.BadRequestError) as refused:  # llama.cpp's 500: the client's input, not a failure
+        openai_sdk(base).chat.completions.create(model="any", max_tokens=1,
+                                                 messages=[{"role": "user", "content": content}])
+    assert refused.value.type == "invalid_request_error"
+    message = refused.value.body["message"]
+    assert message.startswith("This model cannot read image input: ") and "multimodal projector" in message
+    assert "LLAMA_SERVER_URL" in message and "provide the mmproj" not in message
+
+
+# What llama.cpp answers when a feature is off (this build's words, measured on the demo model), and what the
+# client gets instead: (llama.cpp's status, type and message; the client's status, type and words).
+ADVISED = [
+    (501, "not_supported_error", "This server does not support reranking. Start it with `--reranking`",
+     501, "not_supported_error", "MODEL_SETTINGS=<model>:rerank=on"),
+    (501, "not_supported_error", "This server does not support embeddings. Start it with `--embeddings`",
+     501, "not_supported_error", "LLAMA_EMBEDDINGS=on or MODEL_SETTINGS=<model>:embeddings=on"),
+    (500, "server_error", "audio input is not supported - hint: if this is unexpected, you may need to provide the "
+     "mmproj", 400, "invalid_request_error", "This model cannot read audio input: that needs a multimodal projector"),
+    (400, "invalid_request_error", "Multimodal data provided, but model does not support multimodal requests.",
+     400, "invalid_request_error", "This model cannot read images or audio: that needs a multimodal projector"),
+]
+
+
+@pytest.mark.parametrize("status, kind, said, client_status, client_kind, words", ADVISED)
+def test_llama_cpps_advice_to_pass_a_flag_becomes_what_to_set(make_app, live_gateway, httpserver, status, kind,
+                                                              said, client_status, client_kind, words):
+    httpserver.expect_request("/v1/embeddings").respond_with_json(
+        {"error": {"code": status, "message": said, "type": kind}}, status=status)
+    _, base = gateway(make_app, live_gateway, httpserver.url_for("").rstrip("/"))
+    response = post(base, "/v1/embeddings", {"input": "hi"})
+    error = response.json()["error"]
+    assert (response.status_code, error["type"]) == (client_status, client_kind)
+    assert words in error["message"] and "Start it with" not in error["message"]
+    assert "provide the mmproj" not in error["message"]
 
 
 @pytest.mark.parametrize("body, param", [

@@ -1,16 +1,32 @@
 """The fair queue's rules: slots first come first served while free, then round robin over clients (weights give
-more turns), per-client caps, timeouts, leaving clients, and each turn released once."""
+more turns), per-client caps, timeouts, leaving clients, and each turn released once; and at shutdown, every wait
+(a slot, a model's load) ended with 503 once the grace is over."""
 import threading
+import time
 
 import pytest
 
+from service.errors import ShuttingDown
+from service.llama.pool import ModelPool
+from service.llama.pooled_model import PooledModel
+from service.operations.lifecycle import Lifecycle
+from service.operations.request_log import RequestRecord
+from service.proxy.admission import Admission
+from service.proxy.disconnect import DisconnectWatch
 from service.proxy.scheduler import FairQueue, QueueFull, QueueTimeout, Scheduler, SlotCounts
-from tests.fakes import Clock
+from tests.fakes import Clock, FakeSupervisor
 
 
 def make_queue(slots=1, timeout_s=60.0, max_per_client=64, clock=None):
     return FairQueue("m", lambda: slots, timeout_s=timeout_s, max_per_client=max_per_client,
                      **({"clock": clock} if clock else {}))
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition never came true"
+        time.sleep(0.005)
 
 
 def served_order(queue, turns):
@@ -108,3 +124,109 @@ def test_unknown_slots_mean_no_limit_and_the_count_is_asked_once_there_is_concur
     second, third = scheduler.enter(route, "a"), scheduler.enter(route, "a")
     assert asked == ["http://r"] and second.granted and not third.granted
     assert route.replicas[0].slots == 2  # kept on the replica, for cache-aware placement
+
+
+# At shutdown: once the grace is over, a request still waiting (for its model, for a slot) ends with ShuttingDown,
+# and a slot freed by a cut call lets nobody through (service/proxy/admission.py, operations/lifecycle.py).
+
+def admission_for(queue, lifecycle, hold=None):
+    scheduler = type("OneQueue", (), {"enter": lambda self, route, client: queue.enter(client),
+                                      "observe_wait": lambda self, model, waited_s: None})()
+    return Admission(hold, scheduler, type("Route", (), {"name": "m"})(), "b",
+                     RequestRecord("r", "POST", "/v1/chat/completions", time.perf_counter()), None, lifecycle)
+
+
+def wait_in_thread(admission) -> list:
+    """Run admission.wait() in a thread; the list gets what it returned or raised."""
+    outcome = []
+
+    def wait():
+        try:
+            outcome.append(admission.wait())
+        except Exception as error:  # noqa: BLE001 - the test reads what it was
+            outcome.append(error)
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    outcome.append(thread)
+    return outcome
+
+
+def ended(outcome, timeout=5):
+    """What the waiting thread's admission.wait() gave, once it ended."""
+    outcome[0].join(timeout)
+    assert len(outcome) == 2, "the wait did not end"
+    return outcome[1]
+
+
+def test_a_request_waiting_for_a_slot_ends_with_503_when_the_grace_is_over():
+    queue, lifecycle = make_queue(slots=1), Lifecycle(DisconnectWatch())
+    holder = queue.enter("a")
+    outcome = wait_in_thread(admission_for(queue, lifecycle))
+    wait_until(lambda: queue.depth == 1)
+    lifecycle.cut = True
+    assert isinstance(ended(outcome), ShuttingDown)
+    assert queue.depth == 0  # out of the queue at once: the slot freed next is nobody's
+    holder.release()
+    assert queue.in_flight == 0
+
+
+def test_a_slot_freed_after_the_cut_lets_nobody_through():
+    # The holder's call is cut first and frees its slot, which the queue hands to the next: that one must not
+    # be sent upstream.
+    queue, lifecycle = make_queue(slots=1), Lifecycle(DisconnectWatch())
+    holder = queue.enter("a")
+    admission = admission_for(queue, lifecycle)
+    assert admission.wait(timeout=0) is False  # queued
+    lifecycle.cut = True
+    holder.release()
+    assert admission.turn.granted
+    with pytest.raises(ShuttingDown):
+        admission.wait()
+    admission.release()
+    assert queue.in_flight == 0
+
+
+def test_a_request_waiting_for_its_model_to_load_ends_with_503_when_the_grace_is_over():
+    supervisor = FakeSupervisor("http://a")
+    supervisor.gate = threading.Event()  # the load never ends on its own
+    pool = ModelPool([PooledModel("a", supervisor)], max_loaded=1, load_timeout_s=60)
+    pool.start()
+    route = type("Route", (), {"name": "a", "replicas": [type("Replica", (), {"url": "http://a"})()]})()
+    lifecycle = Lifecycle(DisconnectWatch())
+    admission = admission_for(make_queue(), lifecycle, hold=pool.claim(route))
+    outcome = wait_in_thread(admission)
+    wait_until(lambda: supervisor.starts == 1)
+    lifecycle.cut = True
+    try:
+        assert isinstance(ended(outcome), ShuttingDown)
+        admission.release()
+        assert pool.models["a"].waiting == 0
+    finally:
+        supervisor.gate.set()
+        pool.stop()
+
+
+def test_drain_ends_waiting_requests_and_waits_for_their_answers():
+    queue, watch = make_queue(slots=1), DisconnectWatch()
+    lifecycle = Lifecycle(watch)
+    holder = queue.enter("a")
+    lifecycle.begin()
+    admission = admission_for(queue, lifecycle)
+    answered = []
+
+    def request():
+        try:
+            admission.wait()
+        except ShuttingDown as error:
+            answered.append(error.status)
+        finally:
+            admission.release()
+            lifecycle.end()  # the policy's close, once the answer is sent
+
+    threading.Thread(target=request, daemon=True).start()
+    wait_until(lambda: queue.depth == 1)
+    lifecycle.drain(0.05)
+    # drain returns once the waiting request has answered (its log line written), not at its own timeout.
+    assert answered == [503] and lifecycle.in_flight == 0 and lifecycle.cut and watch.closed
+    holder.release()

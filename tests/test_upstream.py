@@ -1,6 +1,7 @@
 """Upstream calls: retries with backoff, per-route timeouts, and each failure mapped to its status."""
 import json
 import logging
+import socket
 import threading
 import time
 
@@ -9,7 +10,7 @@ from urllib3.exceptions import NewConnectionError
 from werkzeug import Response
 
 from service.proxy.disconnect import UpstreamCall
-from service.errors import ClientClosedRequest
+from service.errors import ClientClosedRequest, UpstreamUnavailable
 from service.proxy.upstream import Upstream, UpstreamRetry, make_retry
 from tests.clients import assert_openai_envelope
 from tests.fakes import COMPLETION, LOADING, BrokenPeer, read_request, unused_port_url
@@ -139,7 +140,8 @@ def logged_text(caplog) -> str:
 def test_a_500_quoting_the_request_tells_the_client_but_not_the_logs(fake_client, httpserver, caplog):
     caplog.set_level(logging.DEBUG)
     httpserver.expect_request(CHAT).respond_with_json(QUOTING_500, status=500)
-    error = assert_openai_envelope(fake_client.post(CHAT, json=BAD_TOOL_CALL), 502)
+    # Any body: the fake quotes the tool call whatever it is sent (the gateway's own schema refuses this one).
+    error = assert_openai_envelope(fake_client.post(CHAT, json=CHAT_BODY), 502)
     assert SECRET not in logged_text(caplog)
     assert SECRET in error["message"]  # llama.cpp's words are the client's own to read
     assert "HTTP 500 (server_error)" in logged_text(caplog)  # the operator still learns what failed
@@ -307,3 +309,51 @@ def test_a_call_cut_during_a_retry_backoff_sends_nothing_more(monkeypatch):
         peer.close()
         upstream.close()
     assert (peer.served, peer.requests) == (2, 1)  # the pooled connection outlived the cut call
+
+
+def _dies_on_its_first_request() -> str:
+    """The URL of a llama.cpp that reads one request and dies on it: its port closes, then the connection,
+    with no byte of answer. Later connections are refused."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def die():
+        conn, _ = listener.accept()
+        with conn:
+            read_request(conn)
+            listener.close()  # here, not from another thread: a close there would leave a blocked accept() listening
+
+    threading.Thread(target=die, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_a_request_llama_cpp_read_before_it_died_is_reset_though_the_retries_were_refused():
+    upstream = Upstream({_dies_on_its_first_request(): 2}, timeouts={"chat": (5, 5)}, backoff=0.01)
+    try:
+        with pytest.raises(UpstreamUnavailable) as failed:
+            _post(upstream)
+    finally:
+        upstream.close()
+    # The retry (a stale kept-alive connection looks the same) found the port closed ...
+    assert "closed before any answer" in failed.value.message and "connection refused" in failed.value.message
+    # ... but the verdict is by every try, not the last: llama.cpp had the request, so it is never sent again
+    # after a restart.
+    assert failed.value.kind == "reset"
+
+
+def test_after_a_try_llama_cpp_may_have_taken_there_is_one_retry_and_no_more():
+    # Closed before any answer, then a llama.cpp that is loading again (restarted after dying on this request?):
+    # another retry could reach it once loaded and run the request a second time, so its 503 is the answer.
+    def script(peer, conn):
+        if peer.requests > 1:
+            conn.sendall(_answer(503, LOADING))
+
+    peer = BrokenPeer(script)
+    upstream = Upstream({peer.url: 3}, timeouts={"chat": (5, 5)}, backoff=0.01)
+    try:
+        with pytest.raises(UpstreamUnavailable) as failed:
+            _post(upstream)
+    finally:
+        peer.close()
+        upstream.close()
+    assert (failed.value.status, failed.value.kind) == (503, "loading")
+    assert peer.requests == 2  # UPSTREAM_RETRIES=3 would have made it 4

@@ -1,11 +1,14 @@
 """The waitress server: its own errors in the client's envelope, and stopping it from another thread, even when
-waitress has already closed its trigger; ambiguous request framing refused."""
+waitress has already closed its trigger or a thread is blocked writing to a client that stopped reading; ambiguous
+request framing refused."""
 import json
 import socket
 import threading
+import time
 
 import pytest
 import requests
+from werkzeug import Response
 
 from service.wsgi_server import make_server, stop_server
 from tests.fakes import CHAT_ANSWER
@@ -22,6 +25,47 @@ def test_a_stop_that_finds_the_trigger_closed_still_ends_the_loop(make_app, http
     stop_server(server)
     loop.join(5)
     assert not loop.is_alive()
+
+
+def test_a_stop_frees_a_thread_blocked_writing_to_a_client_that_stopped_reading(make_app, httpserver, access_log):
+    # waitress blocks a write past outbuf_high_watermark until the client takes bytes. At shutdown the thread
+    # must be woken (the client marked gone), so that its request ends and is logged before the process exits.
+    stop = threading.Event()
+    event = b"data: " + json.dumps({"choices": [{"delta": {"content": "x" * 8000}}]}).encode() + b"\n\n"
+
+    def endless(request):
+        return Response((event for _ in range(100_000) if not stop.is_set()), content_type="text/event-stream")
+
+    httpserver.expect_request("/v1/chat/completions").respond_with_handler(endless)
+    # STREAM_STALL_TIMEOUT_S=0: the stall check never cuts it, only the stop can free its thread.
+    app = make_app(httpserver.url_for("").rstrip("/"), STREAM_STALL_TIMEOUT_S="0")
+    server = make_server(app, host="127.0.0.1", port=0, threads=2, max_body_bytes=4096,
+                         outbuf_high_watermark=64 * 1024)
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    body = b'{"stream": true, "messages": [{"role": "user", "content": "hi"}]}'
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # takes little, then nothing more
+    try:
+        client.connect(("127.0.0.1", int(server.effective_port)))
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"x-request-id: blocked\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 10
+        while not any(channel.total_outbufs_len > 64 * 1024 for channel in list(server.active_channels.values())):
+            assert time.monotonic() < deadline, "the stream never filled waitress's buffer"
+            time.sleep(0.01)
+        stop_server(server, timeout_s=0.2)
+        # Once stop_server returns, the thread has ended and its request is logged: the process may exit now.
+        assert not server.task_dispatcher.threads
+        line = access_log.by_id["blocked"]
+        assert line["status"] == 200 and line["path"] == "/v1/chat/completions"
+        loop.join(5)
+        assert not loop.is_alive()
+    finally:
+        stop.set()
+        client.close()
+        if loop.is_alive():
+            stop_server(server)
 
 
 def test_waitress_own_413_speaks_the_clients_family(make_app, httpserver, live_gateway):

@@ -1,6 +1,7 @@
 """What a request waits for before it is sent to llama.cpp: its local model's load (service/llama/pool.py), then
 its turn at one of the model's slots (scheduler.py). What it took is given back once, when its answer has been
-sent (the policy's close, service/policy/hooks.py)."""
+sent (the policy's close, service/policy/hooks.py). Once the shutdown grace is over (operations/lifecycle.py), every
+wait ends with ShuttingDown and no request is let through any more: a freed slot goes to nobody."""
 from flask import current_app, g, request
 
 from ..errors import ClientClosedRequest
@@ -9,19 +10,36 @@ from ..errors import ClientClosedRequest
 class Admission:
     """One request's claim on its model and its place in the model's queue."""
 
-    def __init__(self, hold, scheduler, route, client, record, gone):
+    def __init__(self, hold, scheduler, route, client, record, client_gone, lifecycle=None):
         self.hold = hold  # the pool's Hold, or None where the gateway does not run the model
         self.turn = None  # the scheduler's Turn, taken once the model is loaded
         self._scheduler = scheduler  # None: no queue (SCHEDULER=fifo, or a call that takes no slot)
         self._route = route
         self._client = client
         self._record = record
-        self.gone = gone  # gone() -> True once the client has left (waitress tells), or None
+        self._client_gone = client_gone  # True once the client has left (waitress tells), or None
+        self._lifecycle = lifecycle  # the gateway's Lifecycle, which says when the shutdown grace is over
+
+    def gone(self) -> bool:
+        """True once the client has left (where waitress can tell). Raise ShuttingDown once the shutdown grace is
+        over: every wait that asks (the model's load or restart, the queue; each asks every quarter second) ends
+        there."""
+        if self._lifecycle is not None:
+            self._lifecycle.refuse_if_cut()
+        return self._client_gone is not None and self._client_gone()
 
     def wait(self, timeout=None) -> bool:
         """Wait up to timeout (None: as long as the load and the queue allow) for the model, then for a slot;
-        True once both are had. Raise what the pool or the queue raise (503, 429), or ClientClosedRequest if
-        the client left while queued."""
+        True once both are had. Raise what the pool or the queue raise (503, 429), ClientClosedRequest if
+        the client left while queued, ShuttingDown once the shutdown grace is over."""
+        if not self._wait(timeout):
+            return False
+        if self._lifecycle is not None:
+            # A slot freed by a call the shutdown cut goes to the next in the queue: it is not sent upstream.
+            self._lifecycle.refuse_if_cut()
+        return True
+
+    def _wait(self, timeout) -> bool:
         if self.hold is not None and not self.hold.wait(timeout, self.gone):
             return False
         if self.turn is None:
@@ -56,5 +74,6 @@ def admit(route, takes_slot=True) -> Admission:
     scheduler = current_app.extensions.get("scheduler") if takes_slot else None
     record = g.record
     g.admission = admission = Admission(hold, scheduler, route, record.client_id or "anonymous", record,
-                                        request.environ.get("waitress.client_disconnected"))
+                                        request.environ.get("waitress.client_disconnected"),
+                                        current_app.extensions.get("lifecycle"))
     return admission

@@ -39,6 +39,9 @@ class UpstreamCall:
     def __init__(self):
         self.sock = None  # the socket carrying it, once the request is sent; None between connections
         self.aborted = None  # why it was cut: CLIENT_LEFT, CLIENT_STALLED or SHUTDOWN
+        # How its first failed try that llama.cpp may have taken ended (upstream.UpstreamRetry notes it): urllib3
+        # reports only the last failure, and a retry refused by a dead port must not make it look never sent.
+        self.reached = None
         self._lock = threading.Lock()
 
     def __enter__(self):
@@ -113,13 +116,18 @@ class DisconnectWatch:
 
     def __init__(self, interval_s=0.25):
         self.interval = interval_s
+        self.closed = False  # the shutdown grace is over: every call is cut, those made from now on at once
         self._watched = {}
         self._lock = threading.Lock()
         self._thread = None
 
     def watch(self, call: UpstreamCall, client_gone=None, stalled=None) -> None:
-        """Track call until unwatch(call), and cut it when client_gone() or stalled() (each if given) turns true."""
+        """Track call until unwatch(call), and cut it when client_gone() or stalled() (each if given) turns true;
+        once closed (shutdown), cut it at once, so that it sends nothing upstream."""
         with self._lock:
+            if self.closed:
+                call.abort(SHUTDOWN)
+                return
             self._watched[call] = (client_gone, stalled)
             if self._thread is None:
                 # Started on first use, not when the app is built: nothing runs until there is work.
@@ -147,8 +155,10 @@ class DisconnectWatch:
                     close_client_connection(client_gone)
 
     def abort_all(self) -> int:
-        """Cut every call in flight (the shutdown grace is over); return how many."""
+        """Cut every call in flight (the shutdown grace is over), and every call watched from now on; return how
+        many were in flight."""
         with self._lock:
+            self.closed = True
             calls = list(self._watched)
         for call in calls:
             call.abort(SHUTDOWN)

@@ -203,17 +203,19 @@ def _count_failovers(record, failovers):
 
 def fails_over(error: UpstreamError) -> bool:
     """True when the replica never took the request: no connection, or a 502/503 instead of an answer."""
-    if error.upstream_status is not None:
-        return error.upstream_status in FAILOVER_STATUSES
-    return isinstance(error, UpstreamUnavailable)
+    # A connection closed before any answer may have been closed by a llama.cpp that read the request and died on
+    # it: sent elsewhere, the same prompt could take that replica down too (upstream.py retries a stale one once).
+    return shows_unwell(error) and getattr(error, "kind", None) != "reset"
 
 
 def shows_unwell(error: UpstreamError) -> bool:
-    """True when a failure says the replica itself is unwell: it never took the request (no connection, closed
-    before any answer, a 502/503). A replica that took the request and then failed on it (a 500) or took too
-    long (a read timeout) may have been given a request that would fail anywhere: one client's bad input must
-    not take a model's replicas out of rotation."""
-    return fails_over(error)
+    """True when a failure says the replica itself is unwell: no connection, closed before any answer, a
+    502/503. A replica that took the request and then failed on it (a 500) or took too long (a read timeout) may
+    have been given a request that would fail anywhere: one client's bad input must not take a model's replicas
+    out of rotation."""
+    if error.upstream_status is not None:
+        return error.upstream_status in FAILOVER_STATUSES
+    return isinstance(error, UpstreamUnavailable)
 
 
 class Router:

@@ -61,7 +61,7 @@ class Turn:
 
     def wait(self, timeout, gone=None) -> bool:
         """Wait up to timeout for a slot; True once granted. Raise QueueTimeout past the queue's own timeout, and
-        leave the queue (False) if gone() says the client left."""
+        leave the queue (False) if gone() says the client left, or raising what gone() raises (ShuttingDown)."""
         return self.queue._wait(self, timeout, gone)
 
     def release(self):
@@ -159,11 +159,22 @@ class FairQueue:
                     raise QueueTimeout(self.name, self.timeout)
                 if now >= limit:
                     return False
-                if gone is not None and gone():
-                    self._leave(turn)
+                if gone is not None and self._asks_gone(turn, gone):
                     return False
                 self._changed.wait(min(GONE_CHECK_S, limit - now))
             return True
+
+    def _asks_gone(self, turn, gone) -> bool:
+        """gone(), the turn out of its queue if the client left, or if gone() raised (the gateway is stopping):
+        a turn nobody waits on must never be granted a slot (under the lock)."""
+        try:
+            left = gone()
+        except BaseException:
+            self._leave(turn)
+            raise
+        if left:
+            self._leave(turn)
+        return left
 
     def _leave(self, turn):
         """Take a waiting turn out of its queue (under the lock)."""

@@ -4,6 +4,7 @@ Every failure of the upstream is translated into the gateway's own exceptions he
 """
 import http.client
 import json
+import re
 import time
 
 import requests
@@ -11,7 +12,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 from urllib3.exceptions import HTTPError as Urllib3Error
-from urllib3.exceptions import ProtocolError, ReadTimeoutError
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ProtocolError, ReadTimeoutError, ResponseError
 from urllib3.util.retry import Retry
 
 from ..converters import public_url
@@ -25,22 +26,55 @@ STREAM_READ_BYTES = 64 * 1024
 # llama.cpp's error types that have an OpenAI error code of their own.
 UPSTREAM_ERROR_CODES = {"exceed_context_size_error": "context_length_exceeded"}
 
+# llama.cpp's advice names flags of its own binary, which a user of the gateway cannot pass to the models it
+# runs: (llama.cpp's words, from the start of its message: a message can quote the request; what to set instead,
+# {0} the words' first group; the status and type the client gets, None keeping llama.cpp's).
+_OWN_SERVER = "a llama-server of your own (LLAMA_SERVER_URL, MODEL_UPSTREAMS) needs"
+_PROJECTOR = ("that needs a multimodal projector (llama.cpp's mmproj file) beside the model, which the gateway "
+              "cannot give the models it runs yet; serve this model from a llama-server of your own started with "
+              "--mmproj, and set LLAMA_SERVER_URL or MODEL_UPSTREAMS to it")
+UPSTREAM_HINTS = (
+    (re.compile(r"^This server does not support reranking"),
+     "This model does not support reranking: for a model the gateway runs, set MODEL_SETTINGS=<model>:rerank=on "
+     f"(or serve a reranker, whose GGUF says pooling type rank); {_OWN_SERVER} --reranking", None, None),
+    (re.compile(r"^This server does not support embeddings"),
+     "This model does not serve embeddings: for a model the gateway runs, set LLAMA_EMBEDDINGS=on or "
+     f"MODEL_SETTINGS=<model>:embeddings=on; {_OWN_SERVER} --embeddings", None, None),
+    # A 500 from llama.cpp, but the request is what this model cannot take.
+    (re.compile(r"^(image|audio) input is not supported"),
+     f"This model cannot read {{0}} input: {_PROJECTOR}", 400, "invalid_request_error"),
+    (re.compile(r"^Multimodal data provided, but model does not support"),
+     f"This model cannot read images or audio: {_PROJECTOR}", 400, "invalid_request_error"),
+)
+
 
 class UpstreamRetry(Retry):
-    """urllib3's Retry, with three changes for llama-server.
+    """urllib3's Retry, with four changes for llama-server.
 
-    A connection closed before any byte of an answer (a kept-alive connection the server had just dropped)
-    counts as a connect failure, so it is retried: the server never took that request. A call cut because
-    its client left (or the gateway is stopping) is never retried. And an upstream's Retry-After never waits
-    longer than backoff_max.
+    A connection closed before any byte of an answer counts as a connect failure, so it is retried: most often
+    a kept-alive connection the server had just dropped, which never took the request. But a llama.cpp that read
+    the request and died looks the same, so the call remembers that try (UpstreamCall.reached) for its verdict,
+    and gets one more try and no more: a retry that lands on a restarted llama.cpp would run it again. A call
+    cut because its client left (or the gateway is stopping) is never retried. And an upstream's Retry-After
+    never waits longer than backoff_max.
     """
 
-    def increment(self, *args, **kwargs):
-        """Count a failure as urllib3 does, but never retry a call cut because its client left."""
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):
+        """Count a failure as urllib3 does, but never retry a call cut because its client left, and stop after
+        the one retry of a try that llama.cpp may have taken."""
         call = current_call()
-        if call is not None and call.aborted:
+        if call is None:
+            return super().increment(method, url, response, error, _pool, _stacktrace)
+        if call.aborted:
             raise ClientGone()
-        return super().increment(*args, **kwargs)
+        reached_before = call.reached
+        if error is not None and not reached_before and not isinstance(error, ConnectTimeoutError):
+            call.reached = describe_connection_error(error)  # it connected (refused is a ConnectTimeoutError too)
+        retry = super().increment(method, url, response, error, _pool, _stacktrace)  # raises where urllib3 would
+        if reached_before:
+            # Where urllib3 would try again: not this time. An answer (a 503) is then handed back as it is.
+            raise MaxRetryError(_pool, url, error or ResponseError(f"HTTP {response.status}")) from error
+        return retry
 
     def _is_connection_error(self, err):
         closed_unanswered = isinstance(err, ProtocolError) and any(
@@ -163,8 +197,9 @@ class Upstream:
         connect_timeout, read_timeout = self.timeouts[group]
         prepared = self._prepared(method, base_url + path, stream, body, headers)
         started = time.perf_counter()
+        tracked = call or UpstreamCall()  # its tries are judged together, the failed ones by UpstreamRetry
         try:
-            with call or UpstreamCall():
+            with tracked:
                 # Redirects are never followed: a llama-server does not send them, and no call may go elsewhere.
                 response = self.session.send(prepared, stream=stream, timeout=(connect_timeout, read_timeout),
                                              allow_redirects=False)
@@ -176,7 +211,7 @@ class Upstream:
             if record is not None:
                 # Only connection failures are retried, and they surface only once every retry has failed.
                 record.retries = self.retries[base_url] if isinstance(error, requests.ConnectionError) else 0
-            raise _translate(error, base_url, path, connect_timeout, read_timeout) from None
+            raise _translate(error, base_url, path, connect_timeout, read_timeout, tracked.reached) from None
         finally:
             if record is not None:
                 record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
@@ -240,40 +275,54 @@ class Upstream:
             raise _cut(call)
 
 
-def _translate(error, base_url, path, connect_timeout, read_timeout) -> UpstreamError:
-    """Translate a requests exception into the gateway's own."""
+def _translate(error, base_url, path, connect_timeout, read_timeout, reached=None) -> UpstreamError:
+    """Translate a requests exception into the gateway's own. reached: how an earlier try that llama.cpp may
+    have taken ended (urllib3 reports only the last try, which may well be refused by the port it died on)."""
     shown = public_url(base_url)
     if isinstance(error, requests.ConnectTimeout):
-        return UpstreamUnavailable(f"llama-server at {shown} did not accept a connection within {connect_timeout:g} s",
-                                   kind="connect_timeout")
-    if isinstance(error, requests.ReadTimeout):
+        words, kind = f"no connection within {connect_timeout:g} s", "connect_timeout"
+    elif isinstance(error, requests.ReadTimeout):
         return UpstreamTimeout(f"llama-server did not answer {path} within {read_timeout:g} s")
-    if isinstance(error, requests.ConnectionError):
+    elif isinstance(error, requests.ConnectionError):
         words = describe_connection_error(error)
-        # Refused, or closed before any answer: the request never reached llama.cpp. Else it may have.
+        # Refused: that try never reached llama.cpp. Anything else (closed before any answer too) may have.
         kind = "refused" if words in NEVER_REACHED else "reset"
-        return UpstreamUnavailable(f"could not reach llama-server at {shown}: {words}", kind=kind)
-    return UpstreamBadResponse(f"llama-server's answer to {path} was cut off or malformed: {type(error).__name__}")
+    else:
+        return UpstreamBadResponse(f"llama-server's answer to {path} was cut off or malformed: {type(error).__name__}")
+    if reached and reached != words:
+        # Judged by every try: one that llama.cpp may have taken (and died of) makes the call one that it may have.
+        words, kind = f"{reached}, then {words}", "reset"
+    return UpstreamUnavailable(f"could not reach llama-server at {shown}: {words}", kind=kind)
 
 
 def _status_error(response, path) -> UpstreamError:
     """Translate an upstream error answer into the exception the client should see."""
-    status = response.status_code
     message, upstream_type = _upstream_error_message(response)
     response.close()
+    status, message, upstream_type = _advised(response.status_code, message, upstream_type)
     if status == 503:
         retry_after = response.headers.get("Retry-After") or "1"
         return UpstreamUnavailable(f"llama-server cannot serve yet: {message}", status=503, kind="loading",
                                    headers={"Retry-After": retry_after}, upstream_status=status)
     if 400 <= status < 500 or status == 501:
         return UpstreamRejected(message, status=status, type=_client_error_type(upstream_type),
-                                code=UPSTREAM_ERROR_CODES.get(upstream_type), upstream_status=status)
+                                code=UPSTREAM_ERROR_CODES.get(upstream_type), upstream_status=response.status_code)
     # A 5xx message is logged (errors.handle_api_error, a replica's ejection), and llama.cpp's 500s can quote the
     # request: a malformed tool call whole (common_chat_msgs_parse_oaicompat), the whole tools array
     # (common_chat_tools_parse_oaicompat). So llama.cpp's own words go to the client only, as the detail.
     said = _describe(response, upstream_type)
     return UpstreamBadResponse(f"llama-server answered {path} with HTTP {status} ({said})", kind="5xx",
                                upstream_status=status, detail=message)
+
+
+def _advised(status, message, upstream_type) -> tuple:
+    """(status, message, type) for the client: the gateway's advice (which quotes nothing of the request) in place
+    of llama.cpp's where that names a flag of its own binary, else llama.cpp's own."""
+    for words, advice, advised_status, advised_type in UPSTREAM_HINTS:
+        found = words.search(message)
+        if found:
+            return advised_status or status, advice.format(*found.groups()), advised_type or upstream_type
+    return status, message, upstream_type
 
 
 def _cut(call):

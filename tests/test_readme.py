@@ -1,5 +1,6 @@
 """The README and docs/ as written: the first commands, the curl examples (bash and PowerShell) against a real
-llama.cpp, the model names they promise, the generated settings table, and every relative link."""
+llama.cpp, the model names they promise, the generated settings table, every models file they show (each one
+read as bin/serve reads it), the flag list, and every relative link."""
 import glob
 import json
 import os
@@ -176,3 +177,86 @@ def test_relative_links_lead_to_a_file_and_heading(document):
 def test_readme_leads_to_every_doc():
     linked = {os.path.normpath(target.partition("#")[0]) for target in relative_links(read("README.md"))}
     assert set(DOCUMENTS[1:]) | {"BENCHMARKS.md", os.path.join("docs", "ui.png")} <= linked
+
+
+# -- the models files the docs show ------------------------------------------------------------------------------
+
+EXAMPLES = sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "examples", "*.toml")))
+MODELS_FILE_DOC = os.path.join("docs", "models-file.md")
+LOCAL_FILE_KEYS = ("source", "draft", "mmproj")  # the keys that may name a file beside the models file
+
+
+def toml_blocks() -> list:
+    """(document, text) of every TOML block of the README and docs/: each one is a whole models file."""
+    return [(document, block) for document in DOCUMENTS for block in code_blocks(read(document), "toml")]
+
+
+def check_args(args) -> list:
+    """What bin/serve refuses in a model's args: flags the table does not know, bad values, flags it sets itself."""
+    from service.llama import flags
+
+    return [str(problem) for problem in flags.problems(args) + flags.owned(args)]
+
+
+def read_as_bin_serve_would(text: str, folder) -> list:
+    """The specs of a models file's text, saved as folder/models.toml beside an empty stand-in for each local
+    file it names: the docs name hf: models, or files relative to the models file, never this machine's."""
+    from service.models.models_file import read_models_file, tomllib
+
+    for table in tomllib.loads(text).get("models", {}).values():
+        for key in LOCAL_FILE_KEYS:
+            value = table.get(key, "none")
+            if not value.startswith("hf:") and value not in ("auto", "none"):
+                assert not os.path.isabs(os.path.expanduser(value)), f"{key} = {value!r}: a path of one machine"
+                os.makedirs(os.path.dirname(os.path.join(folder, value)), exist_ok=True)
+                open(os.path.join(folder, value), "wb").close()
+    path = os.path.join(folder, "models.toml")
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(text)
+    return read_models_file(path, check_args=check_args)
+
+
+def test_the_docs_show_models_files():
+    # The parse test below would pass on docs with none: the models file page, its two examples and the README's
+    # short one, and the two translations.
+    shown = [document for document, _ in toml_blocks()]
+    assert shown.count(MODELS_FILE_DOC) >= 3 and "README.md" in shown
+    assert shown.count(os.path.join("docs", "from-llama-swap.md")) == 2
+    assert EXAMPLES == [os.path.join("docs", "examples", "cpu.toml"), os.path.join("docs", "examples", "gpu.toml")]
+
+
+@pytest.mark.parametrize("index", range(len(toml_blocks())))
+def test_every_models_file_shown_is_read_as_written(index, tmp_path):
+    document, text = toml_blocks()[index]
+    specs = read_as_bin_serve_would(text, tmp_path)  # raises ModelsFileError, every problem with its line
+    assert [spec.id for spec in specs] == re.findall(r"^\[models\.([\w-]+)\]", text, flags=re.M), document
+
+
+@pytest.mark.parametrize("example", EXAMPLES)
+def test_each_example_file_is_the_one_the_docs_show(example):
+    # The files are there to be copied; the page shows them whole, so neither can drift from the other.
+    assert read(example) in code_blocks(read(MODELS_FILE_DOC), "toml")
+
+
+def test_the_examples_use_what_they_are_there_to_show(tmp_path):
+    specs = {os.path.basename(path): {spec.id: spec for spec in read_as_bin_serve_would(read(path), tmp_path)}
+             for path in EXAMPLES}
+    gpu = specs["gpu.toml"]
+    assert any(spec.mmproj == "auto" for spec in gpu.values())
+    assert any(spec.draft for spec in gpu.values())
+    assert any("--n-cpu-moe" in spec.args for spec in gpu.values())
+    assert any(spec.limits.max_tokens and spec.defaults for spec in specs["cpu.toml"].values())
+
+
+def _flag_spans(paragraph: str) -> set:
+    return set(re.findall(r"`(--[a-z-]+)`", paragraph))
+
+
+def test_the_flag_list_is_the_table():
+    from service.llama.flags import FLAGS
+
+    text = " ".join(read(MODELS_FILE_DOC).split())
+    listed = re.search(r"The flags the embedded llama\.cpp knows \(.*?\): (.*?)\. ", text).group(1)
+    refused = re.search(r"Flags the gateway sets itself are refused in `args`(.*?)\. ", text).group(1)
+    assert _flag_spans(listed) == {flag.names[0] for flag in FLAGS if not flag.owner}
+    assert _flag_spans(refused) == {flag.names[0] for flag in FLAGS if flag.owner}

@@ -8,17 +8,19 @@ A request holds its model (a Hold) from the moment it names it until its answer 
 never unloaded, and "draining" (chosen to make room) takes no new requests, so that a model waiting for room is
 never starved by a busy one. A load that fails leaves the model "failed" until a backoff has passed.
 A loaded model whose llama.cpp dies is restarted by its supervisor; requests that arrive meanwhile wait for it.
+A reload adds, removes, replaces or updates models while the pool runs (pool_changes.py), through these states.
 """
 import logging
 import threading
 import time
 
 from ..errors import ClientClosedRequest
+from ..models.errors import LlamaStartError
 from .pooled_model import (DRAINING, FAILED, LOAD_RETRY_MAX_S, LOAD_RETRY_S, LOADED, LOADING, UNLOADED,
-                           UNLOADING, Hold, ModelEvent, ModelLoadFailed, ModelLoadTimeout, load_failure,
-                           start_together)
+                           UNLOADING, Hold, ModelEvent, ModelLoadFailed, ModelLoadTimeout, ModelRemoved,
+                           load_failure, start_together)
+from .pool_changes import LiveChanges
 from .room import Room
-from .supervisor import LlamaStartError
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +32,14 @@ GONE_CHECK_S = 0.25
 IDLE_CHECK_S = 1.0
 
 
-class ModelPool:
+class ModelPool(LiveChanges):
     """The local models, loaded and unloaded on demand within MODELS_MAX_LOADED and MODELS_MEMORY_MIB."""
 
     def __init__(self, models, *, max_loaded=0, memory_mib=None, load_timeout_s=300.0, clock=time.monotonic):
-        self.models = {model.name: model for model in models}
-        self.by_url = {model.supervisor.url: model for model in models}
+        self.models = {}
+        self.by_url = {}
+        self._retiring = []  # models a reload removed, until their llama.cpp has stopped: they still hold room
+        self._started = False
         self.max_loaded = max_loaded
         self.memory_mib = memory_mib
         self.room = Room(max_loaded, memory_mib)
@@ -47,13 +51,7 @@ class ModelPool:
         self._reaper = None
         self._workers = set()  # the load and unload threads (stop() waits for them)
         for model in models:
-            model.supervisor.on_state = lambda state, detail, model=model: self._supervisor_said(model, state, detail)
-            if memory_mib and model.need_mib and model.need_mib > memory_mib:
-                model.state, model.retry_at = FAILED, float("inf")
-                model.failure = (f"it needs about {model.need_mib:,.0f} MiB (weights, KV cache, prompt cache), "
-                                 f"more than MODELS_MEMORY_MIB={memory_mib}")
-                log.warning("model too large for the memory budget", extra={"fields": {
-                    "model": model.name, "need_mib": round(model.need_mib), "budget_mib": memory_mib}})
+            self._join(model)
 
     # -- what the gateway asks -------------------------------------------------------------------------------
 
@@ -77,6 +75,8 @@ class ModelPool:
             return None
         with self._changed:
             now = self.clock()
+            if model.removed:
+                raise ModelRemoved(model.name)  # its route was looked up just before a reload removed it
             if model.state == FAILED and now < model.retry_at:
                 raise ModelLoadFailed(model.name, model.failure, model.retry_at - now)
             hold = Hold(self, model, model.failed_loads, now + self.load_timeout)
@@ -90,44 +90,6 @@ class ModelPool:
                 self._plan()
         return hold
 
-    def load(self, name, reason="admin"):
-        """Load a model (if it is not) and wait for it; return its status. Raise as Hold.wait does."""
-        model = self.models[name]
-        with self._changed:
-            if model.state == FAILED:
-                if model.retry_at == float("inf"):  # it can never fit, or its supervisor is retrying on its own
-                    raise ModelLoadFailed(model.name, model.failure, LOAD_RETRY_MAX_S)
-                model.retry_at = self.clock()  # an operator's load tries at once
-            hold = Hold(self, model, model.failed_loads, self.clock() + self.load_timeout)
-            model.waiting += 1
-            self._want(model, reason)
-            self._plan()
-        try:
-            hold.wait()
-        finally:
-            hold.release()
-        return model.status
-
-    def unload(self, name, reason="admin"):
-        """Unload a model once its requests have ended (new ones wait for it to load again); return its status,
-        draining or unloading when that has not ended within LLAMA_STARTUP_TIMEOUT_S (it goes on)."""
-        model = self.models[name]
-        with self._changed:
-            deadline = self.clock() + self.load_timeout
-            while model.state == LOADING and self._changed.wait(max(0.0, deadline - self.clock())):
-                pass  # an unload asked for while loading happens once loaded
-            if model.state == LOADED or (model.state == FAILED and model.restarting):
-                self._drain(model, reason)  # a failed restart too: its supervisor stops trying
-                self._plan()
-            elif model.state == DRAINING:
-                # It drains to make room for a request that may yet give up (and would have it serve again): the
-                # unload is now the admin's, and happens once its requests have ended whatever that request does.
-                model.unload_reason = reason
-            while model.state in (DRAINING, UNLOADING) and self._changed.wait(max(0.0, deadline - self.clock())):
-                pass
-            # Clients see a draining model as loaded; the admin who asked for its unload is told it is on its way.
-            return model.state if model.state in (DRAINING, UNLOADING) else model.status
-
     def statuses(self) -> dict:
         """Each model's status: loaded, loading, unloaded or failed."""
         with self._changed:
@@ -138,10 +100,8 @@ class ModelPool:
     def start(self):
         """Load the models that are loaded at start (all of them without MODELS_MAX_LOADED, else those with
         preload=on) side by side and wait for them; raise LlamaStartError if one fails. Then watch for idle ones."""
-        # With a limit (a count or a memory budget), only preloaded models load at start.
-        on_demand = self.max_loaded or self.memory_mib
         first = [model for model in self.models.values() if model.state != FAILED
-                 and (model.preload or not on_demand)]
+                 and (model.preload or not self._on_demand())]
         if self.max_loaded and len(first) > self.max_loaded:
             raise LlamaStartError(f"{len(first)} models have preload=on, more than MODELS_MAX_LOADED="
                                   f"{self.max_loaded}")
@@ -154,29 +114,29 @@ class ModelPool:
         with self._changed:
             for model in first:
                 model.state, model.last_used = LOADED, self.clock()
+            self._started = True
         for model in first:
             self._emit(ModelEvent("load", model.name, "preload", self.clock() - started))
-        if any(self._ttl(model) for model in self.models.values()):
-            self._reaper = threading.Thread(target=self._reap_idle, name="model-idle-check", daemon=True)
-            self._reaper.start()
+        self._watch_idle()
         return self
 
     def stop(self):
         """Stop every llama.cpp (a load under way included) and the idle check."""
         self._stopping.set()
         with self._changed:
-            for model in self.models.values():
+            models = self._everyone()
+            for model in models:
                 model.state = UNLOADED
             self._changed.notify_all()
-        for model in self.models.values():
+        for model in models:
             model.supervisor.stop()
         # A load that began just before may have started its llama.cpp after the stop above: wait, stop again.
         with self._changed:
             workers = list(self._workers)
         for worker in workers:
             worker.join(10)
-        for model in self.models.values():
-            model.supervisor.stop()
+        for model in models:
+            model.supervisor.stop()  # a replaced model's new supervisor included
 
     # -- the state machine, under the lock -------------------------------------------------------------------
 
@@ -187,6 +147,9 @@ class ModelPool:
             while not hold.running:
                 if hold.released:
                     raise RuntimeError("waiting on a released hold")
+                if model.removed:
+                    self._let_go(hold)
+                    raise ModelRemoved(model.name)
                 if model.state == LOADED:
                     model.waiting -= 1
                     model.running += 1
@@ -261,23 +224,23 @@ class ModelPool:
         if not wanted:
             self._undrain()
         for model in wanted:
-            shortfall = self.room.shortfall(model, self.models.values())
+            shortfall = self.room.shortfall(model, self._everyone())
             if shortfall is None:
                 self._begin(model, LOADING, self._load_now, model.wanted_by or "request")
                 continue
             self._make_room(model, *shortfall)
             break
-        for model in self.models.values():
+        for model in self._everyone():
             if model.state == DRAINING and model.running == 0:
                 self._begin(model, UNLOADING, self._unload_now, model.unload_reason)
 
     def _make_room(self, model, extra_models, extra_mib):
         """Drain the models chosen to make room (room.py); refuse the model at once when nothing could."""
-        if self.room.never_fits(model, self.models.values()):
+        if self.room.never_fits(model, self._everyone()):
             self._refuse(model, "no room beside the pinned models (MODEL_SETTINGS pin=on); raise MODELS_MAX_LOADED "
                                 "or MODELS_MEMORY_MIB")
             return
-        victims, reason = self.room.victims(self.models.values(), extra_models, extra_mib)
+        victims, reason = self.room.victims(self._everyone(), extra_models, extra_mib)
         for victim in victims:
             self._drain(victim, reason)
 
@@ -285,6 +248,9 @@ class ModelPool:
         """Models chosen to make room that nobody needs any more (its requester gave up): back to serving."""
         for model in self.models.values():
             if model.state == DRAINING and model.unload_reason in ("lru", "memory") and not model.restarting:
+                if model.pending is not None:
+                    model.unload_reason = "reload"  # replaced meanwhile: it serves again on its new llama.cpp
+                    continue
                 model.state, model.unload_reason = LOADED, None
                 self._changed.notify_all()  # requests that came meanwhile wait for it
 
@@ -322,6 +288,8 @@ class ModelPool:
             self._workers.discard(threading.current_thread())
             if self._stopping.is_set():
                 model.state = UNLOADED
+            elif model.removed or model.pending is not None:
+                self._loaded_meanwhile(model, error is None)
             elif error is None:
                 model.state, model.last_used, model.failures_in_row = LOADED, self.clock(), 0
             else:
@@ -340,15 +308,19 @@ class ModelPool:
         with self._changed:
             self._workers.discard(threading.current_thread())
             model.state, model.unload_reason, model.restarting, model.retry_at = UNLOADED, None, False, 0.0
-            # Requests came for it while it drained: load it again.
-            model.wanted_since, model.wanted_by = (self.clock(), "request") if model.waiting else (None, None)
+            self._after_unload(model, reason)  # forgotten, replaced, or loaded again for requests that came
             self._plan()
             self._changed.notify_all()
         self._emit(ModelEvent("unload", model.name, reason, self.clock() - started))
 
-    def _supervisor_said(self, model, state, detail):
+    def _listen(self, model, supervisor):
+        supervisor.on_state = lambda state, detail: self._supervisor_said(model, state, detail, supervisor)
+
+    def _supervisor_said(self, model, state, detail, supervisor):
         """A supervisor's word on a llama.cpp that died: "restarting", then "ready" or "failed"."""
         with self._changed:
+            if supervisor is not model.supervisor:
+                return  # one a reload replaced, stopped late: its llama.cpp is no longer the model's
             if state == "restarting" and model.state in (LOADED, DRAINING):
                 model.restarting = True  # a model draining goes on to its unload, which ends the restarts
                 if model.state == LOADED:
@@ -369,9 +341,29 @@ class ModelPool:
     def _ttl(self, model) -> float:
         return 0.0 if model.pinned else model.ttl_s
 
+    def _on_demand(self) -> bool:
+        # With a limit (a count or a memory budget), only preloaded models load at start (or when added).
+        return bool(self.max_loaded or self.memory_mib)
+
+    def _everyone(self) -> list:
+        """The models that may hold a llama.cpp: the pool's, and those a reload removed that have yet to stop."""
+        return [*self.models.values(), *self._retiring]
+
+    def _watch_idle(self):
+        """Start the idle check once a model has a TTL (at start, or once a reload gives one)."""
+        with self._changed:
+            if (self._reaper is not None or not self._started or self._stopping.is_set()
+                    or not any(self._ttl(model) for model in self.models.values())):
+                return
+            self._reaper = threading.Thread(target=self._reap_idle, name="model-idle-check", daemon=True)
+            self._reaper.start()
+
+    def _idle_period(self) -> float:
+        with self._changed:  # a reload may have changed the TTLs
+            return min([IDLE_CHECK_S] + [self._ttl(model) / 4 for model in self.models.values() if self._ttl(model)])
+
     def _reap_idle(self):
-        period = min([IDLE_CHECK_S] + [self._ttl(model) / 4 for model in self.models.values() if self._ttl(model)])
-        while not self._stopping.wait(period):
+        while not self._stopping.wait(self._idle_period()):
             with self._changed:
                 now = self.clock()
                 for model in self.models.values():

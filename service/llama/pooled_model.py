@@ -4,7 +4,7 @@ import threading
 from dataclasses import dataclass
 
 from ..errors import ApiError
-from .supervisor import LlamaStartError
+from ..models.errors import LlamaStartError
 
 UNLOADED, LOADING, LOADED, DRAINING, UNLOADING, FAILED = (
     "unloaded", "loading", "loaded", "draining", "unloading", "failed")
@@ -38,16 +38,31 @@ class ModelLoadTimeout(ApiError):
                          "try again", type="server_error", headers={"Retry-After": "5"})
 
 
+class ModelRemoved(ApiError):
+    """The model was removed from the gateway's models (a reload of the models file) before it could serve."""
+
+    status = 404
+    code = "model_not_found"
+
+    def __init__(self, name):
+        super().__init__(f"The model '{name}' was removed from this gateway's models; GET /v1/models lists the "
+                         "models", type="invalid_request_error", param="model")
+
+
 @dataclass
 class ModelEvent:
     """A load or an unload that ended: what the log line and the metrics are made of."""
 
     kind: str  # "load" or "unload"
     model: str
-    reason: str  # load: request, admin, preload, restart; unload: lru, memory, idle, admin, shutdown
+    reason: str  # load: request, admin, preload, restart, reload; unload: lru, memory, idle, admin, reload, removed
     duration_s: float
     ok: bool = True
     error: str = None
+
+
+# The settings a reload changes in place (ModelPool.update), without restarting llama.cpp.
+SETTINGS = ("ttl_s", "pinned", "preload", "need_mib")
 
 
 class PooledModel:
@@ -72,6 +87,8 @@ class PooledModel:
         self.failures_in_row = 0
         self.retry_at = 0.0
         self.restarting = False  # its supervisor is restarting a llama.cpp that died
+        self.removed = False  # a reload removed it: no new requests; forgotten once its llama.cpp has stopped
+        self.pending = None  # (supervisor, settings) a reload gave it, taking over once its llama.cpp has stopped
 
     @property
     def status(self) -> str:

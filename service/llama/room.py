@@ -36,6 +36,13 @@ class Room:
             return None
         return self.excess(model, staying)
 
+    def too_big(self, model):
+        """Why model could never load within MODELS_MEMORY_MIB, even alone; None when it could."""
+        if self.memory_mib and model.need_mib and model.need_mib > self.memory_mib:
+            return (f"it needs about {model.need_mib:,.0f} MiB (weights, KV cache, prompt cache), more than "
+                    f"MODELS_MEMORY_MIB={self.memory_mib}")
+        return None
+
     def never_fits(self, model, models) -> bool:
         """True when even unloading every model that is not pinned would not make room for model."""
         return self.excess(model, [other for other in models if other.pinned and holds_room(other)]) != (0, 0.0)

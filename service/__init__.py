@@ -12,14 +12,15 @@ from .operations.metrics import init_metrics
 from .operations.openapi import init_openapi
 from .policy.hooks import init_policy
 from .proxy.disconnect import DisconnectWatch
-from .proxy.routing import Router, upstream_targets
+from .proxy.routing import Router, models_from_settings, route_options, upstream_targets
 from .proxy.scheduler import init_scheduler
 from .proxy.upstream import Upstream
 
 
-def create_app(config=None, pool=None) -> Flask:
+def create_app(config=None, pool=None, models=None, local_urls=None) -> Flask:
     """Build the gateway app: settings from config (a mapping of setting names) or else the environment; pool,
-    the local models bin/serve runs (service/llama/pool.py), if any."""
+    the local models bin/serve runs (service/llama/pool.py), if any; models, the ModelSet to route (else the
+    one LLAMA_SERVER_URL or MODEL_UPSTREAMS make), with local_urls, model id -> the llama.cpp run for it."""
     app = Flask(__name__)
     settings = load_settings(config)
     app.config.from_mapping(settings)
@@ -28,10 +29,13 @@ def create_app(config=None, pool=None) -> Flask:
         app.config.update((key, value) for key, value in config.items() if key not in SETTINGS_BY_NAME)
     app.config["MAX_CONTENT_LENGTH"] = settings["MAX_BODY_BYTES"]
     app.json.sort_keys = False
-    if not (settings["LLAMA_SERVER_URL"] or settings["MODEL_UPSTREAMS"]):
-        raise ConfigError("LLAMA_SERVER_URL: create_app needs the upstream's URL, or MODEL_UPSTREAMS "
-                          "(bin/serve sets them after starting llama.cpp)")
-    app.extensions["router"] = router = Router.from_settings(settings, probe=lambda url: upstream.healthy(url))
+    if models is None and not (settings["LLAMA_SERVER_URL"] or settings["MODEL_UPSTREAMS"]):
+        raise ConfigError("LLAMA_SERVER_URL: create_app needs the upstream's URL, or MODEL_UPSTREAMS, or the "
+                          "models bin/serve runs")
+    if models is None:
+        models = models_from_settings(settings)
+    app.extensions["router"] = router = Router.from_models(
+        models, local_urls, **route_options(settings, probe=lambda url: upstream.healthy(url)))
     app.extensions["upstream"] = upstream = Upstream(
         upstream_targets(router, settings["UPSTREAM_RETRIES"]),
         timeouts=route_timeouts(settings),
@@ -40,6 +44,7 @@ def create_app(config=None, pool=None) -> Flask:
         backoff_max=settings["UPSTREAM_BACKOFF_MAX_S"],
         api_key=settings["LLAMA_API_KEY"],
     )
+    router.on_target = upstream.add_target  # replicas that routes gain while the gateway runs (Router.apply)
     app.extensions["model_pool"] = pool
     init_scheduler(app, settings)
     app.extensions["disconnect_watch"] = watch = DisconnectWatch()

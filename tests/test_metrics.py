@@ -94,11 +94,10 @@ def test_timeouts_and_retries(make_app, httpserver):
 
 
 def test_rate_limit_rejections_by_client_and_limit(keyed, httpserver):
-    httpserver.expect_request("/v1/models").respond_with_json({"data": [{"id": "m"}]})
+    httpserver.expect_request("/tokenize").respond_with_json({"tokens": [1]})
     client = keyed(RATE_LIMIT_RPM="1")
-    call(client, "GET", "/v1/models", headers=TEAM_A)
-    call(client, "GET", "/v1/models", headers=TEAM_A)
-    call(client, "GET", "/v1/models", headers=TEAM_A)
+    for _ in range(3):  # a call that counts against the limit (model listings do not)
+        call(client, "POST", "/tokenize", headers=TEAM_A, json={"content": "hi"})
     samples = scrape(client)
     assert value(samples, "gateway_rate_limited_total", client="team_a", limit="rpm") == 2
     assert value(samples, "gateway_rate_limited_total", client="team_b") == 0

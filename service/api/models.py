@@ -1,4 +1,5 @@
-"""GET /v1/models and GET /v1/models/{model}."""
+"""GET /v1/models and GET /v1/models/{model}: each model once, by its id, with its aliases and what it can take
+beside text ("capabilities": ["vision"] where the gateway gives it a projector)."""
 from flask import Blueprint, current_app, g, jsonify
 
 from ..errors import UpstreamBadResponse, UpstreamError
@@ -13,24 +14,26 @@ def list_models():
     """List the models in OpenAI's shape: {object: list, data: [{id, object, created, owned_by, ...}]}: the
     configured ones where the gateway routes by model, else llama-server's own."""
     router = current_app.extensions["router"]
-    if router.fallback is not None:
-        entries = _fallback_entries(router.fallback)
+    fallback = router.fallback
+    if fallback is not None:
+        entries = _fallback_entries(fallback)
         # llama.cpp adds an ollama-style "models" list beside "data"; OpenAI clients expect only "data".
-        return jsonify({"object": "list", "data": [_openai_model(entry) for entry in entries]})
+        return jsonify({"object": "list", "data": [_openai_model(entry, fallback.spec) for entry in entries]})
     return jsonify({"object": "list", "data": [_routed_model(route) for route in router.routes.values()]})
 
 
 @bp.get("/v1/models/<path:model>")
 @bp.get("/models/<path:model>")
 def retrieve_model(model):
-    """One model in OpenAI's shape; 404 model_not_found for a name the gateway does not route. With one
-    llama-server for any name, every name is that server's model."""
+    """One model in OpenAI's shape, by its id or an alias; 404 model_not_found for a name the gateway does not
+    route. With one llama-server for any name, every name is that server's model."""
     router = current_app.extensions["router"]
-    if router.fallback is not None:
-        entries = _fallback_entries(router.fallback)
+    fallback = router.fallback
+    if fallback is not None:
+        entries = _fallback_entries(fallback)
         if not entries:
             raise UpstreamBadResponse("llama-server's /v1/models lists no model")
-        return jsonify(_openai_model({**entries[0], "id": model}))
+        return jsonify(_openai_model({**entries[0], "id": model}, fallback.spec))
     return jsonify(_routed_model(router.route(model)))
 
 
@@ -79,12 +82,18 @@ def _routed_model(route) -> dict:
             # Kept for good: what a model file is does not change while its server runs.
             route.metadata = {key: value for key, value in entries[0].items() if key not in ("id", "aliases")}
             break
-    return _openai_model({"created": route.created, **(route.metadata or {}), "id": route.name, "status": status})
+    return _openai_model({"created": route.created, **(route.metadata or {}), "id": route.name, "status": status},
+                         route.spec)
 
 
-def _openai_model(entry: dict) -> dict:
-    """One model with OpenAI's four fields first; llama.cpp's extras (meta: n_ctx, n_params, ...) are kept."""
+def _openai_model(entry: dict, spec=None) -> dict:
+    """One model with OpenAI's four fields first; llama.cpp's extras (meta: n_ctx, n_params, ...) are kept; then
+    what its spec says: its aliases (when it has any), "capabilities": ["vision"] (when it has a projector)."""
     model = {"id": entry["id"], "object": "model", "created": entry.get("created", 0),
              "owned_by": entry.get("owned_by", "llamacpp")}
     model.update((key, value) for key, value in entry.items() if key not in model)
+    if spec is not None and spec.aliases:
+        model["aliases"] = list(spec.aliases)
+    if spec is not None and spec.mmproj not in (None, "none"):
+        model["capabilities"] = ["vision"]
     return model

@@ -73,6 +73,23 @@ class ModelSpec:
         return tuple(getattr(self, name) for name in PROCESS_FIELDS)
 
 
+@dataclass(frozen=True)
+class ModelSet:
+    """The models a gateway serves: their specs; whether any model name is taken (one model chosen without names,
+    or LLAMA_SERVER_URL, as one llama-server does); and the models file they came from (None: the environment)."""
+
+    specs: Tuple[ModelSpec, ...]
+    any_name: bool = False
+    file: Optional[str] = None
+
+    def named(self, name) -> Optional[ModelSpec]:
+        """The spec a client's model name (an id or an alias) means, or None."""
+        for spec in self.specs:
+            if name in spec.names():
+                return spec
+        return None
+
+
 def frozen_defaults(values: dict) -> Tuple[Tuple[str, str], ...]:
     """A dict of JSON-able request fields as ModelSpec.defaults holds them; ValueError naming a field that is not."""
     pairs = []

@@ -51,6 +51,7 @@ class RequestRecord:
     retries: int = None
     queue_ms: float = None  # how long it waited for a slot of its model (SCHEDULER=fair)
     affinity: str = None  # where it was placed among the model's replicas: hit, miss or overflow (affinity.py)
+    max_tokens_lowered_from: int = None  # the client's output limit, where its model's ceiling lowered it
     error: str = None
     upstream_error: str = None  # the kind of upstream failure, for metrics
     rate_limited: str = None  # the limit that refused the request
@@ -80,7 +81,8 @@ class RequestRecord:
                   "path": shown_path(self.path), "status": self.status, "duration_ms": self.elapsed_ms(),
                   "upstream_ms": self.upstream_ms, "ttft_ms": self.ttft_ms, "prompt_tokens": self.prompt_tokens,
                   "completion_tokens": self.completion_tokens, "retries": self.retries, "queue_ms": self.queue_ms,
-                  "affinity": self.affinity, "error": self.error}
+                  "affinity": self.affinity, "max_tokens_lowered_from": self.max_tokens_lowered_from,
+                  "error": self.error}
         if self.replica is not None:
             fields["model"], fields["replica"] = self.replica.route.name, self.replica.label
         shown = {key: value for key, value in fields.items() if value is not None}

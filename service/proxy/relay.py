@@ -2,12 +2,14 @@
 
 What differs between the API families (where usage is reported, how a broken stream ends, edits a family's
 events need) is asked of the request's family (service/families). Token usage is read from what passes through
-(for the token limit and the log line). The only request body the gateway ever rewrites is an OpenAI chat
-stream's, to ask for the usage chunk the client did not ask for (service/proxy/usage_request.py); that chunk is
-then taken out again so that the client gets exactly the stream it asked for. Where the gateway routes by model,
-the answers' "model" members are set to the name the client sent. llama.cpp's report of a failure mid-stream
-ends the relayed stream with the family's own error event. A stream whose client takes no bytes for
-STREAM_STALL_TIMEOUT_S is cut (disconnect.StallClock): llama.cpp's slot is freed, and the client gets nothing more.
+(for the token limit and the log line). A request body is rewritten only by its model's request rules (defaults,
+a max-tokens ceiling, strips: request_rules.py, applied right after the route is found, so that placement, the
+queue and llama.cpp all see the body the rules made), and for an OpenAI chat stream, to ask for the usage chunk
+the client did not ask for (usage_request.py); that chunk is then taken out again so that the client gets exactly
+the stream it asked for. Where the gateway routes by model, the answers' "model" members are set to the name the
+client sent (an alias stays the alias). llama.cpp's report of a failure mid-stream ends the relayed stream with
+the family's own error event. A stream whose client takes no bytes for STREAM_STALL_TIMEOUT_S is cut
+(disconnect.StallClock): llama.cpp's slot is freed, and the client gets nothing more.
 """
 import json
 import logging
@@ -22,6 +24,7 @@ from . import sse
 from .admission import admit
 from .affinity import prefix_keys
 from .disconnect import CLIENT_STALLED, StallClock, UpstreamCall
+from .request_rules import apply as apply_rules
 from .usage_request import ask_for_usage, asks_for_usage
 
 log = logging.getLogger(__name__)
@@ -88,10 +91,24 @@ def send_watched(route, endpoint: Endpoint, raw: bytes, body: dict, stream: bool
     return response, call
 
 
+def routed(endpoint: Endpoint, raw: bytes, body: dict) -> tuple:
+    """(route, raw, body): the route of the body's model, and the body as its model's request rules make it
+    (the client's own bytes where it has none, or they change nothing)."""
+    route = current_app.extensions["router"].route(body.get("model"))
+    raw, body, lowered_from = apply_rules(route.rules, raw, body, endpoint.path)
+    if lowered_from is not None:
+        g.record.max_tokens_lowered_from = lowered_from
+    return route, raw, body
+
+
 def proxy_json_post(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     """POST the client's bytes to the model's llama-server and answer with its JSON body (unchanged, but for
     the model's name where the gateway routes by model)."""
-    route = current_app.extensions["router"].route(body.get("model"))
+    return _post_json(endpoint, *routed(endpoint, raw, body))
+
+
+def _post_json(endpoint: Endpoint, route, raw: bytes, body: dict) -> Response:
+    """proxy_json_post once the route is found and its rules applied."""
     # Its model's load, then a slot: bounded by LLAMA_STARTUP_TIMEOUT_S and QUEUE_TIMEOUT_S. Without a timeout of
     # its own the wait ends with both had, or raises (a 503, a 429, or the client gone).
     admit(route, endpoint.takes_slot).wait()
@@ -99,7 +116,7 @@ def proxy_json_post(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     answer, parsed = get_upstream().read_json(response, endpoint.path, endpoint.answers)
     g.record.add_tokens(*current_family().usage.read(parsed))
     if route.name is not None:
-        answer = answer_with_model(answer, parsed, route.name)
+        answer = answer_with_model(answer, parsed, body["model"])
     return Response(answer, status=response.status_code, mimetype="application/json")
 
 
@@ -126,9 +143,9 @@ def rename_model(data: bytes, member: bytes) -> bytes:
 
 def proxy_generation(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     """POST a generation; relay it as SSE when the client asked for a stream."""
+    route, raw, body = routed(endpoint, raw, body)
     if body.get("stream") is not True:
-        return proxy_json_post(endpoint, raw, body)
-    route = current_app.extensions["router"].route(body.get("model"))
+        return _post_json(endpoint, route, raw, body)
     admission = admit(route, endpoint.takes_slot)
     if not admission.wait(timeout=0):
         return _stream_after_wait(admission, endpoint, raw, body, route)
@@ -195,7 +212,7 @@ def open_stream(endpoint: Endpoint, raw: bytes, body: dict, route) -> "Stream":
         stream = Stream(upstream, response, endpoint.timeouts, g.record, call, watch,
                         current_app.extensions["gateway_metrics"].open_streams, family,
                         family.events(family, StreamRequest(body.get("model"), ask)),
-                        strip_usage, None if route.name is None else model_member(route.name), clock)
+                        strip_usage, None if route.name is None else model_member(body["model"]), clock)
     except BaseException:
         watch.unwatch(call)
         response.close()

@@ -1,16 +1,23 @@
-"""Routing by model: each model name has its replicas (llama-servers); a request goes to the least busy one and
-moves to another when the one it tried never took it. A replica that keeps failing to take requests rests for a
-cooldown and is probed before it takes traffic again.
+"""Routing by model: each model (a ModelSpec: its id and aliases) has its replicas (llama-servers) and its request
+rules; a request goes to the least busy replica and moves to another when the one it tried never took it. A
+replica that keeps failing to take requests rests for a cooldown and is probed before it takes traffic again.
 
-With MODEL_UPSTREAMS unset there is one route, for any model name, to LLAMA_SERVER_URL: the gateway as before.
+Where one model takes any name (LLAMA_SERVER_URL, or one local model chosen without names) there is one route,
+the fallback, as one llama-server does. The routes change while the gateway runs (Router.apply, a reload of the
+models file): readers never lock, they read one table, which a change replaces whole.
 """
 import logging
 import threading
 import time
+from types import MappingProxyType
+from typing import NamedTuple
 
+from ..config import ConfigError
 from ..converters import public_url
 from ..errors import ApiError, InvalidRequest, UpstreamError, UpstreamUnavailable
+from ..models.spec import ModelSet, ModelSpec
 from .affinity import AffinityTable
+from .request_rules import RequestRules
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +63,14 @@ class Replica:
 
 
 class ModelRoute:
-    """A model name and its replicas; name is None for the one route that takes any name."""
+    """A model name and its replicas; name is None for the one route that takes any name. spec is the model it
+    serves (None for a route built by hand), rules its RequestRules (None: none, which costs a request nothing)."""
 
-    def __init__(self, name, urls, *, retries=2, eject_after=3, cooldown_s=10.0, probe=None, clock=time.monotonic):
+    def __init__(self, name, urls, *, spec=None, rules=None, retries=2, eject_after=3, cooldown_s=10.0, probe=None,
+                 clock=time.monotonic):
         self.name = name
+        self.spec = spec
+        self.rules = rules
         self.retries = retries  # failovers one request may make
         self.replicas = [Replica(self, url) for url in urls]
         self.eject_after = eject_after
@@ -76,8 +87,8 @@ class ModelRoute:
         """Take the replica that last served the longest prefix of this prompt (keys: affinity.prefix_keys)
         unless it is busier than the least busy one by too much, else the one with the fewest requests in flight
         (ties round-robin), preferring those in rotation and not yet tried; count the request on it."""
-        replicas = self.replicas
         with self.lock:
+            replicas = self.replicas  # read under the lock: update() may replace the list
             now = self.clock()
             if len(replicas) == 1:
                 chosen = replicas[0]
@@ -96,7 +107,7 @@ class ModelRoute:
         """(replica, hit | miss | overflow): the one whose prompt cache likely holds this prompt's beginning,
         if it has a free slot (or, slots unknown, at most one request more than the least busy)."""
         cached = self.affinity.lookup(keys)
-        if cached is None or cached.ejected or cached in exclude:
+        if cached is None or cached.ejected or cached in exclude or cached not in self.replicas:  # or dropped
             return least, "miss"
         roomy = cached.in_flight < cached.slots if cached.slots else cached.in_flight <= least.in_flight + 1
         return (cached, "hit") if cached is least or roomy else (least, "overflow")
@@ -107,6 +118,23 @@ class ModelRoute:
                       or [r for r in ordered if r not in exclude]
                       or ordered)  # every replica failed this request: one more try, least busy first
         return min(candidates, key=lambda replica: replica.in_flight)  # min keeps the first of equals
+
+    @property
+    def aliases(self) -> tuple:
+        """The other names clients may send for this route's model."""
+        return self.spec.aliases if self.spec is not None else ()
+
+    def update(self, spec, urls, rules):
+        """Take a reloaded spec: its names and rules at once; its replicas as urls lists them, each one kept
+        (with its counts and state) where the URL stays. A request on a dropped replica finishes there."""
+        with self.lock:
+            kept = {replica.url: replica for replica in self.replicas}
+            self.replicas = [kept.get(url) or Replica(self, url) for url in urls]
+            if len(self.replicas) < 2:
+                self.affinity = None
+            elif self.affinity is None:
+                self.affinity = AffinityTable()
+            self.spec, self.rules = spec, rules
 
     def succeeded(self, replica):
         """A replica answered: it is healthy (and back in rotation, if it was out)."""
@@ -218,38 +246,148 @@ def shows_unwell(error: UpstreamError) -> bool:
     return isinstance(error, UpstreamUnavailable)
 
 
-class Router:
-    """Finds the route for a request's model."""
+class RouteTable(NamedTuple):
+    """The routes at one moment: read whole by a request, replaced whole by a change."""
 
-    def __init__(self, routes, fallback=None):
-        self.routes = {route.name: route for route in routes}
-        self.fallback = fallback  # the route of any name (LLAMA_SERVER_URL mode)
+    routes: dict  # model id -> its route (the fallback is not here)
+    aliases: MappingProxyType  # every alias -> its model's route
+    fallback: object  # the route of any name, or None
+
+
+class RouteChanges(NamedTuple):
+    """What Router.apply did, by model id."""
+
+    added: tuple
+    removed: tuple
+    updated: tuple  # the same route, with new names, rules or replicas
+
+
+class Router:
+    """Finds the route for a request's model; apply() changes the routes while requests run."""
+
+    def __init__(self, routes, fallback=None, *, options=None, on_target=None):
+        self.options = options or {}  # the ModelRoute options of the routes apply() adds
+        self.on_target = on_target  # on_target(url, retries): mount a replica the routes did not have yet
+        self._changing = threading.Lock()  # one change at a time; readers never take it
+        self.models = None  # the ModelSet last applied (None for routes built by hand)
+        self._publish(list(routes), fallback)
+
+    @classmethod
+    def from_models(cls, model_set: ModelSet, local_urls=None, **options):
+        """One route per model of model_set (its id, its aliases), to its upstreams and the llama.cpp the gateway
+        runs for it (local_urls: model id -> URL); options: ModelRoute's (retries, eject_after, probe, ...)."""
+        router = cls([], options=options)
+        router.apply(model_set, local_urls)
+        return router
 
     @classmethod
     def from_settings(cls, settings, probe=None):
         """Routes from MODEL_UPSTREAMS, or one route for any model to LLAMA_SERVER_URL."""
-        options = {"retries": settings["UPSTREAM_RETRIES"], "eject_after": settings["REPLICA_EJECT_AFTER"],
-                   "cooldown_s": settings["REPLICA_COOLDOWN_S"], "probe": probe}
-        if settings["MODEL_UPSTREAMS"]:
-            return cls([ModelRoute(name, urls, **options) for name, urls in settings["MODEL_UPSTREAMS"].items()])
-        return cls([], fallback=ModelRoute(None, [settings["LLAMA_SERVER_URL"]], **options))
+        return cls.from_models(models_from_settings(settings), **route_options(settings, probe))
+
+    @property
+    def routes(self) -> dict:
+        """Each model's route by its id (the fallback is not among them)."""
+        return self._table.routes
+
+    @property
+    def fallback(self):
+        """The route of any name (LLAMA_SERVER_URL mode), or None."""
+        return self._table.fallback
 
     @property
     def all_routes(self) -> list:
         """Every route, the fallback included."""
-        return list(self.routes.values()) + ([self.fallback] if self.fallback else [])
+        table = self._table
+        return list(table.routes.values()) + ([table.fallback] if table.fallback else [])
 
     def route(self, model) -> ModelRoute:
-        """The route for model, or a 4xx saying why there is none."""
-        if self.fallback is not None:
-            return self.fallback
+        """The route for model (an id or an alias), or a 4xx saying why there is none."""
+        table = self._table  # one read: a change meanwhile replaces the table, never changes this one
+        if table.fallback is not None:
+            return table.fallback
         if model is None:
             raise InvalidRequest("Missing 'model': this gateway serves several models; GET /v1/models lists them",
                                  param="model")
-        route = self.routes.get(model)
+        route = table.routes.get(model) or table.aliases.get(model)
         if route is None:
             raise ModelNotFound(model)
         return route
+
+    def apply(self, model_set: ModelSet, local_urls=None) -> RouteChanges:
+        """Route model_set from now on: a new model gets a route; a removed one's name is unknown at once (its
+        requests in flight keep their route); a model still there keeps its route object (its counts, its
+        queue, its local model), updated in place with its names, rules and replicas."""
+        local_urls = local_urls or {}
+        if model_set.any_name and len(model_set.specs) != 1:
+            raise ConfigError("a gateway that takes any model name serves exactly one model")
+        with self._changing:
+            before = {route.spec.id: route for route in self.all_routes if route.spec is not None}
+            # Everything checked before anything changes: a model set that cannot be routed changes nothing.
+            plan = [(spec, replica_urls(spec, local_urls), rules_of(spec), before.get(spec.id))
+                    for spec in model_set.specs]
+            retries = self.options.get("retries", 2)
+            for _, urls, _, _ in plan:  # each replica mounted before a request can be routed there
+                for url in urls if self.on_target is not None else ():
+                    self.on_target(url, retries if len(urls) == 1 else 0)
+            added, updated, routes = [], [], []
+            for spec, urls, rules, route in plan:
+                name = None if model_set.any_name else spec.id
+                if route is None or route.name != name:  # a model that takes any name is another route
+                    route = ModelRoute(name, urls, spec=spec, rules=rules, **self.options)
+                    added.append(spec.id)
+                elif route.spec != spec or [replica.url for replica in route.replicas] != urls:
+                    route.update(spec, urls, rules)
+                    updated.append(spec.id)
+                routes.append(route)
+            kept = {id(route) for route in routes}
+            removed = [model_id for model_id, route in before.items() if id(route) not in kept]
+            self._publish([] if model_set.any_name else routes, routes[0] if model_set.any_name else None)
+            self.models = model_set
+        return RouteChanges(tuple(added), tuple(removed), tuple(updated))
+
+    def _publish(self, routes, fallback):
+        aliases = {alias: route for route in routes for alias in route.aliases}
+        # Where a name is both a model's id and another's alias (the models file refuses it), the id wins.
+        self._table = RouteTable({route.name: route for route in routes}, MappingProxyType(aliases), fallback)
+
+
+def models_from_settings(settings) -> ModelSet:
+    """MODEL_UPSTREAMS (one model per name, its URLs the replicas) or LLAMA_SERVER_URL (one model of any name)
+    as a ModelSet: the settings tests and a plain create_app give, on the path of the models file."""
+    if settings["MODEL_UPSTREAMS"]:
+        return ModelSet(tuple(ModelSpec(name, upstreams=tuple(urls))
+                              for name, urls in settings["MODEL_UPSTREAMS"].items()))
+    return ModelSet((ModelSpec(ANY_NAME_ID, upstreams=(settings["LLAMA_SERVER_URL"],)),), any_name=True)
+
+
+# The id of the one model LLAMA_SERVER_URL serves: it is never shown (its route takes any name, and is listed
+# by what the llama-server says of itself).
+ANY_NAME_ID = "llama-server"
+
+
+def route_options(settings, probe=None) -> dict:
+    """ModelRoute's options from the settings."""
+    return {"retries": settings["UPSTREAM_RETRIES"], "eject_after": settings["REPLICA_EJECT_AFTER"],
+            "cooldown_s": settings["REPLICA_COOLDOWN_S"], "probe": probe}
+
+
+def replica_urls(spec: ModelSpec, local_urls) -> list:
+    """A model's replicas: its upstreams, then the llama.cpp the gateway runs for it (if any)."""
+    local = local_urls.get(spec.id)
+    urls = [*spec.upstreams, *([local] if local and local not in spec.upstreams else [])]
+    if not urls:
+        raise ConfigError(f"models.{spec.id}: no llama-server to route to (no upstreams, and none runs it here)")
+    return urls
+
+
+def rules_of(spec: ModelSpec):
+    """The spec's request rules, or None where it has none (then a request pays nothing for them)."""
+    try:
+        rules = RequestRules(spec.default_fields(), spec.limits.max_tokens, spec.limits.strip)
+    except ValueError as error:
+        raise ConfigError(f"models.{spec.id}: {error}") from None
+    return rules or None
 
 
 def upstream_targets(router, retries) -> dict:

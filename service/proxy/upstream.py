@@ -1,10 +1,12 @@
 """The one requests.Session to llama-server: pooled connections, urllib3 Retry with backoff, per-route timeouts.
 
-Every failure of the upstream is translated into the gateway's own exceptions here and only here.
+Every failure of the upstream is translated into the gateway's own exceptions here and only here (its error
+answers by upstream_errors.py, which this module alone calls).
 """
+import collections
 import http.client
 import json
-import re
+import threading
 import time
 
 import requests
@@ -16,36 +18,13 @@ from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ProtocolError
 from urllib3.util.retry import Retry
 
 from ..converters import public_url
-from ..errors import (ClientClosedRequest, ShuttingDown, UpstreamBadResponse, UpstreamError, UpstreamRejected,
-                     UpstreamTimeout, UpstreamUnavailable)
+from ..errors import (ClientClosedRequest, ShuttingDown, UpstreamBadResponse, UpstreamError, UpstreamTimeout,
+                     UpstreamUnavailable)
 from .disconnect import SHUTDOWN, ClientGone, UpstreamCall, current_call
+from .upstream_errors import status_error
 
 # What a relayed non-chunked stream reads at most per socket read; read1 returns as soon as any bytes arrive.
 STREAM_READ_BYTES = 64 * 1024
-
-# llama.cpp's error types that have an OpenAI error code of their own.
-UPSTREAM_ERROR_CODES = {"exceed_context_size_error": "context_length_exceeded"}
-
-# llama.cpp's advice names flags of its own binary, which a user of the gateway cannot pass to the models it
-# runs: (llama.cpp's words, from the start of its message: a message can quote the request; what to set instead,
-# {0} the words' first group; the status and type the client gets, None keeping llama.cpp's).
-_OWN_SERVER = "a llama-server of your own (LLAMA_SERVER_URL, MODEL_UPSTREAMS) needs"
-_PROJECTOR = ("that needs a multimodal projector (llama.cpp's mmproj file) beside the model, which the gateway "
-              "cannot give the models it runs yet; serve this model from a llama-server of your own started with "
-              "--mmproj, and set LLAMA_SERVER_URL or MODEL_UPSTREAMS to it")
-UPSTREAM_HINTS = (
-    (re.compile(r"^This server does not support reranking"),
-     "This model does not support reranking: for a model the gateway runs, set MODEL_SETTINGS=<model>:rerank=on "
-     f"(or serve a reranker, whose GGUF says pooling type rank); {_OWN_SERVER} --reranking", None, None),
-    (re.compile(r"^This server does not support embeddings"),
-     "This model does not serve embeddings: for a model the gateway runs, set LLAMA_EMBEDDINGS=on or "
-     f"MODEL_SETTINGS=<model>:embeddings=on; {_OWN_SERVER} --embeddings", None, None),
-    # A 500 from llama.cpp, but the request is what this model cannot take.
-    (re.compile(r"^(image|audio) input is not supported"),
-     f"This model cannot read {{0}} input: {_PROJECTOR}", 400, "invalid_request_error"),
-    (re.compile(r"^Multimodal data provided, but model does not support"),
-     f"This model cannot read images or audio: {_PROJECTOR}", 400, "invalid_request_error"),
-)
 
 
 class UpstreamRetry(Retry):
@@ -165,21 +144,37 @@ class Upstream:
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
         self.retries = {}
+        self._adapter_options = (pool_size, backoff, backoff_max)
+        self._mounting = threading.Lock()
         for base_url, retries in targets.items():
+            self.add_target(base_url, retries)
+        self.base_url = next(iter(targets))  # where calls go that name no base URL
+        self._templates = {}
+
+    def add_target(self, base_url, retries):
+        """Mount the adapters of a llama-server at base_url with its retries (a model added, or a replica moved,
+        while the gateway runs); nothing to do for a target already mounted with those retries."""
+        with self._mounting:
+            if self.retries.get(base_url) == retries:
+                return
+            pool_size, backoff, backoff_max = self._adapter_options
             adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, pool_block=False,
                                   max_retries=make_retry(retries, backoff, backoff_max))
             adapter.poolmanager.pool_classes_by_scheme = {**adapter.poolmanager.pool_classes_by_scheme,
                                                           "http": TrackedConnectionPool}
-            self.session.mount(base_url, adapter)
-            # Health is polled often and must say at once what is wrong, so it gets no retries.
-            self.session.mount(base_url + "/health", HTTPAdapter(pool_maxsize=2, max_retries=0))
-            # Read by /health and metric scrapes, which must say at once what is wrong: no retries either.
-            self.session.mount(base_url + "/metrics", HTTPAdapter(pool_maxsize=2, max_retries=0))
-            # Asked by the scheduler on a request's path (once): a failure means "slots unknown", not a wait.
-            self.session.mount(base_url + "/props", HTTPAdapter(pool_maxsize=2, max_retries=0))
+            mounts = {base_url: adapter}
+            if base_url not in self.retries:
+                # Health is polled often and must say at once what is wrong, so it gets no retries; /metrics
+                # (health, scrapes) neither; /props is asked on a request's path once, and a failure there means
+                # "slots unknown", not a wait.
+                mounts.update((base_url + path, HTTPAdapter(pool_maxsize=2, max_retries=0))
+                              for path in ("/health", "/metrics", "/props"))
+            # A new table in place of the old, never the old one changed: requests picks an adapter by walking
+            # the table, which a request on another thread may be doing right now. Longest prefix first, as
+            # Session.mount keeps it.
+            adapters = {**self.session.adapters, **mounts}
+            self.session.adapters = collections.OrderedDict(sorted(adapters.items(), key=lambda item: -len(item[0])))
             self.retries[base_url] = retries
-        self.base_url = next(iter(targets))  # where calls go that name no base URL
-        self._templates = {}
 
     def close(self):
         """Close every pooled connection."""
@@ -218,7 +213,7 @@ class Upstream:
         if record is not None:
             record.retries = len(response.raw.retries.history) if response.raw.retries else 0
         if response.status_code >= 400:
-            raise _status_error(response, path)
+            raise status_error(response, path)
         return response
 
     def _prepared(self, method, url, stream, body, headers):
@@ -295,36 +290,6 @@ def _translate(error, base_url, path, connect_timeout, read_timeout, reached=Non
     return UpstreamUnavailable(f"could not reach llama-server at {shown}: {words}", kind=kind)
 
 
-def _status_error(response, path) -> UpstreamError:
-    """Translate an upstream error answer into the exception the client should see."""
-    message, upstream_type = _upstream_error_message(response)
-    response.close()
-    status, message, upstream_type = _advised(response.status_code, message, upstream_type)
-    if status == 503:
-        retry_after = response.headers.get("Retry-After") or "1"
-        return UpstreamUnavailable(f"llama-server cannot serve yet: {message}", status=503, kind="loading",
-                                   headers={"Retry-After": retry_after}, upstream_status=status)
-    if 400 <= status < 500 or status == 501:
-        return UpstreamRejected(message, status=status, type=_client_error_type(upstream_type),
-                                code=UPSTREAM_ERROR_CODES.get(upstream_type), upstream_status=response.status_code)
-    # A 5xx message is logged (errors.handle_api_error, a replica's ejection), and llama.cpp's 500s can quote the
-    # request: a malformed tool call whole (common_chat_msgs_parse_oaicompat), the whole tools array
-    # (common_chat_tools_parse_oaicompat). So llama.cpp's own words go to the client only, as the detail.
-    said = _describe(response, upstream_type)
-    return UpstreamBadResponse(f"llama-server answered {path} with HTTP {status} ({said})", kind="5xx",
-                               upstream_status=status, detail=message)
-
-
-def _advised(status, message, upstream_type) -> tuple:
-    """(status, message, type) for the client: the gateway's advice (which quotes nothing of the request) in place
-    of llama.cpp's where that names a flag of its own binary, else llama.cpp's own."""
-    for words, advice, advised_status, advised_type in UPSTREAM_HINTS:
-        found = words.search(message)
-        if found:
-            return advised_status or status, advice.format(*found.groups()), advised_type or upstream_type
-    return status, message, upstream_type
-
-
 def _cut(call):
     """The error for a call that another thread cut."""
     return ShuttingDown() if call.aborted == SHUTDOWN else ClientClosedRequest()
@@ -338,34 +303,6 @@ def _arriving_bytes(raw):
         return
     while data := raw.read1(STREAM_READ_BYTES, decode_content=False):
         yield data
-
-
-def _client_error_type(upstream_type):
-    """Keep llama.cpp's error type, except where OpenAI has its own name for the same thing."""
-    return "invalid_request_error" if upstream_type in UPSTREAM_ERROR_CODES else upstream_type
-
-
-def _upstream_error_message(response):
-    """Return llama.cpp's error message and type from an error answer. A body that is not llama.cpp's error
-    JSON is described, never quoted: it could echo the prompt into messages and logs."""
-    try:
-        error = response.json().get("error")
-    except (ValueError, AttributeError):
-        error = None
-    if isinstance(error, dict) and error.get("message"):
-        return str(error["message"]), error.get("type")
-    if isinstance(error, str):
-        return error, None
-    kind = response.headers.get("Content-Type", "no content type").split(";")[0]
-    return f"an answer of {len(response.content)} bytes ({kind}) that is not an error object", None
-
-
-def _describe(response, upstream_type) -> str:
-    """Say what kind of error answer this was without quoting any of it."""
-    if isinstance(upstream_type, str) and upstream_type.isidentifier() and len(upstream_type) <= 64:
-        return upstream_type  # llama.cpp's error types are names such as server_error
-    kind = response.headers.get("Content-Type", "no content type").split(";")[0]
-    return f"{len(response.content)} bytes of {kind}"
 
 
 def describe_connection_error(error) -> str:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
+HELP = {"-h", "--help"}
 
 
 def venv_python() -> Path:
@@ -33,11 +34,13 @@ def ensure_venv(*requirement_files: str) -> Path:
     python = venv_python()
     if not python.exists():
         print(f"Creating {VENV} (first run) ...", file=sys.stderr, flush=True)
+        existed = VENV.exists()  # a user's own folder (a venv whose python moved): never ours to delete
         try:
             subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
         except (KeyboardInterrupt, subprocess.CalledProcessError) as error:
             # A half-made venv has its python but maybe no pip: the next run would take it for a whole one.
-            shutil.rmtree(VENV, ignore_errors=True)
+            if not existed:
+                shutil.rmtree(VENV, ignore_errors=True)
             if isinstance(error, KeyboardInterrupt):
                 raise
             sys.exit(f"error: creating {VENV.name} failed (exit {error.returncode}; the reason is above)")
@@ -58,8 +61,16 @@ def ensure_venv(*requirement_files: str) -> Path:
 
 
 def run_in_venv(script: str, requirement_files, argv) -> None:
-    """Re-run script with the venv's Python (replacing this process where the OS allows), then never return."""
-    python = ensure_venv(*requirement_files)
+    """Re-run script with the venv's Python (replacing this process where the OS allows), then never return.
+    A --help installs nothing: it runs in the venv there is, or else prints the script's own summary."""
+    if HELP.intersection(argv):
+        python = venv_python()
+        if not python.exists():
+            print(f"{sys.modules['__main__'].__doc__.strip()}\n\nIts options are listed here once {VENV.name} "
+                  "exists (any bin/ command creates it on its first run).")
+            sys.exit(0)
+    else:
+        python = ensure_venv(*requirement_files)
     command = [str(python), script, *argv]
     if os.name == "nt":
         # Windows has no exec: run it as a child and pass its exit code on.

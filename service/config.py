@@ -166,10 +166,11 @@ def load_settings(source: Mapping[str, Any] = None) -> dict:
 
 
 # Prefixes only the gateway's settings use: a variable under one that is not a setting is most likely a slip.
-OWN_PREFIXES = ("RATE_LIMIT", "LLAMA_", "MODEL_", "MODELS_", "UPSTREAM_", "QUEUE_", "REPLICA_", "WAITRESS_")
+# (Not MODEL_: containers commonly set MODEL_NAME or MODEL_ID for themselves; a slip of MODEL_SETTINGS is close.)
+OWN_PREFIXES = ("RATE_LIMIT", "LLAMA_", "MODELS_", "UPSTREAM_", "QUEUE_", "REPLICA_", "WAITRESS_")
 # Variables under those prefixes that other programs read: llama.cpp's own (LLAMA_ARG_CTX_SIZE, its log, its -hf
 # cache) and llama-cpp-python's.
-FOREIGN_PREFIXES = ("LLAMA_ARG_", "LLAMA_LOG_", "LLAMA_CACHE", "LLAMA_CPP_")
+FOREIGN_PREFIXES = ("LLAMA_ARG_", "LLAMA_LOG_", "LLAMA_CACHE", "LLAMA_CPP_", "LLAMA_OFFLINE", "LLAMA_SERVER_SLOTS_")
 # How alike (difflib's ratio) a name must be to a setting's to be taken for a slip of it. RATE_LIMT_RPM is 0.96;
 # the OpenAI SDK's OPENAI_API_BASE is 0.83 to OPENAI_API_KEY, and PORT 0.67 to API_PORT: someone else's.
 CLOSE, NEAREST = 0.85, 0.75

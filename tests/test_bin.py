@@ -121,3 +121,28 @@ def test_a_failed_install_is_one_line_not_a_traceback(venv_module, monkeypatch):
         venv_module.ensure_venv("requirements.txt")
     assert str(exited.value.code).startswith("error: installing requirements.txt failed")
     assert not list(venv_module.VENV.glob(".installed-*"))  # the next run tries again
+
+
+def test_an_interrupted_venv_made_over_a_users_folder_keeps_the_folder(venv_module, monkeypatch):
+    kept = venv_module.VENV / "lib" / "their-files.txt"  # a .venv whose python is gone (Python was upgraded)
+    kept.parent.mkdir(parents=True)
+    kept.write_text("theirs")
+
+    def interrupted_venv(command):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(venv_module.subprocess, "check_call", interrupted_venv)
+    with pytest.raises(KeyboardInterrupt):
+        venv_module.ensure_venv("requirements.txt")
+    assert kept.read_text() == "theirs"
+
+
+def test_help_before_the_first_run_prints_without_installing(venv_module, monkeypatch, capsys):
+    monkeypatch.setattr(venv_module, "ensure_venv", lambda *files: pytest.fail("--help installed the venv"))
+    monkeypatch.setattr(venv_module.sys.modules["__main__"], "__doc__", "Load-test the gateway: bin/loadtest.")
+    with pytest.raises(SystemExit) as exited:
+        venv_module.run_in_venv("bin/loadtest", ["requirements.txt"], ["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Load-test the gateway") and "once .venv exists" in out
+    assert not venv_module.VENV.exists()

@@ -154,7 +154,9 @@ def test_the_admin_client_id_and_key_are_the_admins_alone():
     (["API_PORT", "RATE_LIMIT_RPM", "MODEL_SETTINGS"], []),  # real settings
     # Other programs' variables: the system's, the OpenAI SDK's, llama.cpp's own.
     (["PATH", "HOME", "PORT", "HOSTNAME", "LOGNAME", "OPENAI_API_BASE", "OPENAI_BASE_URL", "ANTHROPIC_API_KEY",
-      "HF_TOKEN", "LLAMA_ARG_CTX_SIZE", "LLAMA_CACHE", "PYTHONPATH"], []),
+      "HF_TOKEN", "LLAMA_ARG_CTX_SIZE", "LLAMA_CACHE", "PYTHONPATH", "LLAMA_OFFLINE", "LLAMA_SERVER_SLOTS_DEBUG",
+      "MODEL_NAME", "MODEL_ID"], []),
+    (["MODEL_SETINGS"], [("MODEL_SETINGS", "MODEL_SETTINGS")]),  # no prefix rule for MODEL_: closeness finds it
 ])
 def test_names_that_look_like_settings_but_are_not(names, found):
     assert unknown_settings(names) == found

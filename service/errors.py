@@ -111,6 +111,12 @@ class ShuttingDown(ApiError):
         super().__init__(message, headers={"Retry-After": "5"})
 
 
+# Kinds of upstream failure after which llama.cpp may have read the request and died of it. The openai and
+# anthropic SDKs resend a 5xx (twice by default) unless the answer says not to (PROTOCOL.md "SDK retries"): the
+# resend would wait out llama.cpp's restart and run the prompt that crashed it again.
+NOT_TO_BE_RESENT = frozenset({"reset"})
+
+
 class UpstreamError(ApiError):
     """llama-server could not give a usable answer; kind names the failure for metrics."""
 
@@ -130,6 +136,13 @@ class UpstreamError(ApiError):
     def client_message(self) -> str:
         """The message, with llama.cpp's own words where they are the client's to read."""
         return f"{self.message}: {self.detail}" if self.detail else self.message
+
+    def headers_for(self, family) -> dict:
+        """The error's headers, and x-should-retry: false where a resend by the client's SDK could run again a
+        request that llama.cpp may have died of."""
+        if self.kind in NOT_TO_BE_RESENT:
+            return {**self.headers, "x-should-retry": "false"}
+        return self.headers
 
 
 class UpstreamUnavailable(UpstreamError):

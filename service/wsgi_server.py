@@ -156,8 +156,9 @@ THREADS_END_S = 2.0
 
 def stop_server(server, timeout_s=5.0):
     """Stop a running server from another thread: let its threads finish and its output reach the clients (the
-    app's close() runs before waitress writes a stream's last chunk), then close every socket in the loop's own
-    thread, so that run() returns, and give the threads that frees a moment to end their requests."""
+    app's close() runs before waitress writes a stream's last chunk) for at most timeout_s, then close every socket
+    in the loop's own thread, so that run() returns and a thread still blocked writing is freed, and then stop the
+    threads, giving them a moment to end their requests."""
     listener = _listeners(server)[0]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and (server.task_dispatcher.active_count or any(
@@ -173,7 +174,8 @@ def stop_server(server, timeout_s=5.0):
             (channel.handle_close if isinstance(channel, HTTPChannel) else channel.close)()
         closed.set()
 
-    server.task_dispatcher.shutdown(timeout=timeout_s)
+    # The sockets first: a thread blocked writing to a client that stopped reading ends only once its connection
+    # is closed, and the dispatcher's shutdown would wait timeout_s more for it in vain.
     try:
         listener.trigger.pull_trigger(close_all)
     except OSError:
@@ -183,6 +185,7 @@ def stop_server(server, timeout_s=5.0):
         log.warning("waitress's trigger was already closed at shutdown; closing its sockets directly")
         close_all()
     closed.wait(timeout_s)
+    server.task_dispatcher.shutdown(timeout=timeout_s)
     _wait_for_threads(server.task_dispatcher, THREADS_END_S)
 
 

@@ -4,6 +4,8 @@ import json
 import socket
 import threading
 
+import anthropic
+import openai
 import pytest
 import requests
 from werkzeug import Response
@@ -92,15 +94,110 @@ def test_non_streamed_faults(make_app, httpserver, live_gateway, fault, status, 
         assert error["code"] == code and error["message"]
 
 
-@pytest.mark.parametrize("fault, kind", [(refused, "refused"), (dies_on_the_request, "reset")])
+# (fault, its kind, the x-should-retry header its 502 carries, the retries the gateway made with UPSTREAM_RETRIES=2)
+NEVER_SENT_OR_MAYBE_RUN = [(refused, "refused", None, 2), (dies_on_the_request, "reset", "false", 1)]
+
+
+@pytest.mark.parametrize("fault, kind, should_retry, retries", NEVER_SENT_OR_MAYBE_RUN)
 def test_a_request_llama_cpp_may_have_taken_is_counted_as_reset(make_app, httpserver, live_gateway, access_log,
-                                                                fault, kind):
+                                                                fault, kind, should_retry, retries):
     # Judged by every try: the retry of a request llama.cpp died on is refused, but the request was sent.
     app = make_app(fault(httpserver, None)[0])
     response = requests.post(live_gateway(app) + CHAT, json=BODY, headers={"x-request-id": "dies"}, timeout=10)
     assert response.status_code == 502
-    access_log.line("dies")  # its metrics are counted just before its line is written
+    # The client's SDK must not send again what llama.cpp may have died of; one that never reached it, it may.
+    assert response.headers.get("x-should-retry") == should_retry
+    line = access_log.line("dies")  # its metrics are counted just before its line is written
+    assert line["retries"] == retries  # the retries made: after "closed before any answer", one and no more
     assert value(scrape(app.test_client()), "gateway_upstream_errors_total", kind=kind) == 1
+
+
+class CrashingPeer:
+    """A llama.cpp that reads its first request and dies on it (its port closes, then the connection, with no
+    answer), and is back on the same port, answering every request with answer, once restart() is called."""
+
+    def __init__(self, answer: dict):
+        self.answer = json.dumps(answer).encode()
+        self.requests = 0  # requests read, before and after the restart
+        first = socket.create_server(("127.0.0.1", 0))
+        self.port = first.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.restarted = None
+        threading.Thread(target=self._die, args=(first,), daemon=True).start()
+
+    def _die(self, listener):
+        conn, _ = listener.accept()
+        with conn:
+            read_request(conn)
+            self.requests += 1
+            listener.close()  # before the connection: the gateway's retry is refused
+
+    def restart(self):
+        """Listen on the same port again (a supervisor restarted it): what a resent request would reach."""
+        if self.restarted is None:
+            self.restarted = socket.create_server(("127.0.0.1", self.port))
+            threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.restarted.accept()
+            except OSError:
+                return
+            with conn:
+                read_request(conn)
+                self.requests += 1
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                             b"Connection: close\r\n\r\n%s" % (len(self.answer), self.answer))
+
+    def close(self):
+        """Stop listening."""
+        if self.restarted is not None:
+            self.restarted.close()
+
+
+ANTHROPIC_ANSWER = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": [],
+                    "stop_reason": "end_turn", "usage": {"input_tokens": 1, "output_tokens": 1}}
+
+
+def openai_call(base, http_client):
+    client = openai.OpenAI(base_url=base + "/v1", api_key="local", http_client=http_client)  # max_retries: 2
+    return client.chat.completions.create(model="m", messages=BODY["messages"])
+
+
+def anthropic_call(base, http_client):
+    client = anthropic.Anthropic(base_url=base, api_key="local", http_client=http_client)  # max_retries: 2
+    return client.messages.create(model="m", max_tokens=5, messages=BODY["messages"])
+
+
+# (how each SDK calls, the SDK, what llama.cpp answers once back, the status of "could not reach" in its family)
+SDK_CALLS = [(openai_call, openai, COMPLETION, 502), (anthropic_call, anthropic, ANTHROPIC_ANSWER, 529)]
+
+
+@pytest.mark.parametrize("call, sdk, answer, status", SDK_CALLS, ids=["openai", "anthropic"])
+def test_the_sdks_do_not_resend_a_request_llama_cpp_may_have_died_of(make_app, live_gateway,
+                                                                     no_anthropic_environment, call, sdk, answer,
+                                                                     status):
+    # The SDKs resend a 5xx twice by default, after a backoff long enough for a supervisor to restart llama.cpp:
+    # the prompt that crashed it would run again. Here llama.cpp is back by the time the client has its answer.
+    peer = CrashingPeer(answer)
+    seen = []
+
+    def restart_on_the_answer(response):
+        seen.append(response.status_code)
+        peer.restart()
+
+    base = live_gateway(make_app(peer.url))
+    http_client = sdk.DefaultHttpxClient(event_hooks={"response": [restart_on_the_answer]})
+    try:
+        with pytest.raises(sdk.InternalServerError) as failed:
+            call(base, http_client)
+    finally:
+        http_client.close()
+        peer.close()
+    assert failed.value.status_code == status and failed.value.response.headers["x-should-retry"] == "false"
+    assert seen == [status]  # the SDK did not try again
+    assert peer.requests == 1  # llama.cpp was given the request once
 
 
 def reset_mid_stream(peer, conn):

@@ -4,6 +4,7 @@ import logging
 import socket
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 from urllib3.exceptions import NewConnectionError
@@ -236,7 +237,8 @@ def _answer(status=200, body=COMPLETION) -> bytes:
 
 class KeptAlivePeer(BrokenPeer):
     """A raw-socket llama-server that answers every request on a connection and keeps it open; answers[n]
-    (a status) answers the n-th request, 200 once they run out. served counts requests, requests connections."""
+    (a status) answers the n-th request, 200 once they run out (None: the connection is closed without an
+    answer). served counts requests, requests connections."""
 
     def __init__(self, answers=(), before_answer=None):
         self.served = 0
@@ -249,13 +251,33 @@ class KeptAlivePeer(BrokenPeer):
             if self.before_answer:
                 self.before_answer(self.served)
             status = self.answers[self.served - 1] if self.served <= len(self.answers) else 200
+            if status is None:
+                return
             conn.sendall(_answer(status, LOADING if status == 503 else COMPLETION))
             if not read_request(conn):
                 return
 
 
-def _post(upstream, call=None):
-    return upstream.request("POST", CHAT, group="chat", body=b"{}", call=call)
+def _post(upstream, call=None, record=None):
+    return upstream.request("POST", CHAT, group="chat", body=b"{}", call=call, record=record)
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_kept_alive_connection_closed_unanswered_is_retried_once_whatever_the_budget(retries):
+    # llama.cpp drops an idle kept-alive connection just as a request is sent on it: a harmless race. A replica
+    # that others back up has no retries (routing.upstream_targets), and such a close does not fail over (it may
+    # have been read): it gets its one retry all the same, on a new connection.
+    peer = KeptAlivePeer(answers=[200, None])
+    upstream = Upstream({peer.url: retries}, timeouts={"chat": (5, 5)}, backoff=0.01)
+    record = SimpleNamespace()
+    try:
+        assert _post(upstream).json() == COMPLETION  # its connection goes back to the pool
+        assert _post(upstream, record=record).json() == COMPLETION
+    finally:
+        peer.close()
+        upstream.close()
+    assert (peer.served, peer.requests) == (3, 2)  # the closed one sent again once, on a new connection
+    assert record.retries == 1
 
 
 def test_a_late_cut_never_shuts_a_connection_back_in_the_pool():
@@ -357,3 +379,19 @@ def test_after_a_try_llama_cpp_may_have_taken_there_is_one_retry_and_no_more():
         upstream.close()
     assert (failed.value.status, failed.value.kind) == (503, "loading")
     assert peer.requests == 2  # UPSTREAM_RETRIES=3 would have made it 4
+
+
+@pytest.mark.parametrize("url, budget, made", [
+    (_dies_on_its_first_request, 3, 1),  # closed before any answer, then refused: one retry and no more
+    (unused_port_url, 2, 2),  # refused every time: the whole budget
+    (unused_port_url, 0, 0),  # a replica another backs up: moves on at once (the one retry is a close's alone)
+], ids=["closed-then-refused", "refused", "refused-no-budget"])
+def test_the_retries_logged_are_those_made_not_the_budget(url, budget, made):
+    upstream = Upstream({url(): budget}, timeouts={"chat": (5, 5)}, backoff=0.01)
+    record = SimpleNamespace()
+    try:
+        with pytest.raises(UpstreamUnavailable):
+            _post(upstream, record=record)
+    finally:
+        upstream.close()
+    assert record.retries == made

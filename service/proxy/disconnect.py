@@ -42,6 +42,7 @@ class UpstreamCall:
         # How its first failed try that llama.cpp may have taken ended (upstream.UpstreamRetry notes it): urllib3
         # reports only the last failure, and a retry refused by a dead port must not make it look never sent.
         self.reached = None
+        self.retries = 0  # the retries its tries took (upstream.UpstreamRetry counts them), for the request's log
         self._lock = threading.Lock()
 
     def __enter__(self):

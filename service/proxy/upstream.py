@@ -28,13 +28,15 @@ STREAM_READ_BYTES = 64 * 1024
 
 
 class UpstreamRetry(Retry):
-    """urllib3's Retry, with four changes for llama-server.
+    """urllib3's Retry, with five changes for llama-server.
 
     A connection closed before any byte of an answer counts as a connect failure, so it is retried: most often
-    a kept-alive connection the server had just dropped, which never took the request. But a llama.cpp that read
-    the request and died looks the same, so the call remembers that try (UpstreamCall.reached) for its verdict,
-    and gets one more try and no more: a retry that lands on a restarted llama.cpp would run it again. A call
-    cut because its client left (or the gateway is stopping) is never retried. And an upstream's Retry-After
+    a kept-alive connection the server had just dropped, which never took the request. That retry is made even
+    where the budget is 0 (a replica that others back up): the close cannot fail over to another replica, since
+    a llama.cpp that read the request and died looks the same. So the call remembers that try
+    (UpstreamCall.reached) for its verdict, and gets that one more try and no more: a retry that lands on a
+    restarted llama.cpp would run it again. A call cut because its client left (or the gateway is stopping) is
+    never retried. Each retry made is counted on the call (UpstreamCall.retries). And an upstream's Retry-After
     never waits longer than backoff_max.
     """
 
@@ -49,16 +51,19 @@ class UpstreamRetry(Retry):
         reached_before = call.reached
         if error is not None and not reached_before and not isinstance(error, ConnectTimeoutError):
             call.reached = describe_connection_error(error)  # it connected (refused is a ConnectTimeoutError too)
-        retry = super().increment(method, url, response, error, _pool, _stacktrace)  # raises where urllib3 would
+        budget = self
+        if not reached_before and _closed_unanswered(error):
+            # Its one retry whatever the budget: a stale kept-alive connection must not cost the client a 502.
+            budget = self.new(total=max(self.total, 1), connect=max(self.connect, 1))
+        retry = super(UpstreamRetry, budget).increment(method, url, response, error, _pool, _stacktrace)
         if reached_before:
             # Where urllib3 would try again: not this time. An answer (a 503) is then handed back as it is.
             raise MaxRetryError(_pool, url, error or ResponseError(f"HTTP {response.status}")) from error
+        call.retries += 1  # super() raises where urllib3 would not retry: only a retry about to be made gets here
         return retry
 
     def _is_connection_error(self, err):
-        closed_unanswered = isinstance(err, ProtocolError) and any(
-            isinstance(arg, http.client.RemoteDisconnected) for arg in err.args)
-        return closed_unanswered or super()._is_connection_error(err)
+        return _closed_unanswered(err) or super()._is_connection_error(err)
 
     def get_retry_after(self, response):
         """Return the Retry-After delay, capped so that a request never sleeps for an hour."""
@@ -66,8 +71,16 @@ class UpstreamRetry(Retry):
         return None if delay is None else min(delay, self.backoff_max)
 
 
+def _closed_unanswered(error) -> bool:
+    """True for a connection closed before any byte of an answer (http.client's RemoteDisconnected, which
+    urllib3 wraps in a ProtocolError)."""
+    return isinstance(error, ProtocolError) and any(
+        isinstance(arg, http.client.RemoteDisconnected) for arg in error.args)
+
+
 def make_retry(retries: int, backoff: float, backoff_max: float) -> Retry:
-    """Retry connect failures and 502/503/504 answers; never a read error, so no generation runs twice."""
+    """Retry connect failures and 502/503/504 answers, retries times (a connection closed before any answer
+    once, whatever retries says); never a read error, so no generation runs twice."""
     return UpstreamRetry(
         total=retries,
         connect=retries,
@@ -193,6 +206,7 @@ class Upstream:
         prepared = self._prepared(method, base_url + path, stream, body, headers)
         started = time.perf_counter()
         tracked = call or UpstreamCall()  # its tries are judged together, the failed ones by UpstreamRetry
+        retries_before = tracked.retries  # a call sent before (another replica, before a restart) counted those
         try:
             with tracked:
                 # Redirects are never followed: a llama-server does not send them, and no call may go elsewhere.
@@ -203,15 +217,12 @@ class Upstream:
         except requests.RequestException as error:
             if call is not None and call.aborted:
                 raise _cut(call) from None
-            if record is not None:
-                # Only connection failures are retried, and they surface only once every retry has failed.
-                record.retries = self.retries[base_url] if isinstance(error, requests.ConnectionError) else 0
             raise _translate(error, base_url, path, connect_timeout, read_timeout, tracked.reached) from None
         finally:
             if record is not None:
                 record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
-        if record is not None:
-            record.retries = len(response.raw.retries.history) if response.raw.retries else 0
+                # The retries this request made (a call that failed may have stopped short of its budget).
+                record.retries = tracked.retries - retries_before
         if response.status_code >= 400:
             raise status_error(response, path)
         return response

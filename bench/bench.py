@@ -26,7 +26,8 @@ from bench.models import verdicts as models_verdicts
 from bench.scheduling import report_lines as scheduling_report
 from bench.scheduling import scheduling_rounds
 from bench.scheduling import verdicts as scheduling_verdicts
-from service.llama.supervisor import PROJECT_ROOT, free_port
+from service.llama.supervisor import free_port
+from service.paths import PROJECT_ROOT
 
 KEY = "bench-key"
 BODY = '{"model":"llama","messages":[{"role":"user","content":"Say hi"}],"max_tokens":16}'
@@ -131,8 +132,8 @@ def memory_round(pid, url, first, second):
 
 def llama_round(streams, log):
     """Streams of the real llama.cpp demo model, directly and through a gateway: TTFT and tokens/s."""
-    from service.llama.demo_model import write_demo_model
     from service.llama.supervisor import LlamaSupervisor
+    from service.models.demo_model import write_demo_model
 
     path = write_demo_model(os.path.join(tempfile.mkdtemp(), "demo.gguf"))
     llama = LlamaSupervisor(path, ctx=2048, parallel=1, threads=1, embeddings=False).start()

@@ -19,10 +19,11 @@ from contextlib import contextmanager
 import requests
 
 from service.config import load_settings
-from service.llama.demo_model import write_demo_model
 from service.llama.fleet import supervisor_for
-from service.llama.model_file import LocalModel
-from service.llama.supervisor import PROJECT_ROOT, free_port
+from service.llama.supervisor import free_port
+from service.models.demo_model import write_demo_model
+from service.models.model_file import LocalModel
+from service.paths import PROJECT_ROOT
 
 NAMES = ("a", "b")
 ADMIN_KEY = "bench-admin-key"

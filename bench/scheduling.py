@@ -24,8 +24,8 @@ import requests
 
 from bench.models import serving
 from service import create_app
-from service.llama.demo_model import write_demo_model
 from service.llama.supervisor import LlamaSupervisor, free_port, start_all
+from service.models.demo_model import write_demo_model
 from service.wsgi_server import make_server, stop_server
 
 # Two clients, so that the fair scheduler has someone to be fair to.

@@ -122,7 +122,7 @@ def url(value):
     return url
 
 
-# A model on Hugging Face: hf:OWNER/REPO[:QUANT] or hf:OWNER/REPO/FILE.gguf (service/llama/hub.py fetches it).
+# A model on Hugging Face: hf:OWNER/REPO[:QUANT] or hf:OWNER/REPO/FILE.gguf (service/models/hub.py fetches it).
 HUB_PREFIX = "hf:"
 _HUB_NAME = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,95}"
 # The Hub's own rule for a repo id's two parts: no "--" or "..", nor a "." or "-" at either end.

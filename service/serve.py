@@ -14,8 +14,9 @@ from .config import (ConfigError, exit_on_config_error, load_settings, local_bas
                      unknown_settings)
 from .converters import public_url
 from .llama.fleet import Fleet, local_models
-from .llama.supervisor import PROJECT_ROOT, LlamaStartError
+from .models.errors import LlamaStartError
 from .operations.logs import configure_logging, uses_json
+from .paths import PROJECT_ROOT
 from .wsgi_server import make_server, stop_listening, stop_server
 
 log = logging.getLogger("service")

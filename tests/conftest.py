@@ -8,8 +8,8 @@ import time
 import pytest
 
 from service import create_app
-from service.llama.demo_model import write_demo_model
 from service.llama.supervisor import LlamaSupervisor
+from service.models.demo_model import write_demo_model
 from service.wsgi_server import make_server, stop_server
 from tests.apps import FAST_SETTINGS
 from tests.processes import start_llama
@@ -245,7 +245,7 @@ def no_anthropic_environment(monkeypatch):
 @pytest.fixture(scope="session")
 def slow_model_path(tmp_path_factory):
     """A bigger random model, written once: a generation there lasts long enough for a test to act meanwhile."""
-    from service.llama.demo_model import write_demo_model
+    from service.models.demo_model import write_demo_model
 
     return write_demo_model(str(tmp_path_factory.mktemp("slow") / "slow.gguf"), embedding_size=512, layers=8,
                             feed_forward_size=2048)

@@ -131,7 +131,7 @@ class FakeSupervisor:
         if self.gate is not None:
             assert self.gate.wait(5)
         if self.fail_with:
-            from service.llama.supervisor import LlamaStartError
+            from service.models.errors import LlamaStartError
 
             raise LlamaStartError(self.fail_with)
         self.running = True

@@ -7,7 +7,7 @@ import pytest
 import requests
 from werkzeug import Response
 
-from service.llama.demo_model import write_demo_model
+from service.models.demo_model import write_demo_model
 from tests.apps import DEFAULT_KEY, DEFAULT_KEY_LIMITS, routed_app
 from tests.clients import ANTHROPIC_VERSION, GREEDY, HI, anthropic_sdk, assert_anthropic_envelope, reset_in
 from tests.fakes import SSE_HEAD, BrokenPeer, chunk

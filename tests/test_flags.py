@@ -11,9 +11,9 @@ import pytest
 import requests
 import xllamacpp
 
-from service.llama.demo_model import write_demo_model
 from service.llama.flags import FLAGS, FlagError, apply, command_line, known_flags, owned, plan, problems
 from service.llama.supervisor import LlamaSupervisor
+from service.models.demo_model import write_demo_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXPERTS = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"

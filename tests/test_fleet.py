@@ -4,8 +4,8 @@ import os
 import pytest
 
 from service.config import ConfigError, load_settings
-from service.llama.demo_model import DEMO_MODEL_NAME
 from service.llama.fleet import Fleet, LocalModel, local_models, supervisor_for
+from service.models.demo_model import DEMO_MODEL_NAME
 
 
 def gguf_file(path, *, pooling=False, context=4096):
@@ -124,7 +124,7 @@ def test_child_maps_pooling_rank_to_xllamacpps_rank_and_leaves_the_models_own_wi
 
 def test_pool_settings_per_model_and_the_memory_need_counts_the_prompt_cache(demo_model_path):
     from service.llama.fleet import pooled_model
-    from service.llama.model_memory import estimate_mib
+    from service.models.model_memory import estimate_mib
 
     values = settings(MODELS_MEMORY_MIB="4000", LLAMA_CACHE_RAM_MIB="256", MODEL_IDLE_TTL_S="60",
                       MODEL_SETTINGS="m:ttl=5:pin=on:preload=on:slots=3:ctx=1024")

@@ -1,4 +1,4 @@
-"""Models by name from Hugging Face (service/llama/hub.py), against the local stand-in of the Hub (fake_hub.py):
+"""Models by name from Hugging Face (service/models/hub.py), against the local stand-in of the Hub (fake_hub.py):
 which file a name picks, where it is kept, resuming, and what a cut or failed fetch leaves behind."""
 import errno
 import io
@@ -13,10 +13,11 @@ import pytest
 from huggingface_hub import constants, file_download
 
 from service.converters import hub_model, model_file, model_paths
-from service.llama import hub as hub_module
-from service.llama.hub import HubError, fetch, kept_copy, pick
-from service.llama.hub_progress import LogProgress, progress_class
-from service.llama.model_file import LocalModel, choose_model, model_files, model_name, resolve
+from service.models import hub as hub_module
+from service.models.hub import HubError, fetch, kept_copy, pick
+from service.models.hub_progress import LogProgress, progress_class
+from service.models.model_file import LocalModel, choose_model, model_files, resolve
+from service.models.names import model_name
 from tests.fake_hub import FakeHub, demo_gguf
 
 REPO = "acme/tiny-GGUF"
@@ -117,7 +118,7 @@ def test_a_listing_that_names_files_outside_the_repo_never_has_them_picked():
 def test_a_mirrors_password_never_reaches_the_log(caplog):
     import logging
 
-    from service.llama import hub as hub_module
+    from service.models import hub as hub_module
 
     hub_module._quiet_hub()
     with caplog.at_level(logging.WARNING, logger="huggingface_hub"):
@@ -281,7 +282,7 @@ def test_stale_partials_of_killed_fetches_are_swept(hub, models_dir):
 
 
 def test_progress_in_the_logs_is_a_line_at_start_each_tenth_and_end(caplog):
-    caplog.set_level(logging.INFO, logger="service.llama.hub")
+    caplog.set_level(logging.INFO, logger="service.models.hub")
     progress = type("P", (LogProgress,), {"file": "m.gguf", "part": "1/2"})
     with progress(total=1000, desc="(…)m.gguf", unit="B") as bar:
         for _ in range(100):

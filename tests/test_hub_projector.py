@@ -1,4 +1,4 @@
-"""Projectors (mmproj) for models named hf: (service/llama/projector.py), against the local stand-in of the Hub
+"""Projectors (mmproj) for models named hf: (service/models/projector.py), against the local stand-in of the Hub
 (fake_hub.py): which one a repo offers, where it is kept, finding it again offline, and never taking one for a
 model."""
 import logging
@@ -9,9 +9,9 @@ import struct
 import pytest
 from huggingface_hub import constants
 
-from service.llama.hub import HubError, fetch, pick
-from service.llama.model_file import model_files
-from service.llama.projector import fetch_projector, gguf_architecture, is_projector, pick_projector
+from service.models.hub import HubError, fetch, pick
+from service.models.model_file import model_files
+from service.models.projector import fetch_projector, gguf_architecture, is_projector, pick_projector
 from tests.fake_hub import FakeHub, demo_gguf, projector_gguf, vision_repo
 
 VISION = "acme/vision-GGUF"

@@ -16,9 +16,10 @@ import requests
 
 from service.llama import supervisor as supervisor_module
 from service.llama.child import SERVING
-from service.llama.demo_model import DEMO_MODEL_NAME, write_demo_model
-from service.llama.model_file import choose_model
-from service.llama.supervisor import LlamaStartError, LlamaSupervisor, find_binary, first_error
+from service.llama.supervisor import LlamaSupervisor, find_binary, first_error
+from service.models.demo_model import DEMO_MODEL_NAME, write_demo_model
+from service.models.errors import LlamaStartError
+from service.models.model_file import choose_model
 
 
 def test_demo_model_is_deterministic(tmp_path):

@@ -5,11 +5,11 @@ import os
 
 import pytest
 
-from service.llama import demo_model
-from service.llama.demo_model import CONTEXT_LENGTH, DEMO_MODEL_NAME, is_current_demo, write_demo_model
-from service.llama.model_file import local_model_path, model_files, resolve
-from service.llama.model_memory import fit_context, trained_context
-from service.llama.supervisor import LlamaStartError
+from service.models import demo_model
+from service.models.demo_model import CONTEXT_LENGTH, DEMO_MODEL_NAME, is_current_demo, write_demo_model
+from service.models.errors import LlamaStartError
+from service.models.model_file import local_model_path, model_files, resolve
+from service.models.model_memory import fit_context, trained_context
 
 
 def skipped(caplog) -> list:
@@ -18,7 +18,7 @@ def skipped(caplog) -> list:
 
 
 def test_a_file_that_is_not_gguf_is_skipped_with_one_warning(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="service.llama.model_file")
+    caplog.set_level(logging.WARNING, logger="service.models.model_file")
     (tmp_path / "chat.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
     (tmp_path / "notes.gguf").write_bytes(b"a stray file that is no model")
     (tmp_path / "empty.gguf").write_bytes(b"")
@@ -27,7 +27,7 @@ def test_a_file_that_is_not_gguf_is_skipped_with_one_warning(tmp_path, caplog):
 
 
 def test_with_only_stray_files_the_demo_is_served(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="service.llama.model_file")
+    caplog.set_level(logging.WARNING, logger="service.models.model_file")
     (tmp_path / "notes.gguf").write_text("not a model")
     demo, = model_files(str(tmp_path))
     assert demo.is_demo and skipped(caplog) == [str(tmp_path / "notes.gguf")]

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.llama import demo_model
-from service.llama.demo_model import write_demo_model
-from service.llama.model_memory import MIB, estimate, estimate_mib, fit_context, trained_context
 from service.llama.supervisor import LlamaSupervisor, start_all
+from service.models import demo_model
+from service.models.demo_model import write_demo_model
+from service.models.model_memory import MIB, estimate, estimate_mib, fit_context, trained_context
 
 SHAPES = {"demo": dict(embedding_size=64, layers=2, feed_forward_size=128),
           "wide": dict(embedding_size=256, layers=6, feed_forward_size=512)}
@@ -212,7 +212,7 @@ def test_the_trained_context_comes_from_the_file(tmp_path):
 
 
 def test_a_context_capped_to_the_trained_length_says_so_once(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="service.llama.model_memory")
+    caplog.set_level(logging.INFO, logger="service.models.model_memory")
     path = gguf_with_context(tmp_path / "short.gguf", 4096)
     assert fit_context("short", path, 65536) == 4096
     assert fit_context("short", path, 1024) == 1024

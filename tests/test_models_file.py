@@ -6,8 +6,9 @@ from dataclasses import replace
 import pytest
 
 from service.config import ConfigError
-from service.models.models_file import ModelsFileError, key_lines, parse_models, read_models_file
+from service.models.models_file import ModelsFileError, parse_models, read_models_file
 from service.models.spec import Limits, ModelSpec, Origin, diff
+from service.models.toml_lines import key_lines
 
 # The issue's example, as users write it.
 EXAMPLE = """\

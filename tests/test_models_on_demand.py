@@ -15,7 +15,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.llama.demo_model import write_demo_model
+from service.models.demo_model import write_demo_model
 from tests.processes import ServeProcess
 
 pytestmark = pytest.mark.llama

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
-from service.llama.demo_model import CONTEXT_LENGTH
 from service.llama.fleet import model_traits
-from service.llama.model_file import model_files
+from service.models.demo_model import CONTEXT_LENGTH
+from service.models.model_file import model_files
 from tests.fake_hub import LISTING, RESOLVE, FakeHub, demo_gguf
 from tests.processes import ROOT, _ctrl_c_as_at_a_terminal, posix_only
 

@@ -106,7 +106,7 @@ def test_serve_llama_starts_only_llama(demo_model_path):
 def test_several_models_each_get_their_own_llama(demo_model_path, tmp_path):
     import openai
 
-    from service.llama.demo_model import write_demo_model
+    from service.models.demo_model import write_demo_model
 
     other = write_demo_model(str(tmp_path / "other.gguf"), seed=1)
     serve = ServeProcess(MODEL_PATHS=f"chat={demo_model_path},embed={other}", MODEL_SETTINGS="embed:ctx=512",

@@ -1,1 +1,1 @@
-"""Running llama.cpp next to the gateway: the model file, the child process and its supervisor."""
+"""Running llama.cpp next to the gateway: the child process, its flags, its supervisor, and the pool of them."""

@@ -3,17 +3,19 @@
 A llama-server binary takes a model's flags verbatim; the xllamacpp child builds its CommonParams from this table
 (`apply`). The gateway checks flags (`problems`, `owned`) and shows them (`command_line`) without importing
 xllamacpp: values here are plain data, and xllamacpp's enum members and classes are looked up by name (`Native`)
-only when applied. Semantics follow llama.cpp's common/arg.cpp; a flag missing here is one line in FLAGS.
+only when applied (their readers: flag_values.py). Semantics follow llama.cpp's common/arg.cpp; a flag missing
+here is one line in FLAGS.
 """
 import difflib
 import functools
-import json
-import math
 import os
 import re
 import shlex
 import subprocess
 from typing import Any, Callable, NamedTuple, Optional
+
+from .flag_values import (LORA, Native, Padded, choice, comma_list, context_size, directory, file_text, integer,
+                          lora_scaled, member, number, parser, rope_scale, template_kwargs, tensor_overrides)
 
 
 class FlagError(ValueError):
@@ -22,17 +24,6 @@ class FlagError(ValueError):
     def __init__(self, flag: str, message: str):
         super().__init__(message)
         self.flag = flag
-
-
-class Native(NamedTuple):
-    """An xllamacpp object named by its path: an enum member, or a class called with args when applied."""
-    path: str
-    args: Optional[tuple] = None
-
-
-class Padded(NamedTuple):
-    """A list that fills a fixed-length field, the rest zeros (tensor_split has one entry per possible device)."""
-    values: tuple
 
 
 SAME = object()  # in Flag.weak: the flag's own value
@@ -53,132 +44,21 @@ class Flag(NamedTuple):
     secret: bool = False  # its value never shows in a message or a printed command line
 
 
-def _parser(hint, convert):
-    """A value parser: text -> value, with what the value looks like, for messages."""
-    def parse(text):
-        return convert(text)
-    parse.hint = hint
-    return parse
-
-
-def _hint(hint):
-    return lambda convert: _parser(hint, convert)
-
-
-def _int(low=-2 ** 31, high=2 ** 31 - 1, zero_ok=True):
-    hint = f"{low}..{high}" if high < 2 ** 31 - 1 else f"N >= {low}" if low > -2 ** 31 else "N"
-
-    def convert(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise ValueError("not a whole number") from None
-        if not low <= value <= high or (value == 0 and not zero_ok):
-            raise ValueError("out of range")
-        return value
-    return _parser(hint + ("" if zero_ok else ", not 0"), convert)
-
-
-@_hint("a number")
-def _float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError("not a number") from None
-    if not math.isfinite(value):
-        raise ValueError("not a finite number")
-    return value
-
-
-def _choice(words, values, enum=""):
-    """One of words (values may take more spellings): its value, or with an enum that enum's member so named."""
-    def convert(text):
-        if text not in values:
-            raise ValueError("not one of the known values")
-        return Native(f"{enum}.{values[text]}") if enum else values[text]
-    return _parser("|".join(words.split()), convert)
-
-
-def _enum(enum, prefix, words, aliases=None):
-    """A member of an xllamacpp enum: prefix + WORD, or prefix + what aliases says."""
-    names = {word: word.upper().replace("-", "_") for word in words.split()} | (aliases or {})
-    return _choice(words, {word: prefix + name for word, name in names.items()}, enum)
-
-
-def _items(text):
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise ValueError("empty")
-    return items
-
-
 _TRUE, _FALSE = ("on", "enabled", "true", "1"), ("off", "disabled", "false", "0")  # llama.cpp's truthy, falsey
 _FLASH = {word: "LLAMA_FLASH_ATTN_TYPE_" + ("ENABLED" if word in _TRUE else "DISABLED" if word in _FALSE else "AUTO")
           for word in _TRUE + _FALSE + ("auto", "-1")}
 _THINK = {**dict.fromkeys(_TRUE, (1, {"enable_thinking": "true"})), "auto": (-1, None), "-1": (-1, None),
           **dict.fromkeys(_FALSE, (0, {"enable_thinking": "false"}))}  # the chat template is told too
-_KV_TYPE = _enum("ggml_type", "GGML_TYPE_", "f32 f16 bf16 q8_0 q4_0 q4_1 iq4_nl q5_0 q5_1")  # kv_cache_types
+_KV_TYPE = member("ggml_type", "GGML_TYPE_", "f32 f16 bf16 q8_0 q4_0 q4_1 iq4_nl q5_0 q5_1")  # kv_cache_types
 _LOAD = "llama_load_mode.LLAMA_LOAD_MODE_"
-_SPEC = _enum("common_speculative_type", "COMMON_SPECULATIVE_TYPE_", "none draft-simple draft-eagle3 draft-mtp "
-              "draft-dflash draft-dspark ngram-simple ngram-map-k ngram-map-k4v ngram-mod ngram-cache")
+_SPEC = member("common_speculative_type", "COMMON_SPECULATIVE_TYPE_", "none draft-simple draft-eagle3 draft-mtp "
+               "draft-dflash draft-dspark ngram-simple ngram-map-k ngram-map-k4v ngram-mod ngram-cache")
 _DRAFT_SIMPLE = [Native("common_speculative_type.COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE")]
 # llama.cpp's pattern for the expert weights of a mixture-of-experts layer (common.h, LLM_FFN_EXPS_REGEX)
 _EXPERTS = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
-_text, _path, _LORA = _parser("TEXT", str), _parser("FILE", str), "CommonAdapterLoraInfo"
-_LAYERS = _parser("N|auto|all", lambda text: {"auto": -1, "all": -2}.get(text) or _int()(text))  # -1: fit them
-_THREADS = _parser("N", lambda text: max(_int()(text), 0) or os.cpu_count() or 1)  # 0 or less: one per core
-
-
-@_hint("N >= 0")
-def _context(text):  # 0: the model's whole context, which llama.cpp's fitting must then not shrink
-    size = _int(0)(text)
-    return size, None if size else 2 ** 31 - 1
-
-
-@_hint("N")
-def _rope_scale(text):  # expands the context N times: the frequency scale is its inverse
-    factor = _float(text)
-    if not factor:
-        raise ValueError("not 0")
-    return 1.0 / factor
-
-
-@_hint("PATTERN=BUFFER,...")
-def _overrides(text):  # the buffer's name is known only to llama.cpp: apply checks it
-    items = _items(text)
-    if not all(pattern and buffer for pattern, _, buffer in (item.partition("=") for item in items)):
-        raise ValueError("each item is PATTERN=BUFFER")
-    return ",".join(items)
-
-
-@_hint("FNAME:SCALE,...")
-def _lora_scaled(text):
-    pairs = [item.rpartition(":") for item in _items(text)]  # the last colon: a Windows path has one of its own
-    if not all(path for path, _, _ in pairs):
-        raise ValueError("each item is FNAME:SCALE")
-    return [Native(_LORA, (path, _float(scale))) for path, _, scale in pairs]
-
-
-@_hint("a JSON object")
-def _template_kwargs(text):
-    parsed = json.loads(text)
-    if not isinstance(parsed, dict):
-        raise ValueError("not a JSON object")
-    # llama.cpp keeps each value as compact JSON text
-    return {key: json.dumps(value, separators=(",", ":"), ensure_ascii=False) for key, value in parsed.items()}
-
-
-@_hint("FILE")
-def _file_text(text):  # llama.cpp reads the file while parsing: a missing one is a bad value
-    with open(text, encoding="utf-8") as file:
-        return file.read()
-
-
-@_hint("DIRECTORY")
-def _directory(text):
-    if not os.path.isdir(text):
-        raise ValueError("not a directory")
-    return text if text.endswith(os.sep) else text + os.sep
+_path = parser("FILE", str)
+_LAYERS = parser("N|auto|all", lambda text: {"auto": -1, "all": -2}.get(text) or integer()(text))  # -1: fit them
+_THREADS = parser("N", lambda text: max(integer()(text), 0) or os.cpu_count() or 1)  # 0 or less: one per core
 
 
 def _row(names, fields, parse=None, negs="", **options):
@@ -189,28 +69,28 @@ def _row(names, fields, parse=None, negs="", **options):
 FLAGS = (
     # Set by the gateway for every model: a user's args that set them would cut the gateway off its model.
     _row("--model -m", "model.path", _path, owner="it passes the model (models file: source)"),
-    _row("--host", "hostnames", _parser("HOST", lambda text: [text]), owner="it picks the address"),
-    _row("--port", "port", _int(0, 65535), owner="it picks the port"),
-    _row("--alias -a", "model_alias", _parser("NAME,...", lambda text: set(_items(text))), merge=True,
+    _row("--host", "hostnames", parser("HOST", lambda text: [text]), owner="it picks the address"),
+    _row("--port", "port", integer(0, 65535), owner="it picks the port"),
+    _row("--alias -a", "model_alias", parser("NAME,...", lambda text: set(comma_list(text))), merge=True,
          owner="it names the model (models file: aliases)"),
     _row("--metrics", "endpoint_metrics", owner="it reads llama.cpp's /metrics"),
-    _row("--api-key", "api_keys", _parser("KEY,...", _items), merge=True, secret=True, owner="it holds the keys"),
-    _row("--ctx-size -c", "n_ctx fit_params_min_ctx", _context, owner="it budgets memory by it (models file: ctx)"),
-    _row("--parallel -np", "n_parallel", _int(-1, zero_ok=False), owner="it schedules by it (models file: slots)"),
+    _row("--api-key", "api_keys", parser("KEY,...", comma_list), merge=True, secret=True, owner="it holds the keys"),
+    _row("--ctx-size -c", "n_ctx fit_params_min_ctx", context_size, owner="it budgets memory by it (models file: ctx)"),
+    _row("--parallel -np", "n_parallel", integer(-1, zero_ok=False), owner="it schedules by it (models file: slots)"),
     # Threads, batches, memory
     _row("--threads -t", "cpuparams.n_threads", _THREADS, weak=(("cpuparams_batch.n_threads", SAME),)),
     _row("--threads-batch -tb", "cpuparams_batch.n_threads", _THREADS),
-    _row("--threads-http", "n_threads_http", _int()),
-    _row("--batch-size -b", "n_batch", _int(1)),
-    _row("--ubatch-size -ub", "n_ubatch", _int(1)),
-    _row("--poll", "cpuparams.poll", _int(0, 100)),
+    _row("--threads-http", "n_threads_http", integer()),
+    _row("--batch-size -b", "n_batch", integer(1)),
+    _row("--ubatch-size -ub", "n_ubatch", integer(1)),
+    _row("--poll", "cpuparams.poll", integer(0, 100)),
     _row("--prio", "cpuparams.priority",  # low (-1) to realtime (3)
-         _parser("-1..3", lambda text: Native("ggml_sched_priority", (_int(-1, 3)(text),)))),
-    _row("--numa", "numa", _enum("ggml_numa_strategy", "GGML_NUMA_STRATEGY_", "distribute isolate numactl")),
-    _row("--cache-ram -cram", "cache_ram_mib", _int(-1)),
-    _row("--keep", "n_keep", _int(-1)),
-    _row("--n-predict -n --predict", "n_predict", _int(-2)),
-    _row("--cache-reuse", "n_cache_reuse", _int(0)),
+         parser("-1..3", lambda text: Native("ggml_sched_priority", (integer(-1, 3)(text),)))),
+    _row("--numa", "numa", member("ggml_numa_strategy", "GGML_NUMA_STRATEGY_", "distribute isolate numactl")),
+    _row("--cache-ram -cram", "cache_ram_mib", integer(-1)),
+    _row("--keep", "n_keep", integer(-1)),
+    _row("--n-predict -n --predict", "n_predict", integer(-2)),
+    _row("--cache-reuse", "n_cache_reuse", integer(0)),
     _row("--swa-full", "swa_full"),
     _row("--kv-unified -kvu", "kv_unified", negs="--no-kv-unified -no-kvu"),
     _row("--context-shift", "ctx_shift", negs="--no-context-shift"),
@@ -220,37 +100,37 @@ FLAGS = (
     _row("--no-kv-offload -nkvo", "no_kv_offload", negs="--kv-offload -kvo"),
     _row("--no-mmap", "load_mode", negs="--mmap", on=Native(_LOAD + "NONE"), off=Native(_LOAD + "MMAP")),
     _row("--mlock", "load_mode", on=Native(_LOAD + "MLOCK")),
-    _row("--load-mode -lm", "load_mode", _enum("llama_load_mode", "LLAMA_LOAD_MODE_", "none mmap mlock mmap+mlock dio "
-                                               "auto", {"mmap+mlock": "MMAP_MLOCK", "dio": "DIRECT_IO"})),
+    _row("--load-mode -lm", "load_mode", member("llama_load_mode", "LLAMA_LOAD_MODE_", "none mmap mlock mmap+mlock dio "
+                                                "auto", {"mmap+mlock": "MMAP_MLOCK", "dio": "DIRECT_IO"})),
     # Attention, KV cache, RoPE
-    _row("--flash-attn -fa", "flash_attn_type", _choice("on off auto", _FLASH, "llama_flash_attn_type")),
+    _row("--flash-attn -fa", "flash_attn_type", choice("on off auto", _FLASH, "llama_flash_attn_type")),
     _row("--cache-type-k -ctk", "cache_type_k", _KV_TYPE),
     _row("--cache-type-v -ctv", "cache_type_v", _KV_TYPE),
     _row("--rope-scaling", "rope_scaling_type",
-         _enum("llama_rope_scaling_type", "LLAMA_ROPE_SCALING_TYPE_", "none linear yarn")),
-    _row("--rope-scale", "rope_freq_scale", _rope_scale),
-    _row("--rope-freq-base", "rope_freq_base", _float),
-    _row("--rope-freq-scale", "rope_freq_scale", _float),
-    _row("--yarn-orig-ctx", "yarn_orig_ctx", _int(0)),
-    _row("--yarn-ext-factor", "yarn_ext_factor", _float),
-    _row("--yarn-attn-factor", "yarn_attn_factor", _float),
-    _row("--yarn-beta-slow", "yarn_beta_slow", _float),
-    _row("--yarn-beta-fast", "yarn_beta_fast", _float),
+         member("llama_rope_scaling_type", "LLAMA_ROPE_SCALING_TYPE_", "none linear yarn")),
+    _row("--rope-scale", "rope_freq_scale", rope_scale),
+    _row("--rope-freq-base", "rope_freq_base", number),
+    _row("--rope-freq-scale", "rope_freq_scale", number),
+    _row("--yarn-orig-ctx", "yarn_orig_ctx", integer(0)),
+    _row("--yarn-ext-factor", "yarn_ext_factor", number),
+    _row("--yarn-attn-factor", "yarn_attn_factor", number),
+    _row("--yarn-beta-slow", "yarn_beta_slow", number),
+    _row("--yarn-beta-fast", "yarn_beta_fast", number),
     # GPUs, and which weights stay on the CPU
     _row("--n-gpu-layers -ngl --gpu-layers", "n_gpu_layers", _LAYERS),
-    _row("--main-gpu -mg", "main_gpu", _int(0)),
-    _row("--split-mode -sm", "split_mode", _enum("llama_split_mode", "LLAMA_SPLIT_MODE_", "none layer row tensor")),
+    _row("--main-gpu -mg", "main_gpu", integer(0)),
+    _row("--split-mode -sm", "split_mode", member("llama_split_mode", "LLAMA_SPLIT_MODE_", "none layer row tensor")),
     _row("--tensor-split -ts", "tensor_split",
-         _parser("N0,N1,...", lambda text: Padded(tuple(map(_float, text.replace("/", ",").split(",")))))),
-    _row("--override-tensor -ot", "tensor_buft_overrides", _overrides, merge=True),
+         parser("N0,N1,...", lambda text: Padded(tuple(map(number, text.replace("/", ",").split(",")))))),
+    _row("--override-tensor -ot", "tensor_buft_overrides", tensor_overrides, merge=True),
     _row("--cpu-moe -cmoe", "tensor_buft_overrides", on=_EXPERTS + "=CPU", merge=True),
-    _row("--n-cpu-moe -ncmoe", "tensor_buft_overrides", _parser("N >= 0", lambda text: ",".join(  # first N layers'
-         rf"blk\.{layer}{_EXPERTS}=CPU" for layer in range(_int(0)(text))) or None), merge=True),
-    _row("--fit -fit", "fit_params", _choice("on off", {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)})),
-    _row("--fit-ctx -fitc", "fit_params_min_ctx", _int(0)),
+    _row("--n-cpu-moe -ncmoe", "tensor_buft_overrides", parser("N >= 0", lambda text: ",".join(  # first N layers'
+         rf"blk\.{layer}{_EXPERTS}=CPU" for layer in range(integer(0)(text))) or None), merge=True),
+    _row("--fit -fit", "fit_params", choice("on off", {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)})),
+    _row("--fit-ctx -fitc", "fit_params_min_ctx", integer(0)),
     # Embeddings and reranking: --pooling counts only with embeddings on, as the child always had it
     _row("--embeddings --embedding", "embedding"),
-    _row("--pooling", "pooling_type", _enum("llama_pooling_type", "LLAMA_POOLING_TYPE_", "none mean cls last rank"),
+    _row("--pooling", "pooling_type", member("llama_pooling_type", "LLAMA_POOLING_TYPE_", "none mean cls last rank"),
          needs="embedding"),
     _row("--rerank --reranking", "embedding pooling_type",
          on=(True, Native("llama_pooling_type.LLAMA_POOLING_TYPE_RANK"))),
@@ -262,11 +142,11 @@ FLAGS = (
     _row("--spec-draft-model -md --model-draft", "speculative.draft.mparams.path", _path,
          weak=(("speculative.types", _DRAFT_SIMPLE),)),
     _row("--spec-type", "speculative.types",
-         _parser(_SPEC.hint.replace("|", ","), lambda text: [_SPEC(word) for word in _items(text)]), merge=True),
-    _row("--spec-draft-n-max --draft-max --draft --draft-n", "speculative.draft.n_max", _int(0)),
-    _row("--spec-draft-n-min --draft-min --draft-n-min", "speculative.draft.n_min", _int(0)),
-    _row("--spec-draft-p-min --draft-p-min", "speculative.draft.p_min", _float),
-    _row("--spec-draft-p-split --draft-p-split", "speculative.draft.p_split", _float),
+         parser(_SPEC.hint.replace("|", ","), lambda text: [_SPEC(word) for word in comma_list(text)]), merge=True),
+    _row("--spec-draft-n-max --draft-max --draft --draft-n", "speculative.draft.n_max", integer(0)),
+    _row("--spec-draft-n-min --draft-min --draft-n-min", "speculative.draft.n_min", integer(0)),
+    _row("--spec-draft-p-min --draft-p-min", "speculative.draft.p_min", number),
+    _row("--spec-draft-p-split --draft-p-split", "speculative.draft.p_split", number),
     _row("--spec-draft-ngl -ngld --gpu-layers-draft --n-gpu-layers-draft", "speculative.draft.n_gpu_layers", _LAYERS),
     _row("--spec-draft-type-k -ctkd --cache-type-k-draft", "speculative.draft.cache_type_k", _KV_TYPE),
     _row("--spec-draft-type-v -ctvd --cache-type-v-draft", "speculative.draft.cache_type_v", _KV_TYPE),
@@ -274,26 +154,26 @@ FLAGS = (
          weak=(("speculative.draft.cpuparams_batch.n_threads", SAME),)),
     # Adapters, chat templates, reasoning
     _row("--lora", "lora_adapters",
-         _parser("FNAME,...", lambda text: [Native(_LORA, (path, 1.0)) for path in _items(text)]), merge=True),
-    _row("--lora-scaled", "lora_adapters", _lora_scaled, merge=True),
-    _row("--chat-template", "chat_template", _parser("JINJA_TEMPLATE", str)),
-    _row("--chat-template-file", "chat_template", _file_text),
-    _row("--chat-template-kwargs", "default_template_kwargs", _template_kwargs, merge=True),
+         parser("FNAME,...", lambda text: [Native(LORA, (path, 1.0)) for path in comma_list(text)]), merge=True),
+    _row("--lora-scaled", "lora_adapters", lora_scaled, merge=True),
+    _row("--chat-template", "chat_template", parser("JINJA_TEMPLATE", str)),
+    _row("--chat-template-file", "chat_template", file_text),
+    _row("--chat-template-kwargs", "default_template_kwargs", template_kwargs, merge=True),
     _row("--jinja", "use_jinja", negs="--no-jinja"),
     _row("--prefill-assistant", "prefill_assistant", negs="--no-prefill-assistant"),
     _row("--reasoning-format", "reasoning_format",
-         _enum("common_reasoning_format", "COMMON_REASONING_FORMAT_", "none auto deepseek deepseek-legacy")),
-    _row("--reasoning -rea", "enable_reasoning default_template_kwargs", _choice("on off auto", _THINK), merge=True),
-    _row("--reasoning-budget", "sampling.reasoning_budget_tokens", _int(-1)),
+         member("common_reasoning_format", "COMMON_REASONING_FORMAT_", "none auto deepseek deepseek-legacy")),
+    _row("--reasoning -rea", "enable_reasoning default_template_kwargs", choice("on off auto", _THINK), merge=True),
+    _row("--reasoning-budget", "sampling.reasoning_budget_tokens", integer(-1)),
     # The server itself
     _row("--slots", "endpoint_slots", negs="--no-slots"),
     _row("--props", "endpoint_props"),
-    _row("--slot-save-path", "slot_save_path", _directory),
-    _row("--slot-prompt-similarity -sps", "slot_prompt_similarity", _float),
-    _row("--sleep-idle-seconds", "sleep_idle_seconds", _int(-1, zero_ok=False)),
-    _row("--timeout -to", "timeout_read timeout_write", _parser("N >= 0", lambda text: (_int(0)(text),) * 2)),
+    _row("--slot-save-path", "slot_save_path", directory),
+    _row("--slot-prompt-similarity -sps", "slot_prompt_similarity", number),
+    _row("--sleep-idle-seconds", "sleep_idle_seconds", integer(-1, zero_ok=False)),
+    _row("--timeout -to", "timeout_read timeout_write", parser("N >= 0", lambda text: (integer(0)(text),) * 2)),
     _row("--ui --webui", "ui", negs="--no-ui --no-webui"),
-    _row("--verbosity -lv --log-verbosity", "verbosity", _int(0)),
+    _row("--verbosity -lv --log-verbosity", "verbosity", integer(0)),
 )
 
 _NUMBER = re.compile(r"-?\d+(\.\d*)?([eE][-+]?\d+)?")  # a value such as -1, which is not a flag

@@ -6,8 +6,9 @@ file (the demo model when there is none). ENABLED_MODELS narrows the list.
 from dataclasses import replace
 
 from ..config import ConfigError
-from .model_file import MODELS_DIR, LocalModel, choose_model, model_files, resolve
-from .model_memory import estimate_mib, fit_context
+from ..models.model_file import LocalModel, choose_model, model_files, resolve
+from ..models.model_memory import estimate_mib, fit_context
+from ..paths import MODELS_DIR
 from .pool import ModelPool
 from .pooled_model import PooledModel
 from .supervisor import LlamaSupervisor

@@ -4,10 +4,11 @@ import sys
 import threading
 
 from ..operations.logs import configure_logging
+from ..models.errors import LlamaStartError
+from ..models.model_file import choose_model
+from ..models.model_memory import fit_context
 from ..serve import load_environment, warn_unknown_settings
-from .model_file import choose_model
-from .model_memory import fit_context
-from .supervisor import LlamaStartError, LlamaSupervisor
+from .supervisor import LlamaSupervisor
 
 
 def main() -> int:

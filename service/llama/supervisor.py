@@ -14,21 +14,17 @@ import time
 
 import requests
 
+from ..models.errors import LlamaStartError
+from ..models.names import model_name
+from ..paths import PROJECT_ROOT
 from .child import SERVING
-from .model_file import model_name
 
 log = logging.getLogger(__name__)
-
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Restart backoff: 1 s, doubling to 30 s; a child that served this long counts as healthy again.
 RESTART_DELAY_S = 1.0
 RESTART_DELAY_MAX_S = 30.0
 HEALTHY_RUN_S = 60.0
-
-
-class LlamaStartError(RuntimeError):
-    """llama.cpp did not come up; the message says why in one line (llama.cpp's own error line, if it printed one)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:

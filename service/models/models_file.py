@@ -17,6 +17,7 @@ except ModuleNotFoundError:  # Python 3.10
 from ..config import ConfigError
 from ..converters import HUB_PREFIX, MODEL_NAME, hub_model, url
 from .spec import Limits, ModelSpec, Origin, frozen_defaults
+from .toml_lines import PlacedProblems
 
 
 class ModelsFileError(ConfigError):
@@ -109,43 +110,6 @@ MODEL_KEYS = {"source": _model_file, "upstreams": partial(_strings, each=url, un
               "pin": _flag, "preload": _flag, "defaults": {"*": _json}, "limits": LIMIT_KEYS}
 
 
-# A key as TOML spells it: bare, "basic" or 'literal'; a header or an assignment starts with dotted ones.
-_KEY = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
-_DOTTED = rf"{_KEY}(?:\s*\.\s*{_KEY})*"
-_HEADER = re.compile(rf"\s*\[\[?\s*({_DOTTED})\s*\]")
-_ASSIGN = re.compile(rf"\s*({_DOTTED})\s*=")
-
-
-def key_lines(text) -> dict:
-    """Each key's line in a TOML text, by its path (("models", "qwen", "ctx"): 7); tomllib gives no positions."""
-    lines, table, in_string = {}, (), None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if in_string:  # a multi-line string's lines hold no keys
-            in_string = None if line.count(in_string) % 2 else in_string
-            continue
-        header = _HEADER.match(line)
-        assign = None if header else _ASSIGN.match(line)
-        if header or assign:
-            keys = tuple(key[1:-1] if key[0] in "\"'" else key for key in re.findall(_KEY, (header or assign)[1]))
-            table, path = (keys, keys) if header else (table, table + keys)
-            for end in range(1, len(path) + 1):
-                lines.setdefault(path[:end], number)  # [models.a.limits] alone also places models.a
-        in_string = next((quote for quote in ('"""', "'''") if line.count(quote) % 2), None)
-    return lines
-
-
-class _Problems(list):
-    # The problems found so far, each placed at the line of its key (else of the nearest table holding it).
-    def __init__(self, file, text):
-        super().__init__()
-        self.file, self.lines = file, key_lines(text)
-
-    def add(self, path, message):
-        line = next((self.lines[path[:end]] for end in range(len(path), 0, -1) if path[:end] in self.lines), 1)
-        dotted = ".".join(part if re.fullmatch(r"[A-Za-z0-9_-]+", part) else f'"{part}"' for part in path)
-        self.append((line, f"{self.file}:{line}: {dotted}: {message}"))
-
-
 def _table(table, keys, path, problems, folder) -> dict:
     checked = {}
     for key, value in table.items():
@@ -209,7 +173,7 @@ def parse_models(text, file, check_args=None) -> list:
         at = f"{found[1]}: " if found else f"{len(text.splitlines()) or 1}: "
         words = str(error)[:found.start()] + f" (column {found[2]})" if found else str(error)
         raise ModelsFileError([f"{file}:{at}{words}"]) from None
-    problems, folder = _Problems(file, text), os.path.dirname(os.path.abspath(file))
+    problems, folder = PlacedProblems(file, text), os.path.dirname(os.path.abspath(file))
     for key in [key for key in data if key != "models"]:
         problems.add((key,), f"unknown top-level key: the file holds [models.NAME] tables only ([models.{key}]?)")
     models = data.get("models", {})

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from ..operations.logs import JsonFormatter
 
-log = logging.getLogger("service.llama.hub")  # the fetch's own logger: its lines read as the fetch's
+log = logging.getLogger("service.models.hub")  # the fetch's own logger: its lines read as the fetch's
 
 
 def size_text(count: int) -> str:

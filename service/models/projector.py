@@ -28,7 +28,8 @@ from ..converters import HUB_PREFIX, hub_model
 from . import hub
 from .hub import HubError
 from .hub_progress import progress_class, wants_bar
-from .model_file import GGUF_MAGIC, PROJECTOR_NAME, model_name
+from .model_file import GGUF_MAGIC
+from .names import PROJECTOR_NAME, model_name
 
 log = logging.getLogger(__name__)
 

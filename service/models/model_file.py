@@ -3,22 +3,15 @@
 import glob
 import logging
 import os
-import re
 from dataclasses import dataclass
 
 from ..converters import HUB_PREFIX, local_model_path
+from ..paths import MODELS_DIR
 from .demo_model import DEMO_MODEL_NAME, is_current_demo, write_demo_model
+from .errors import LlamaStartError
+from .names import PROJECTOR_NAME, SPLIT_PART, model_name
 
 log = logging.getLogger(__name__)
-
-MODELS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "models")
-
-# A split GGUF's parts: name-00001-of-00003.gguf ... name-00003-of-00003.gguf; llama.cpp loads the first.
-SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
-
-# A multimodal projector (a vision or audio encoder: llama.cpp's --mmproj) by its name, as llama.cpp's own -hf
-# tells one from a model: mmproj-F16.gguf, gemma-3-4b-it-mmproj-f16.gguf. It is no model of its own.
-PROJECTOR_NAME = re.compile(r"mmproj", re.IGNORECASE)
 
 # Every GGUF file begins with these four bytes.
 GGUF_MAGIC = b"GGUF"
@@ -37,14 +30,6 @@ class LocalModel:
     def is_demo(self) -> bool:
         """True for the random-weight demo model."""
         return os.path.basename(self.path) == DEMO_MODEL_NAME
-
-
-def model_name(path: str) -> str:
-    """A model's name from its file: models/llama-8b.gguf is llama-8b; a split model's first part,
-    qwen-7b-00001-of-00003.gguf, is qwen-7b."""
-    base = os.path.basename(path)
-    split = SPLIT_PART.search(base)
-    return base[:split.start()] if split else os.path.splitext(base)[0]
 
 
 def is_whole_model(path: str) -> bool:
@@ -104,8 +89,6 @@ def resolve(spec: str, models_dir: str = MODELS_DIR) -> str:
         try:
             return local_model_path(spec)
         except ValueError as error:
-            from .supervisor import LlamaStartError  # not at the top: supervisor imports this module
-
             raise LlamaStartError(str(error)) from None
     from .hub import fetch  # huggingface_hub is loaded only for models named hf:
 

@@ -22,9 +22,9 @@ from huggingface_hub import HfApi, constants, get_token, hf_hub_download
 from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                     RemoteEntryNotFoundError, RepositoryNotFoundError)
 from ..converters import HUB_PREFIX, hub_model, public_url
+from .errors import LlamaStartError
 from .hub_progress import progress_class, size_text, wants_bar
-from .model_file import PROJECTOR_NAME, SPLIT_PART, model_name
-from .supervisor import LlamaStartError
+from .names import PROJECTOR_NAME, SPLIT_PART, model_name
 
 log = logging.getLogger(__name__)
 
@@ -307,8 +307,7 @@ def main(argv=None) -> int:
 
     from ..config import ConfigError, exit_on_config_error, load_settings
     from ..operations.logs import configure_logging
-    from .model_file import MODELS_DIR
-    from .supervisor import PROJECT_ROOT
+    from ..paths import MODELS_DIR, PROJECT_ROOT
 
     parser = argparse.ArgumentParser(prog="bin/pull", description="Fetch GGUF models from Hugging Face into "
                                      "MODELS_DIR (default models/), where bin/serve finds them with no network.")

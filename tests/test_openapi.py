@@ -16,7 +16,7 @@ def test_document_is_valid_openapi_and_public(fake_app, make_app, httpserver):
     validate(document)
     assert set(document["paths"]) == {
         "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/models/{model}", "/health",
-        "/metrics", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/v1/rerank", "/tokenize",
+        "/", "/metrics", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens", "/v1/rerank", "/tokenize",
         "/detokenize", "/apply-template", "/infill"}
     keyed = make_app(httpserver.url_for("").rstrip("/"), OPENAI_API_KEY="k").test_client()
     assert keyed.get("/openapi.json").status_code == 200

@@ -98,6 +98,10 @@ def build_openapi(version: str) -> dict:
             "200": {"description": "OpenAI's model object", "content": {"application/json": {"schema": {
                 "type": "object", "required": ["id", "object"]}}}},
             **_errors(COMMON_ERRORS + UPSTREAM_ERRORS)}}})
+    spec.path("/", operations={"get": {
+        "summary": "Say the gateway is here (clients probe it; HEAD too)", "security": [], "responses": {
+            "200": {"description": "name, version and where the API is",
+                    "content": {"application/json": {"schema": ANY_JSON_OBJECT}}}}}})
     spec.path("/health", operations={"get": {
         "summary": "Whether the gateway can serve", "security": [], "responses": {
             "200": {"description": "ok or degraded", "content": {"application/json": {"schema": ANY_JSON_OBJECT}}},

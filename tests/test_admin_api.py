@@ -5,6 +5,7 @@ import logging
 import pytest
 
 from service.errors import ApiError
+from service.models.spec import ModelSet, ModelSpec
 from service.operations.logs import JsonFormatter
 from tests.apps import routed_app
 from tests.clients import assert_openai_envelope
@@ -126,6 +127,18 @@ def test_a_name_the_pool_does_not_run_is_404_behind_one_local_model(make_app):
     assert assert_openai_envelope(post(client, "/models/load", {"model": "gpt-4o"}), 404)["code"] == "model_not_found"
     assert post(client, "/models/load", {"model": "demo"}).status_code == 200
     assert pool.calls == [("load", "demo", "admin")]
+
+
+@pytest.mark.parametrize("path, call", [("/models/load", "load"), ("/models/unload", "unload")])
+def test_an_alias_names_its_model(gateway, path, call):
+    client, pool = gateway()
+    router = client.application.extensions["router"]
+    router.apply(ModelSet((ModelSpec("chat", upstreams=(UNUSED_URL,), aliases=("gpt-4o-mini",)),
+                           ModelSpec("remote", upstreams=(UNUSED_URL,), aliases=("theirs",)))))
+    assert post(client, path, {"model": "gpt-4o-mini"}).status_code == 200
+    assert pool.calls == [(call, "chat", "admin")], "the pool was not told the model's id"
+    # An alias of a model someone else runs is that model: 400, not 404.
+    assert assert_openai_envelope(post(client, path, {"model": "theirs"}), 400)["code"] == "model_not_managed"
 
 
 @pytest.mark.parametrize("path", PATHS)

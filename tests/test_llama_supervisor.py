@@ -15,7 +15,6 @@ import pytest
 import requests
 
 from service.llama import supervisor as supervisor_module
-from service.llama.child import SERVING
 from service.llama.supervisor import LlamaSupervisor, find_binary, first_error
 from service.models.demo_model import DEMO_MODEL_NAME, write_demo_model
 from service.models.errors import LlamaStartError
@@ -115,6 +114,17 @@ def test_a_port_another_program_holds_is_refused_before_starting(demo_model_path
         supervisor.stop()
 
 
+def test_the_windows_port_probe_binds_with_no_option(monkeypatch):
+    # SO_EXCLUSIVEADDRUSE fails while connections of the last child linger, as on a restart on the same port.
+    options = []
+    with socket.create_server(("127.0.0.1", 0)) as held:
+        port = held.getsockname()[1]
+        monkeypatch.setattr(socket.socket, "setsockopt", lambda self, *option: options.append(option))
+        assert supervisor_module.port_in_use("127.0.0.1", port, windows=True)
+    assert not supervisor_module.port_in_use("127.0.0.1", port, windows=True)
+    assert options == []
+
+
 @pytest.mark.llama
 def test_a_200_from_another_program_is_not_the_child_serving(demo_model_path, other_program, monkeypatch):
     # The port was free when checked; another program took it before the child could listen.
@@ -185,9 +195,11 @@ def test_killed_child_is_restarted_health_shows_the_gap_and_requests_recover(dem
 
 
 # A stand-in for service.llama.child: answers /health with 200 once it has "loaded" for argv[1] seconds, and says
-# that it serves as the child does.
+# that it serves as the child does. With argv[2] "split", it says so in the middle of a log line, as it happens
+# when llama.cpp writes its time and level before the text of a line from its own thread.
 FAKE_LLAMA = """
-import http.server, sys, time
+import http.server, os, sys, time
+from service.llama.child import say_serving
 port = int(sys.argv[sys.argv.index("--port") + 1])
 time.sleep(float(sys.argv[1]))
 class Health(http.server.BaseHTTPRequestHandler):
@@ -198,9 +210,13 @@ class Health(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 server = http.server.HTTPServer(("127.0.0.1", port), Health)
-print(%r, flush=True)
+if sys.argv[2] == "split":
+    os.write(1, b"0.01.234 I ")
+say_serving(f"http://127.0.0.1:{port}")
+if sys.argv[2] == "split":
+    os.write(1, b"srv  update_slots: all slots are idle\\n")
 server.serve_forever()
-""" % SERVING
+"""
 
 
 class FakeLlama(LlamaSupervisor):
@@ -209,12 +225,13 @@ class FakeLlama(LlamaSupervisor):
     def __init__(self):
         super().__init__("/fake.gguf", startup_timeout=10)
         self.load_s = 0.0
+        self.split = False  # says that it serves inside a log line
         self.children = queue.Queue()
         self.spawned = []
 
     def command(self):
         """Run the stand-in, loading for load_s seconds."""
-        return [sys.executable, "-c", FAKE_LLAMA, str(self.load_s), *self.flags]
+        return [sys.executable, "-c", FAKE_LLAMA, str(self.load_s), "split" if self.split else "whole", *self.flags]
 
     def _spawn(self):
         started = super()._spawn()
@@ -230,8 +247,9 @@ def fake_llama(monkeypatch):
     monkeypatch.setattr(supervisor_module, "RESTART_DELAY_S", 0.01)
     supervisors = []
 
-    def start():
+    def start(**attributes):
         supervisors.append(FakeLlama())
+        vars(supervisors[-1]).update(attributes)
         return supervisors[-1].start()
 
     yield start
@@ -246,6 +264,16 @@ def fake_llama(monkeypatch):
 def alive(supervisor) -> list:
     """The children of supervisor that still run."""
     return [child.pid for child in supervisor.spawned if child.poll() is None]
+
+
+def test_a_child_that_says_it_serves_inside_a_log_line_of_llama_cpp_is_ready(fake_llama):
+    supervisor = fake_llama(split=True, startup_timeout=5)
+    assert requests.get(supervisor.url + "/health", timeout=5).status_code == 200
+    # The line did land inside the other (read after readiness: the file may be written before stdout is read).
+    deadline = time.monotonic() + 5
+    while "srv  update_slots" not in " ".join(supervisor.output) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert any(line.startswith("0.01.234 I service.llama.child: serving on") for line in supervisor.output)
 
 
 def test_a_restart_onto_a_port_another_program_took_fails_and_says_so(fake_llama):

@@ -1,6 +1,7 @@
 """The fair queue's rules: slots first come first served while free, then round robin over clients (weights give
 more turns), per-client caps, timeouts, leaving clients, and each turn released once; and at shutdown, every wait
 (a slot, a model's load) ended with 503 once the grace is over."""
+import gc
 import threading
 import time
 
@@ -12,7 +13,9 @@ from service.llama.pooled_model import PooledModel
 from service.operations.lifecycle import Lifecycle
 from service.operations.request_log import RequestRecord
 from service.proxy.admission import Admission
+from service.models.spec import ModelSet, ModelSpec
 from service.proxy.disconnect import DisconnectWatch
+from service.proxy.routing import Router
 from service.proxy.scheduler import FairQueue, QueueFull, QueueTimeout, Scheduler, SlotCounts
 from tests.fakes import Clock, FakeSupervisor
 
@@ -114,7 +117,7 @@ def test_unknown_slots_mean_no_limit_and_the_count_is_asked_once_there_is_concur
 
     class Replica:
         url, ejected, slots = "http://r", False, None
-        route = type("Route", (), {"name": "m"})()
+        route = type("Route", (), {"name": "m", "spec": None})()
 
     route = type("Route", (), {"name": "m", "replicas": [Replica()]})()
     counts = SlotCounts(lambda url: asked.append(url) or {"total_slots": 2})
@@ -124,6 +127,40 @@ def test_unknown_slots_mean_no_limit_and_the_count_is_asked_once_there_is_concur
     second, third = scheduler.enter(route, "a"), scheduler.enter(route, "a")
     assert asked == ["http://r"] and second.granted and not third.granted
     assert route.replicas[0].slots == 2  # kept on the replica, for cache-aware placement
+
+
+def routed_scheduler(spec, configured=None):
+    """A scheduler of real routes, one per spec, whose llama-servers say they have 2 slots; and the routes."""
+    counts = SlotCounts(lambda url: {"total_slots": 2}, configured)
+    router = Router.from_models(ModelSet(tuple(spec)))
+    return Scheduler(counts, timeout_s=60, max_per_client=64), router
+
+
+def test_a_spec_s_slots_bound_its_model_and_a_reload_s_new_count_applies():
+    scheduler, router = routed_scheduler([ModelSpec("m", upstreams=("http://r",), slots=1)], configured={"m": 3})
+    route = router.route("m")
+    first, second = scheduler.enter(route, "a"), scheduler.enter(route, "a")
+    assert first.granted and not second.granted, "the spec's slots=1 did not bound the model"
+    router.apply(ModelSet((ModelSpec("m", upstreams=("http://r",), slots=2),)))  # the same route, updated
+    third = scheduler.enter(route, "a")
+    assert second.granted and not third.granted
+
+
+def test_without_a_spec_s_slots_the_configured_count_holds():
+    scheduler, router = routed_scheduler([ModelSpec("m", upstreams=("http://r",))], configured={"m": 1})
+    route = router.route("m")
+    assert [scheduler.enter(route, "a").granted for _ in range(2)] == [True, False]
+
+
+def test_the_queue_of_a_route_a_reload_removed_goes_with_it():
+    scheduler, router = routed_scheduler([ModelSpec(name, upstreams=("http://r",)) for name in ("a", "b")])
+    scheduler.enter(router.route("b"), "x").release()
+    assert [queue.name for queue in scheduler.queues] == ["b"]
+    router.apply(ModelSet((ModelSpec("a", upstreams=("http://r",)),)))  # b removed
+    gc.collect()  # a route and its replicas refer to each other: the cycle collector frees them
+    assert scheduler.queues == [], "a removed route's queue stays for ever"
+    scheduler.enter(router.route("a"), "x").release()
+    assert [queue.name for queue in scheduler.queues] == ["a"]
 
 
 # At shutdown: once the grace is over, a request still waiting (for its model, for a slot) ends with ShuttingDown,

@@ -31,14 +31,14 @@ def unload_model():
 
 
 def _pooled_model() -> tuple:
-    """The body's model name and the pool that runs it; 404 for a name the gateway does not know, 400 for one it
-    routes to a llama-server it does not run (MODEL_UPSTREAMS, LLAMA_SERVER_URL)."""
+    """The body's model (by its id, an alias resolved) and the pool that runs it; 404 for a name the gateway does
+    not know, 400 for one it routes to a llama-server it does not run (MODEL_UPSTREAMS, LLAMA_SERVER_URL)."""
     _, body = read_json_body(action_schema)
-    name = body["model"]
+    router = current_app.extensions["router"]
+    name = model_id(router, body["model"])
     pool = current_app.extensions.get("model_pool")
     if pool is not None and pool.model_named(name) is not None:
         return name, pool
-    router = current_app.extensions["router"]
     # Without a pool, the one route for any name is a llama-server someone else runs; with one, that route is
     # the pool's own model, which must be named as the pool knows it.
     if name in router.routes or (pool is None and router.fallback is not None):
@@ -46,3 +46,9 @@ def _pooled_model() -> tuple:
                              "LLAMA_SERVER_URL); the gateway never loads or unloads a llama-server it does not run",
                              param="model", code="model_not_managed")
     raise ModelNotFound(name)
+
+
+def model_id(router, name) -> str:
+    """The id of the model name means when it is one of a model's aliases, else name itself: the pool knows its
+    models by id only."""
+    return next((route.spec.id for route in router.all_routes if name in route.aliases), name)

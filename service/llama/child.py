@@ -1,75 +1,42 @@
 """Run llama.cpp's own HTTP server from the xllamacpp package: `python -m service.llama.child --model M ...`.
 
-It takes the same long flags as the llama-server binary, so the supervisor builds one command line for both.
-It exits when told to (SIGTERM, Ctrl-C) or, with --exit-with-stdin, when its parent goes away (the stdin pipe
-closes), so a killed gateway never leaves it behind, on Windows too.
+It takes llama-server's flags, applied through the one flag table (service/llama/flags.py), so the supervisor
+builds one command line for both. It exits when told to (SIGTERM, Ctrl-C) or, with --exit-with-stdin, when its
+parent goes away (the stdin pipe closes), so a killed gateway never leaves it behind, on Windows too.
 """
-import argparse
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 
-# The line this child prints on stdout once it serves (service/llama/supervisor.py waits for it).
+from .flags import FlagError, apply
+
+# What this child says once it serves: into the file READY_FILE names (the supervisor's channel), and on stdout
+# for a person who runs it by hand. Not on stdout alone: llama.cpp writes each log line there in several pieces
+# from its own thread, so a line of ours can land inside one of its lines.
 SERVING = "service.llama.child: serving on"
+READY_FILE = "SERVICE_LLAMA_READY_FILE"  # an environment variable: the path of a file the supervisor made
+# The line this child prints when it cannot take its flags (before llama.cpp writes anything): the supervisor's
+# start error quotes what follows it.
+REFUSED = "service.llama.child: error: "
+# Flags of this child alone, never llama.cpp's: exit when stdin closes (the supervisor's pipe: its end closes
+# when it dies).
+EXIT_WITH_STDIN = "--exit-with-stdin"
+# Where llama-server's flags leave something unset, what this child always did: a context of 4096 (xllamacpp's own
+# default, 0, would take the model's whole trained context). The argv's own flags come after, so they win.
+DEFAULTS = ("--ctx-size", "4096")
 
 
-def parse_args(argv):
-    """Parse the llama-server flags this child understands."""
-    parser = argparse.ArgumentParser(prog="service.llama.child")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--ctx-size", type=int, default=4096)
-    parser.add_argument("--parallel", type=int, default=1)
-    parser.add_argument("--threads", type=int)
-    parser.add_argument("--threads-batch", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--embeddings", action="store_true")
-    parser.add_argument("--pooling", choices=["mean", "rank"])
-    parser.add_argument("--metrics", action="store_true")
-    parser.add_argument("--alias")
-    parser.add_argument("--threads-http", type=int)
-    parser.add_argument("--cache-ram", type=int)
-    parser.add_argument("--exit-with-stdin", action="store_true",
-                        help="exit when stdin closes (the supervisor's pipe: its end closes when it dies)")
-    return parser.parse_args(argv)
-
-
-def server_params(args):
-    """Translate the flags into xllamacpp's CommonParams."""
+def server_params(argv):
+    """xllamacpp's CommonParams from llama-server flags; raises FlagError naming the first flag it cannot take."""
     import xllamacpp
 
-    params = xllamacpp.CommonParams()
-    params.model.path = args.model
-    params.hostnames = [args.host]
-    params.port = args.port
-    params.n_ctx = args.ctx_size
-    params.n_parallel = args.parallel
-    if args.threads:
-        params.cpuparams.n_threads = args.threads
-        params.cpuparams_batch.n_threads = args.threads
-    if args.threads_batch:
-        params.cpuparams_batch.n_threads = args.threads_batch
-    if args.batch_size:
-        params.n_batch = args.batch_size
-    if args.embeddings:
-        params.embedding = True
-        if args.pooling:  # else the model's own pooling, as its GGUF says
-            params.pooling_type = getattr(xllamacpp.llama_pooling_type, POOLING[args.pooling])
-    if args.alias:
-        params.model_alias = {args.alias}
-    if args.threads_http:
-        params.n_threads_http = args.threads_http
-    if args.cache_ram is not None:
-        params.cache_ram_mib = args.cache_ram
-    params.endpoint_metrics = args.metrics
+    params = apply(xllamacpp.CommonParams(), [*DEFAULTS, *argv])
+    if not params.model.path:
+        raise FlagError("--model", "--model is required: the GGUF file to serve")
     return params
-
-
-# --pooling as llama-server spells it, to xllamacpp's names; rank makes the server a reranker (/v1/rerank).
-POOLING = {"mean": "LLAMA_POOLING_TYPE_MEAN", "rank": "LLAMA_POOLING_TYPE_RANK"}
 
 
 def _leave(*_):
@@ -89,24 +56,81 @@ def _leave_when_parent_goes():
     _leave()
 
 
+def say_serving(address):
+    """Tell the supervisor that this process serves on address (the file READY_FILE names), and whoever reads
+    stdout."""
+    line = f"{SERVING} {address}\n".encode()
+    path = os.environ.get(READY_FILE)
+    if path:
+        # Opened without creating it: a file the supervisor has already given up on and removed stays gone.
+        try:
+            ready = os.open(path, os.O_WRONLY)
+        except OSError:
+            pass
+        else:
+            try:
+                os.write(ready, line)
+            finally:
+                os.close(ready)
+    _say(line.decode())
+
+
+class ReadyFile:
+    """The supervisor's end of the channel: an empty file of its own that the child writes into once it serves.
+    A path in the child's environment (READY_FILE), not a pipe handed over: passing descriptors is POSIX-only."""
+
+    def __init__(self):
+        handle, self.path = tempfile.mkstemp(prefix="llama-ready-", suffix=".txt")
+        os.close(handle)
+
+    def said(self) -> bool:
+        """Whether the child has written that it serves."""
+        try:
+            return os.path.getsize(self.path) > 0
+        except OSError:
+            return False
+
+    def remove(self):
+        """Delete the file (a child that writes later finds nothing to write into)."""
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass  # already gone; or, on Windows, the child has it open this instant: a few bytes left behind
+
+
+def _say(text):
+    try:
+        os.write(sys.stdout.fileno(), text.encode())  # one write: never split by llama.cpp's own writes
+    except (AttributeError, ValueError, OSError):
+        pass  # no stdout (pythonw), or nobody reads it any more
+
+
 def main(argv=None):
-    """Start the server and keep this process alive until told to stop."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    """Start the server and keep this process alive until told to stop; exit 2 with one line on a bad flag."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    exit_with_stdin = EXIT_WITH_STDIN in argv
+    argv = [token for token in argv if token != EXIT_WITH_STDIN]
+    try:
+        params = server_params(argv)
+    except FlagError as error:
+        # One line, the whole of what this child prints: the supervisor leads its start error with it.
+        _say(f"{REFUSED}{error}\n")
+        os._exit(2)
     import xllamacpp
 
     signal.signal(signal.SIGTERM, _leave)
     signal.signal(signal.SIGINT, _leave)
-    if args.exit_with_stdin:
+    if exit_with_stdin:
         threading.Thread(target=_leave_when_parent_goes, daemon=True).start()
     try:
-        server = xllamacpp.Server(server_params(args))
+        server = xllamacpp.Server(params)
     except RuntimeError:
         # The model did not load, or the port was taken; llama.cpp has said why in its log. Not printed here: the
         # supervisor quotes llama.cpp's own error line, the one that says what is wrong.
         os._exit(1)
     # Server() returns once the model is loaded and this process listens on the port: say so, so that the
     # supervisor knows a 200 there is ours and not another program's.
-    print(f"{SERVING} {server.listening_address}", flush=True)
+    say_serving(server.listening_address)
     try:
         while True:
             time.sleep(3600)

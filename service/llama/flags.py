@@ -41,6 +41,7 @@ class Flag(NamedTuple):
     weak: tuple = ()  # (field, value or SAME) also set, unless another flag sets that field
     needs: str = ""  # a field that must end up true, else the flag is ignored (as the child always did)
     owner: str = ""  # why the gateway sets this flag itself; empty: a user's args may set it
+    key: str = ""  # the models file's key that sets it instead (an owned flag); empty: none, the gateway alone
     secret: bool = False  # its value never shows in a message or a printed command line
 
 
@@ -67,18 +68,20 @@ def _row(names, fields, parse=None, negs="", **options):
 
 
 FLAGS = (
-    # Set by the gateway for every model: a user's args that set them would cut the gateway off its model.
-    _row("--model -m", "model.path", _path, owner="it passes the model (models file: source)"),
+    # Set by the gateway for every model: a user's args that set them would cut the gateway off its model, or
+    # contradict a key of the models file that the gateway itself acts on (memory budget, routes, fetched files).
+    _row("--model -m", "model.path", _path, owner="it passes the model", key="source"),
     _row("--host", "hostnames", parser("HOST", lambda text: [text]), owner="it picks the address"),
     _row("--port", "port", integer(0, 65535), owner="it picks the port"),
     _row("--alias -a", "model_alias", parser("NAME,...", lambda text: set(comma_list(text))), merge=True,
-         owner="it names the model (models file: aliases)"),
+         owner="it names the model", key="aliases"),
     _row("--metrics", "endpoint_metrics", owner="it reads llama.cpp's /metrics"),
     _row("--api-key", "api_keys", parser("KEY,...", comma_list), merge=True, secret=True, owner="it holds the keys"),
-    _row("--ctx-size -c", "n_ctx fit_params_min_ctx", context_size, owner="it budgets memory by it (models file: ctx)"),
-    _row("--parallel -np", "n_parallel", integer(-1, zero_ok=False), owner="it schedules by it (models file: slots)"),
+    _row("--ctx-size -c", "n_ctx fit_params_min_ctx", context_size, owner="it budgets memory by it", key="ctx"),
+    _row("--parallel -np", "n_parallel", integer(-1, zero_ok=False), owner="it schedules by it", key="parallel"),
     # Threads, batches, memory
-    _row("--threads -t", "cpuparams.n_threads", _THREADS, weak=(("cpuparams_batch.n_threads", SAME),)),
+    _row("--threads -t", "cpuparams.n_threads", _THREADS, weak=(("cpuparams_batch.n_threads", SAME),),
+         owner="from LLAMA_THREADS", key="threads"),
     _row("--threads-batch -tb", "cpuparams_batch.n_threads", _THREADS),
     _row("--threads-http", "n_threads_http", integer()),
     _row("--batch-size -b", "n_batch", integer(1)),
@@ -129,18 +132,21 @@ FLAGS = (
     _row("--fit -fit", "fit_params", choice("on off", {**dict.fromkeys(_TRUE, True), **dict.fromkeys(_FALSE, False)})),
     _row("--fit-ctx -fitc", "fit_params_min_ctx", integer(0)),
     # Embeddings and reranking: --pooling counts only with embeddings on, as the child always had it
-    _row("--embeddings --embedding", "embedding"),
+    _row("--embeddings --embedding", "embedding", owner="from LLAMA_EMBEDDINGS", key="embeddings"),
     _row("--pooling", "pooling_type", member("llama_pooling_type", "LLAMA_POOLING_TYPE_", "none mean cls last rank"),
          needs="embedding"),
     _row("--rerank --reranking", "embedding pooling_type",
-         on=(True, Native("llama_pooling_type.LLAMA_POOLING_TYPE_RANK"))),
+         on=(True, Native("llama_pooling_type.LLAMA_POOLING_TYPE_RANK")), owner="it serves /v1/rerank by it",
+         key="rerank"),
     # Vision and audio projectors
-    _row("--mmproj -mm", "mmproj.path", _path),
+    _row("--mmproj -mm", "mmproj.path", _path, owner="it fetches the projector (\"auto\": from the hf: repo)",
+         key="mmproj"),
     _row("--no-mmproj --no-mmproj-auto", "no_mmproj", negs="--mmproj-auto"),
     _row("--mmproj-offload", "mmproj_use_gpu", negs="--no-mmproj-offload"),
     # Speculative decoding: a draft model alone means the simple draft, as measured with xllamacpp
     _row("--spec-draft-model -md --model-draft", "speculative.draft.mparams.path", _path,
-         weak=(("speculative.types", _DRAFT_SIMPLE),)),
+         weak=(("speculative.types", _DRAFT_SIMPLE),), owner="it fetches the draft model (an hf: spec too)",
+         key="draft"),
     _row("--spec-type", "speculative.types",
          parser(_SPEC.hint.replace("|", ","), lambda text: [_SPEC(word) for word in comma_list(text)]), merge=True),
     _row("--spec-draft-n-max --draft-max --draft --draft-n", "speculative.draft.n_max", integer(0)),
@@ -193,11 +199,14 @@ def _lookup(token):
 
 
 def _scan(argv):
-    """The flags in argv as (flag, spelling, value), and one FlagError per problem."""
-    found, trouble, i, argv, last = [], [], 0, [str(token) for token in argv], "the start"
+    """The flags in argv as (flag, spelling, value), one FlagError per problem, and every known flag written, as
+    (flag, spelling), whether its value is good or not."""
+    found, trouble, seen, i, argv, last = [], [], [], 0, [str(token) for token in argv], "the start"
     while i < len(argv):
         token, i = argv[i], i + 1
         flag, positive = _lookup(token)
+        if flag is not None:
+            seen.append((flag, token))
         if flag is None and token.startswith("-") and not _NUMBER.fullmatch(token):
             close = difflib.get_close_matches(token, _SPELLINGS, n=1)
             trouble.append(FlagError(token, f"unknown flag {token}" + (f" (did you mean {close[0]}?)" if close else "")
@@ -218,7 +227,7 @@ def _scan(argv):
                 shown, reason = "(hidden)" if flag.secret else repr(text), getattr(error, "strerror", None) or error
                 trouble.append(FlagError(token, f"{token}: bad value {shown}: {reason} (expected {flag.parse.hint})"))
         last = token if flag else last
-    return found, trouble
+    return found, trouble, seen
 
 
 def problems(argv) -> list:
@@ -227,9 +236,25 @@ def problems(argv) -> list:
 
 
 def owned(argv) -> list:
-    """A FlagError for each flag in argv that the gateway sets itself, saying why."""
-    return [FlagError(token, f"{token} is set by the gateway: {flag.owner}")
-            for flag, token, _ in _scan(argv)[0] if flag.owner]
+    """A FlagError for each flag in argv that the gateway sets itself (its value good or not), saying why and
+    which key of the models file sets it instead."""
+    return [FlagError(token, f"{token} is set by the gateway ({flag.owner}): " +
+                      (f"use the models file's key {flag.key} instead" if flag.key else "remove it"))
+            for flag, token in _scan(argv)[2] if flag.owner]
+
+
+def check_user_args(args, model_id=None, *, binary=False) -> list:
+    """Every problem with a model's own llama-server args (spec.args), one message each, naming the model
+    (models.ID.args: ...) when model_id is given: a flag the gateway sets itself, and an unknown flag or a bad value.
+
+    With binary (a llama-server program, LLAMA_SERVER_BIN or on PATH), only the flags the gateway sets are checked:
+    the program may be newer than this table and know flags and values it does not, and it says so itself, in
+    the one line the start error leads with."""
+    mine = owned(args)
+    taken = {error.flag for error in mine}
+    found = mine + ([] if binary else [error for error in problems(args) if error.flag not in taken])
+    where = f"models.{model_id}.args: " if model_id else ""
+    return [where + str(error) for error in found]
 
 
 def _merged(old, new):
@@ -252,7 +277,7 @@ def _collect(found):
 
 
 def _plan(argv):
-    found, trouble = _scan(argv)
+    found, trouble, _ = _scan(argv)
     if trouble:
         raise trouble[0]
     settled = _collect(item for item in found if not item[0].needs)

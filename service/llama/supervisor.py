@@ -17,7 +17,8 @@ import requests
 from ..models.errors import LlamaStartError
 from ..models.names import model_name
 from ..paths import PROJECT_ROOT
-from .child import SERVING
+from .child import EXIT_WITH_STDIN, READY_FILE, REFUSED, ReadyFile
+from .flags import command_line
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +40,19 @@ IN_USE = {errno.EADDRINUSE} | {getattr(errno, name) for name in ("WSAEADDRINUSE"
                                if hasattr(errno, name)}
 
 
-def port_in_use(host: str, port: int) -> bool:
+def port_in_use(host: str, port: int, *, windows=None) -> bool:
     """True when another program holds host:port, so that a llama.cpp started there could not listen (and its
-    health checks would reach that program instead)."""
+    health checks would reach that program instead). windows: probe as on Windows (None: on Windows only)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except OSError:
         return False  # an unknown host: llama.cpp says so itself
     with socket.socket(family, kind, proto) as probe:
-        if os.name == "nt":
-            # Windows lets SO_REUSEADDR share a port in use: probe for sole use instead.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-        else:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as llama.cpp: TIME_WAIT is no conflict
+        # POSIX: SO_REUSEADDR, so that connections of an earlier child lingering in TIME_WAIT are no conflict.
+        # Windows: a plain bind. There SO_REUSEADDR would share a port in use (every probe free), and
+        # SO_EXCLUSIVEADDRUSE fails while old connections linger, which a restart on the same port has.
+        if not (os.name == "nt" if windows is None else windows):
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as error:
@@ -65,7 +66,11 @@ ERROR_WORDS = re.compile(r"\b(error|failed|invalid|cannot|couldn't|unable)\b", r
 
 
 def first_error(lines) -> str:
-    """The line of llama.cpp's output that says what went wrong: its first error, else its last line."""
+    """The line of llama.cpp's output that says what went wrong: the child's own refusal of a flag, else llama.cpp's
+    first error, else its last line."""
+    refused = next((line for line in lines if REFUSED in line), None)
+    if refused is not None:
+        return refused.split(REFUSED, 1)[1].strip()
     for line in lines:
         parts = line.split(None, 2)
         if len(parts) == 3 and parts[1] == "E":
@@ -96,7 +101,7 @@ class LlamaSupervisor:
 
     def __init__(self, model_path, *, host="127.0.0.1", port=None, ctx=4096, parallel=2, threads=None,
                  threads_batch=None, batch=None, threads_http=12, embeddings=True, pooling="mean", alias=None,
-                 binary=None, startup_timeout=300.0, cache_ram=None):
+                 binary=None, startup_timeout=300.0, cache_ram=None, args=()):
         self.model_path = model_path
         self.host = host
         self.port = port or free_port(host)
@@ -119,12 +124,17 @@ class LlamaSupervisor:
             self.flags += ["--cache-ram", str(cache_ram)]
         if embeddings:
             self.flags += ["--embeddings"] + (["--pooling", pooling] if pooling else [])
+        # More llama-server flags (a model's own args, then its projector and draft): after the gateway's, so that
+        # where both set a flag the model's wins. A binary gets them verbatim; the child applies them through the
+        # flag table and refuses, in one line naming it, a flag it does not know.
+        self.args = tuple(str(token) for token in args)
+        self.flags += self.args
         self.process = None
         self.restarts = 0  # restarts after the child died, over this supervisor's life; start() is not one
         self.output = collections.deque(maxlen=40)
         # The child of service.llama.child says when it serves; a llama-server binary cannot.
         self.says_serving = binary is None
-        self._serving = threading.Event()  # the current child said it serves
+        self._ready = None  # the ReadyFile the current child writes once it serves
         self._reader = None
         self._stopping = threading.Event()
         # Held while a child is being spawned: stop() takes it too, so it never misses a child being born.
@@ -158,10 +168,15 @@ class LlamaSupervisor:
         return self.binary or "xllamacpp"
 
     def command(self) -> list:
-        """The child's command line."""
+        """The child's command line: the gateway's flags, then args."""
         if self.binary:
             return [self.binary, *self.flags]
-        return [sys.executable, "-m", "service.llama.child", *self.flags, "--exit-with-stdin"]
+        return [sys.executable, "-m", "service.llama.child", *self.flags, EXIT_WITH_STDIN]
+
+    @property
+    def command_line(self) -> str:
+        """The whole command line as one string for display, quoted for this platform, secrets hidden."""
+        return command_line(self.command(), program=None)
 
     def start(self):
         """Start llama.cpp, wait until its /health answers 200, then watch it; raise LlamaStartError on failure.
@@ -207,11 +222,18 @@ class LlamaSupervisor:
                 return False
             if port_in_use(self.host, self.port):
                 raise LlamaStartError(self._port_taken())
-            self.process = subprocess.Popen(
-                self.command(), env=env, stdin=subprocess.DEVNULL if self.binary else subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **options)
+            self._ready = ReadyFile() if self.says_serving else None
+            if self._ready is not None:
+                env[READY_FILE] = self._ready.path
+            try:
+                self.process = subprocess.Popen(
+                    self.command(), env=env, stdin=subprocess.DEVNULL if self.binary else subprocess.PIPE,
+                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **options)
+            except BaseException:
+                if self._ready is not None:
+                    self._ready.remove()
+                raise
             self.output.clear()  # an error is told from this child's lines, never from one that died before
-            self._serving = threading.Event()  # before its reader starts: each reader holds its own child's
             self._reader = threading.Thread(target=self._read_output, args=(self.process,), daemon=True)
         self._reader.start()
         log.info("llama.cpp starting", extra={"fields": {"pid": self.process.pid, "backend": self.backend,
@@ -226,12 +248,8 @@ class LlamaSupervisor:
 
     def _read_output(self, process):
         # Keep the last lines for error reports; show them all only at DEBUG (they can be many).
-        serving = self._serving
         for line in iter(process.stdout.readline, b""):
             text = line.decode("utf-8", "replace").rstrip()
-            if text.startswith(SERVING):
-                serving.set()
-                continue
             self.output.append(text)
             log.debug("llama.cpp output", extra={"fields": {"line": text}})
 
@@ -245,7 +263,7 @@ class LlamaSupervisor:
     def _answers(self) -> bool:
         # A 200 only says that something answers on the port. The child of service.llama.child says it serves once
         # it listens there; before that, whatever answers is another program.
-        if self.says_serving and not self._serving.is_set():
+        if self._ready is not None and not self._ready.said():
             return False
         try:
             return requests.get(self.url + "/health", timeout=2).status_code == 200
@@ -254,6 +272,13 @@ class LlamaSupervisor:
 
     def wait_ready(self, timeout=None):
         """Poll llama.cpp's /health until it answers 200 (it answers 503 while loading the model)."""
+        try:
+            self._poll_ready(timeout)
+        finally:
+            if self._ready is not None:
+                self._ready.remove()  # ready or not, it has said all it will: a child that did not is ended
+
+    def _poll_ready(self, timeout):
         deadline = time.monotonic() + (timeout or self.startup_timeout)
         delay = 0.02
         while time.monotonic() < deadline:

@@ -16,10 +16,12 @@ class ModelMetrics:
 
     def __init__(self, registry, pool):
         self.loads = Counter("gateway_model_loads", "Models loaded (on demand, at start, by the admin, after a "
-                             "crash)", ["model"], registry=registry)
+                             "crash, after a reload of the models file)", ["model"], registry=registry)
         self.load_failures = Counter("gateway_model_load_failures", "Model loads that failed", ["model"],
                                      registry=registry)
-        self.unloads = Counter("gateway_model_unloads", "Models unloaded, by reason (lru, memory, idle, admin)",
+        self.unloads = Counter("gateway_model_unloads", "Models unloaded, by reason (lru, memory, idle, admin; "
+                               "reload: its process restarted with a new command line; removed: gone from the "
+                               "models file)",
                                ["model", "reason"], registry=registry)
         self.load_seconds = Histogram("gateway_model_load_seconds", "Time to load a model until its llama.cpp "
                                       "serves", ["model"], buckets=LOAD_BUCKETS, registry=registry)

@@ -11,6 +11,7 @@ in front of one llama-server each keep their own queues.
 import collections
 import threading
 import time
+import weakref
 
 from ..errors import ApiError
 
@@ -198,7 +199,8 @@ class FairQueue:
 
 
 class Scheduler:
-    """One FairQueue per model route; slot counts from MODEL_SETTINGS slots=N, else the llama-servers' /props."""
+    """One FairQueue per model route; slot counts from the model's spec (slots), else the llama-servers' /props.
+    A route a reload removed takes its queue with it once nothing holds the route (no request in flight)."""
 
     def __init__(self, slots_of, *, timeout_s, max_per_client, weights=None, clock=time.monotonic):
         self.slots_of = slots_of  # slots_of(replica) -> int or None (unknown)
@@ -207,20 +209,29 @@ class Scheduler:
         self.weights = weights or {}
         self.clock = clock
         self.listeners = []  # called with (model, seconds waited) for each request that got a slot (metrics)
-        self._queues = {}
+        # By the route object, weakly: each reload's new routes would otherwise add queues forever, and an id
+        # would be reused by a later route, which would inherit a dead route's queue.
+        self._queues = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()
 
     def queue_for(self, route) -> FairQueue:
         """The route's queue, made on first use."""
-        queue = self._queues.get(id(route))
+        queue = self._queues.get(route)
         if queue is None:
             with self._lock:
-                queue = self._queues.get(id(route))
+                queue = self._queues.get(route)
                 if queue is None:
-                    queue = self._queues[id(route)] = FairQueue(
-                        route.name, lambda: self._route_slots(route, ask=False), timeout_s=self.timeout,
-                        max_per_client=self.max_per_client, clock=self.clock)
+                    queue = self._queues[route] = FairQueue(route.name, self._slots_now(weakref.ref(route)),
+                                                            timeout_s=self.timeout,
+                                                            max_per_client=self.max_per_client, clock=self.clock)
         return queue
+
+    def _slots_now(self, route_ref):
+        # The queue asks through a weak reference: a strong one would keep its route, so its queue, alive.
+        def slots():
+            route = route_ref()
+            return None if route is None else self._route_slots(route, ask=False)
+        return slots
 
     def enter(self, route, client) -> Turn:
         """A request's Turn for route's slots."""
@@ -247,12 +258,12 @@ class Scheduler:
 
 
 class SlotCounts:
-    """Each replica's slot count: configured, else llama.cpp's /props total_slots, asked once (again after
-    SLOTS_RETRY_S if the ask failed)."""
+    """Each replica's slot count: its model's spec (slots), else configured by name, else llama.cpp's /props
+    total_slots, asked once (again after SLOTS_RETRY_S if the ask failed)."""
 
     def __init__(self, ask_props, configured=None, clock=time.monotonic):
         self.ask_props = ask_props  # ask_props(url) -> dict
-        self.configured = configured or {}  # model name -> slots
+        self.configured = configured or {}  # model name -> slots (MODEL_SETTINGS, for routes without a spec)
         self.clock = clock
         self._known = {}
         self._failed_at = {}
@@ -260,7 +271,8 @@ class SlotCounts:
 
     def __call__(self, replica, ask=True):
         """The replica's slots, or None while unknown; without ask, only what is known already."""
-        configured = self.configured.get(replica.route.name)
+        spec = replica.route.spec  # a reload may change it: read at each call
+        configured = spec.slots if spec is not None and spec.slots else self.configured.get(replica.route.name)
         if configured:
             replica.slots = configured
             return configured

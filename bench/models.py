@@ -19,10 +19,10 @@ from contextlib import contextmanager
 import requests
 
 from service.config import load_settings
-from service.llama.fleet import supervisor_for
+from service.llama.launch import supervisor_for
 from service.llama.supervisor import free_port
 from service.models.demo_model import write_demo_model
-from service.models.model_file import LocalModel
+from service.models.spec import ModelSpec
 from service.paths import PROJECT_ROOT
 
 NAMES = ("a", "b")
@@ -273,8 +273,8 @@ def models_rounds(key, quick=False) -> dict:
              for seed, name in enumerate(NAMES)}
     env = gateway_env(paths, key, free_port())
     # Built as the gateway builds its own: the same llama.cpp flags.
-    supervisor = supervisor_for(LocalModel(NAMES[0], paths[NAMES[0]], "MODEL_PATHS"),
-                                load_settings({**os.environ, **env}))
+    supervisor = supervisor_for(ModelSpec(NAMES[0], source=paths[NAMES[0]]), load_settings({**os.environ, **env}),
+                                alias=NAMES[0])
     log_path = os.path.join(directory, "gateway.log")
     events = ModelEvents(log_path)
     with open(log_path, "w") as log, serving(env, log) as url:

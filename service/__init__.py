@@ -12,7 +12,8 @@ from .operations.metrics import init_metrics
 from .operations.openapi import init_openapi
 from .policy.hooks import init_policy
 from .proxy.disconnect import DisconnectWatch
-from .proxy.routing import Router, models_from_settings, route_options, upstream_targets
+from .models.environment import upstream_models
+from .proxy.routing import Router, route_options, upstream_targets
 from .proxy.scheduler import init_scheduler
 from .proxy.upstream import Upstream
 
@@ -33,7 +34,7 @@ def create_app(config=None, pool=None, models=None, local_urls=None) -> Flask:
         raise ConfigError("LLAMA_SERVER_URL: create_app needs the upstream's URL, or MODEL_UPSTREAMS, or the "
                           "models bin/serve runs")
     if models is None:
-        models = models_from_settings(settings)
+        models = upstream_models(settings)
     app.extensions["router"] = router = Router.from_models(
         models, local_urls, **route_options(settings, probe=lambda url: upstream.healthy(url)))
     app.extensions["upstream"] = upstream = Upstream(

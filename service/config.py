@@ -77,6 +77,8 @@ SETTINGS = (
     Setting("UPSTREAM_BACKOFF_S", nonnegative_seconds, 0.25, "backoff factor: 0.25 s, 0.5 s, 1 s, ... between retries"),
     Setting("UPSTREAM_BACKOFF_MAX_S", seconds, 8.0, "longest wait between retries, Retry-After included"),
     # Several models, several llama-servers.
+    Setting("MODELS_FILE", text, None, "the models file (TOML, a [models.NAME] table per model, applied live when "
+            "it changes); unset: models.toml in the project root if there is one, else the settings below"),
     Setting("MODEL_UPSTREAMS", model_upstreams, None, "route by model: chat=http://h1:8080|http://h2:8080,embed=http://h3:8080"),
     Setting("MODEL_PATHS", model_paths, None, "models bin/serve runs, one llama.cpp each: chat=./models/a.gguf,embed=hf:OWNER/REPO:Q8_0"),
     Setting("ENABLED_MODELS", model_names, None, "start only these of MODEL_PATHS (or of the *.gguf in models/): chat,embed"),
@@ -217,7 +219,7 @@ _SECTIONS = {
     "API_HOST": "The gateway",
     "OPENAI_API_KEY": "Access policy: API keys, per-client limits, CORS (see docs/configuration.md)",
     "LLAMA_SERVER_URL": "The upstream llama-server",
-    "MODEL_UPSTREAMS": "Several models and replicas (see docs/operations.md, Scaling out)",
+    "MODELS_FILE": "Several models and replicas (see docs/models-file.md, and docs/operations.md, Scaling out)",
     "CHAT_CONNECT_TIMEOUT_S": "Timeouts per route group, in seconds (connect, and the longest silence while answering)",
     "LLAMA_SERVER_BIN": "The llama.cpp that bin/serve starts when LLAMA_SERVER_URL is unset",
 }

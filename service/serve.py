@@ -8,15 +8,22 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from . import create_app
 from .config import (ConfigError, exit_on_config_error, load_settings, local_base_url, settings_summary,
                      unknown_settings)
 from .converters import public_url
-from .llama.fleet import Fleet, local_models
+from .llama.fleet import Fleet
+from .llama.launch import args_check, shown_files, supervisor_for
+from .models.catalog import models_file_path, read_models
+from .models.demo_model import DEMO_MODEL_NAME
 from .models.errors import LlamaStartError
+from .models.models_file import ModelsFileError
+from .models.reload import Reloader, file_signature
 from .operations.logs import configure_logging, uses_json
 from .paths import PROJECT_ROOT
+from .proxy.routing import replica_urls
 from .wsgi_server import make_server, stop_listening, stop_server
 
 log = logging.getLogger("service")
@@ -55,9 +62,9 @@ _LISTEN_ERRORS = {errno.EADDRINUSE: ("API_PORT", "{port} is in use on {host} (an
                   errno.EADDRNOTAVAIL: ("API_HOST", "{host} is no address of this machine")}
 
 
-def check_listen_address(host: str, port: int):
+def check_listen_address(host: str, port: int, *, windows=None):
     """Stop the start with one line naming API_PORT (or API_HOST) when waitress could not listen there: checked
-    before any model loads, which can take minutes."""
+    before any model loads, which can take minutes. windows: probe as on Windows (None: on Windows only)."""
     try:
         addresses = socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, socket.IPPROTO_TCP,
                                        socket.AI_PASSIVE)
@@ -65,11 +72,11 @@ def check_listen_address(host: str, port: int):
         exit_on_config_error(ConfigError(f"API_HOST: cannot resolve {host}: {error.strerror}"))
     for family, kind, proto, _, address in addresses:
         with socket.socket(family, kind, proto) as probe:
-            if os.name == "nt":
-                # Windows lets SO_REUSEADDR (waitress sets it) share a port in use: probe for sole use instead.
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
-            else:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as waitress: TIME_WAIT is no conflict
+            # POSIX: SO_REUSEADDR, as waitress binds (connections lingering in TIME_WAIT are no conflict). Windows:
+            # no option. There SO_REUSEADDR would share a port in use (every probe free), and SO_EXCLUSIVEADDRUSE
+            # fails while old connections linger, where waitress's own bind succeeds.
+            if not (os.name == "nt" if windows is None else windows):
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as waitress
             try:
@@ -80,13 +87,12 @@ def check_listen_address(host: str, port: int):
                 exit_on_config_error(ConfigError(f"{setting}: " + words.format(host=host, port=port)))
 
 
-def warn_unanswered_upstreams(settings):
-    """Log one warning per external llama-server that does not answer /health now: requests to it fail until it
-    comes up (not refused: it may come up later)."""
+def warn_unanswered_upstreams(models, settings):
+    """Log one warning per llama-server run elsewhere (a model's upstreams) that does not answer /health now:
+    requests to it fail until it comes up (not refused: it may come up later)."""
     import requests
 
-    urls = [url for urls in (settings["MODEL_UPSTREAMS"] or {None: (settings["LLAMA_SERVER_URL"],)}).values()
-            for url in urls if url]
+    urls = [url for spec in models.specs for url in spec.upstreams]
     if not urls:
         return
 
@@ -106,31 +112,56 @@ def warn_unanswered_upstreams(settings):
                     "url": public_url(url), "problem": found, "note": "requests to it fail until it is up"}})
 
 
-def make_fleet(settings):
-    """Choose the local models and prepare (not yet start) their llama.cpp servers; None when there are none."""
-    try:
-        models = local_models(settings)
-        return Fleet(models, settings) if models else None
-    except ConfigError as error:
+def stop_on_model_error(error):
+    """Stop the start on a model that cannot be served: every problem of a models file, one line each (exit 1), a
+    setting's one line (exit 2), or a model that cannot be had (exit 1)."""
+    if isinstance(error, ModelsFileError):
+        print("\n".join(error.problems), file=sys.stderr)
+        raise SystemExit(1)
+    if isinstance(error, ConfigError):
         exit_on_config_error(error)
-    except LlamaStartError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def load_models(settings) -> tuple:
+    """The models to serve (the models file's, else the environment's) and the file's signature as read; stop the
+    start with every problem found."""
+    try:
+        path = models_file_path(settings)
+        seen = file_signature(path) if path else None  # before reading it: a change meanwhile is reloaded
+        return read_models(settings, check_args=args_check(settings), fetch=True), seen
+    except (ConfigError, LlamaStartError) as error:
+        stop_on_model_error(error)
     except KeyboardInterrupt:  # Ctrl-C while a model downloads
         print("error: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
 
 
-def startup_facts(settings, fleet=None) -> dict:
+def make_fleet(models, settings) -> Fleet:
+    """Prepare (not yet start) a llama.cpp per local model, fetching hf: files first."""
+    try:
+        return Fleet(models, settings)
+    except (ConfigError, LlamaStartError) as error:
+        stop_on_model_error(error)
+    except KeyboardInterrupt:  # Ctrl-C while a model downloads
+        print("error: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def startup_facts(settings, models, fleet) -> dict:
     """What the gateway tells at startup: where to point a client and what answers behind it (no secrets)."""
     facts = {"base_url": f"{local_base_url(settings)}/v1"}
-    local = {}
-    if fleet:
-        local = {supervisor.url: (model, supervisor) for model, supervisor in zip(fleet.models, fleet.supervisors)}
-        facts["demo_model"] = any(model.is_demo for model in fleet.models)
-    routes = settings["MODEL_UPSTREAMS"] or {None: (settings["LLAMA_SERVER_URL"],)}
-    facts["models"] = [{"name": name or "any", "replicas": [_replica_facts(url, local) for url in urls]}
-                       for name, urls in routes.items()]
+    specs = {spec.id: spec for spec in models.specs}
+    local = {supervisor.url: (specs[name], supervisor) for name, supervisor in fleet.supervisors.items()}
+    facts["demo_model"] = any(os.path.basename(supervisor.model_path) == DEMO_MODEL_NAME
+                              for supervisor in fleet.supervisors.values())
+    facts["models"] = [{"name": "any" if models.any_name else spec.id,
+                        **({"aliases": list(spec.aliases)} if spec.aliases else {}),
+                        "replicas": [_replica_facts(url, local) for url in replica_urls(spec, fleet.local_urls)]}
+                       for spec in models.specs]
+    if models.file:
+        facts["models_file"] = models.file
     facts["open_access"] = not (settings["OPENAI_API_KEY"] or settings["OPENAI_API_KEYS"])
     return facts
 
@@ -138,9 +169,9 @@ def startup_facts(settings, fleet=None) -> dict:
 def _replica_facts(url, local) -> dict:
     if url not in local:
         return {"url": public_url(url), "kind": "external llama-server"}
-    model, supervisor = local[url]
-    facts = {"url": url, "kind": f"embedded llama.cpp via {supervisor.backend}", "model": model.path,
-             "model_source": model.source}
+    spec, supervisor = local[url]
+    facts = {"url": url, "kind": f"embedded llama.cpp via {supervisor.backend}", "model": supervisor.model_path,
+             "model_source": str(spec.origin)}
     if supervisor.process is not None and supervisor.process.poll() is None:
         facts["pid"] = supervisor.process.pid
     else:
@@ -152,12 +183,15 @@ def banner(facts) -> str:
     """The startup lines for a person at a terminal."""
     lines = [f"llama.cpp gateway ready on {facts['base_url'][:-len('/v1')]}",
              f"  OpenAI base URL: {facts['base_url']}"]
+    if facts.get("models_file"):
+        lines.append(f"  models file: {facts['models_file']} (applied live when it changes)")
     for model in facts["models"]:
         for replica in model["replicas"]:
             pid = f", pid {replica['pid']}" if "pid" in replica else \
                 ", loads on first request" if replica.get("loaded") is False else ""
             served = f"\n      serving {replica['model']} (from {replica['model_source']})" if "model" in replica else ""
-            lines.append(f"  model {model['name']}: {replica['url']} ({replica['kind']}{pid}){served}")
+            aliases = f" (aliases {', '.join(model['aliases'])})" if model.get("aliases") else ""
+            lines.append(f"  model {model['name']}{aliases}: {replica['url']} ({replica['kind']}{pid}){served}")
     if facts.get("demo_model"):
         lines += ["  NOTE: this is the demo model: random weights, so its answers are noise.",
                   "        For real answers set LLAMA_MODEL=hf:ggml-org/gemma-3-1b-it-GGUF (fetched from Hugging Face)",
@@ -168,9 +202,9 @@ def banner(facts) -> str:
     return "\n".join(lines)
 
 
-def announce(settings, fleet):
+def announce(settings, models, fleet):
     """Say the gateway is ready: a banner on a terminal, JSON events otherwise."""
-    facts = startup_facts(settings, fleet)
+    facts = startup_facts(settings, models, fleet)
     if uses_json(settings["LOG_FORMAT"]):
         log.info("ready", extra={"fields": facts})
         if facts.get("demo_model"):
@@ -200,8 +234,9 @@ def raise_open_file_limit():
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-class StopRequest:
-    """Set by SIGTERM or Ctrl-C. A plain flag: a signal handler that took a lock could deadlock."""
+class SignalFlag:
+    """Set by a signal (SIGTERM, Ctrl-C, SIGHUP), acted on by the main thread. A plain flag: a signal handler that
+    took a lock could deadlock."""
 
     requested = False
 
@@ -209,14 +244,18 @@ class StopRequest:
         self.requested = True
 
 
-def run_until_stopped(app, server, settings) -> None:
-    """Serve until SIGTERM or Ctrl-C, then shut down gracefully: refuse new work, drain, stop llama.cpp."""
-    stop = StopRequest()
+def run_until_stopped(app, server, settings, hangup=None, on_hangup=None) -> None:
+    """Serve until SIGTERM or Ctrl-C, then shut down gracefully: refuse new work, drain, stop llama.cpp. Each time
+    the hangup flag is set (SIGHUP), on_hangup runs in a thread of its own (a reload may fetch a model)."""
+    stop = SignalFlag()
     signal.signal(signal.SIGTERM, stop)
     loop = threading.Thread(target=server.run, name="waitress-loop", daemon=True)
     loop.start()
     try:
         while not stop.requested and loop.is_alive():
+            if hangup is not None and hangup.requested:
+                hangup.requested = False
+                threading.Thread(target=on_hangup, name="models-reload", daemon=True).start()
             time.sleep(0.1)
     except KeyboardInterrupt:
         pass
@@ -227,29 +266,89 @@ def run_until_stopped(app, server, settings) -> None:
     loop.join(5)
 
 
-def main() -> int:
-    """Run the gateway until Ctrl-C or SIGTERM; return the exit code."""
+def check_models() -> int:
+    """bin/serve --check: print the models the settings and the models file name, each local one with its
+    llama.cpp's whole command line (an hf: file as written: nothing is fetched, nothing started), and return 0; or
+    print every problem and return 1."""
+    from dotenv import load_dotenv
+
+    load_dotenv(ENV_FILE, override=False)
+    try:
+        settings = load_settings(os.environ)
+        configure_logging(settings["LOG_LEVEL"], "text")  # a context capped to a model's trained length, say
+        models = read_models(settings, check_args=args_check(settings))
+        print(models_report(models, settings))
+    except ModelsFileError as error:
+        print("\n".join(error.problems), file=sys.stderr)
+        return 1
+    except (ConfigError, LlamaStartError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def models_report(models, settings) -> str:
+    """The models as bin/serve --check prints them: each one's names, its llama-servers, its command line."""
+    local = [spec for spec in models.specs if spec.source]
+    port = settings["LLAMA_PORT"] if len(local) == 1 else None  # else a free port, as at start
+    lines = [f"models from {models.file or 'the environment'}:"]
+    for spec in models.specs:
+        aliases = f" (aliases {', '.join(spec.aliases)})" if spec.aliases else ""
+        name = spec.id if not models.any_name else f"any ({spec.id})" if spec.source else "any"
+        lines.append(f"model {name}{aliases}")
+        lines += [f"  llama-server at {public_url(url)}" for url in spec.upstreams]
+        if spec.source:
+            supervisor = supervisor_for(spec, settings, shown_files(spec), port=port,
+                                        alias=None if models.any_name else spec.id)
+            lines.append(f"  {supervisor.command_line}")
+    return "\n".join(lines)
+
+
+def make_reloader(models, settings, fleet, app, seen):
+    """The models file's reloader (None when the models come from the environment, which cannot change under a
+    running process), on the app for POST /models/reload."""
+    reloader = None
+    if models.file:
+        reloader = Reloader(models.file, partial(fleet.apply, router=app.extensions["router"]),
+                            check_args=args_check(settings), seen=seen)
+    app.extensions["reloader"] = reloader
+    return reloader
+
+
+def main(check=False) -> int:
+    """Run the gateway until Ctrl-C or SIGTERM; return the exit code. check: check_models() instead."""
+    if check:
+        return check_models()
     settings = load_environment()
     check_listen_address(settings["API_HOST"], settings["API_PORT"])  # before a model loads for minutes
     configure_logging(settings["LOG_LEVEL"], settings["LOG_FORMAT"])
     warn_unknown_settings()
-    fleet = make_fleet(settings)  # first: a bad ENABLED_MODELS stops the start with one line
-    warn_unanswered_upstreams(settings)  # the external ones, as set (before the local ones join the routes)
+    models, seen = load_models(settings)  # first: a bad ENABLED_MODELS stops the start with one line
+    fleet = make_fleet(models, settings)
+    warn_unanswered_upstreams(models, settings)
     log.info("config", extra={"fields": settings_summary(settings)})
     log.info("open files", extra={"fields": {"soft_limit": raise_open_file_limit()}})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # while llama.cpp loads: the finally stops it
-    if fleet:
-        settings.update(fleet.route_settings(settings))
+    hangup, reloader = SignalFlag(), None
     try:
-        app = create_app(settings, pool=fleet.pool if fleet else None)  # first: its metrics count the first loads
-        if fleet:
-            fleet.start()
+        # A pool even without local models when they come from a file: a reload may add some.
+        app = create_app(settings, pool=fleet.pool if fleet.supervisors or models.file else None, models=models,
+                         local_urls=fleet.local_urls)  # first: its metrics count the first loads
+        reloader = make_reloader(models, settings, fleet, app, seen)
+        if reloader is not None and hasattr(signal, "SIGHUP"):  # POSIX; without a file, SIGHUP ends it as ever
+            signal.signal(signal.SIGHUP, hangup)
+        fleet.start()
         server = make_server(app, host=settings["API_HOST"], port=settings["API_PORT"],
                              threads=settings["WAITRESS_THREADS"], max_body_bytes=settings["MAX_BODY_BYTES"],
                              max_connections=settings["MAX_CONNECTIONS"],
                              idle_timeout_s=settings["IDLE_CONNECTION_TIMEOUT_S"])
-        announce(settings, fleet)
-        run_until_stopped(app, server, settings)
+        announce(settings, models, fleet)
+        if reloader is not None:
+            reloader.watch()
+        run_until_stopped(app, server, settings, hangup, reloader and partial(reloader.reload_logged, "SIGHUP"))
+    except ConfigError as error:  # the routes refused the models
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except LlamaStartError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -260,8 +359,9 @@ def main() -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        if fleet:
-            fleet.stop()
+        if reloader is not None:
+            reloader.stop()
+        fleet.stop()
     log.info("stopped")
     return 0
 

@@ -124,7 +124,7 @@ def test_concurrency_limit_holds_until_the_stream_ends(make_app, httpserver, liv
     release = threading.Event()
     httpserver.expect_request(CHAT).respond_with_handler(
         gated_stream(b'data: {"choices":[]}\n\n', b"data: [DONE]\n\n", release))
-    httpserver.expect_request("/v1/models").respond_with_json({"data": [{"id": "m"}]})
+    httpserver.expect_request("/tokenize").respond_with_json({"tokens": [1]})
     base = live_gateway(make_app(httpserver.url_for("").rstrip("/"), **KEYS, RATE_LIMIT_CONCURRENT="1"), threads=4)
     stream = requests.post(base + CHAT, json={**CHAT_BODY, "stream": True}, headers=TEAM_A, stream=True, timeout=10)
     try:
@@ -138,7 +138,8 @@ def test_concurrency_limit_holds_until_the_stream_ends(make_app, httpserver, liv
         release.set()
         stream.close()
     for _ in range(100):  # the slot frees as soon as waitress has closed the finished stream
-        status = requests.get(base + "/v1/models", headers=TEAM_A, timeout=10).status_code
+        # A request the limits count: a model listing would pass with the slot still held.
+        status = requests.post(base + "/tokenize", json={"content": "hi"}, headers=TEAM_A, timeout=10).status_code
         if status != 429:
             break
     assert status == 200

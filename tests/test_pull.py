@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from service.llama.fleet import model_traits
+from service.llama.launch import model_traits
 from service.models.demo_model import CONTEXT_LENGTH
 from service.models.model_file import model_files
 from tests.fake_hub import LISTING, RESOLVE, FakeHub, demo_gguf

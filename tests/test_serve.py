@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from service.llama.supervisor import free_port
-from service.serve import warn_unknown_settings
+from service.serve import check_listen_address, warn_unknown_settings
 from tests.processes import ROOT, SERVE, ServeProcess, posix_only
 
 
@@ -221,3 +221,112 @@ def test_unknown_settings_name_the_file_they_came_from(tmp_path, caplog):
     assert [record.fields for record in caplog.records] == [
         {"name": "MODELS_DIRS", "did_you_mean": "MODELS_DIR", "source": ".env", "settings": ".env.example"},
         {"name": "LLAMA_THRADS", "did_you_mean": "LLAMA_THREADS", "source": "environment", "settings": ".env.example"}]
+
+
+@pytest.mark.parametrize("windows", [True, False])
+def test_the_api_port_is_probed_as_waitress_binds_there(windows):
+    # Windows: with no option at all (an exclusive bind fails while old connections linger, where waitress's own
+    # bind succeeds). A port another program listens on is refused all the same.
+    check_listen_address("127.0.0.1", free_port(), windows=windows)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        with pytest.raises(SystemExit) as stopped:
+            check_listen_address("127.0.0.1", taken.getsockname()[1], windows=windows)
+    assert stopped.value.code == 2
+
+
+def run_serve(*args, **env):
+    """bin/serve run to its end, with env over the test's environment (the venv's Python: no re-exec)."""
+    return subprocess.run([sys.executable, SERVE, *args], env={**os.environ, "API_PORT": str(free_port()), **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def models_file(folder, text) -> str:
+    """A models file in folder, beside stand-ins for the files it names (the file's reader checks they exist)."""
+    for name in ("model.gguf", "mmproj-F16.gguf", "draft.gguf"):
+        (folder / name).write_bytes(b"GGUF")
+    path = folder / "models.toml"
+    path.write_text(text)
+    return str(path)
+
+
+CHECKED = """[models.chat]
+source = "model.gguf"
+aliases = ["gpt-4o-mini"]
+args = ["-ngl", "99", "--cache-type-k", "q8_0"]
+mmproj = "mmproj-F16.gguf"
+draft = "draft.gguf"
+[models.far]
+upstreams = ["http://alice:pw@far:8080"]
+"""
+
+
+def test_check_prints_each_model_with_its_command_line_and_starts_nothing(tmp_path):
+    path = models_file(tmp_path, CHECKED)
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # a start would stop here: the API port is in use
+        result = run_serve("--check", MODELS_FILE=path, MODELS_DIR=str(tmp_path / "kept"),
+                           API_PORT=str(taken.getsockname()[1]))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:2] == [f"models from {path}:", "model chat (aliases gpt-4o-mini)"]
+    command = lines[2].split()
+    assert command[command.index("--model") + 1] == str(tmp_path / "model.gguf")
+    assert command[command.index("--alias") + 1] == "chat"
+    tail = command[command.index("-ngl"):]
+    assert tail == ["-ngl", "99", "--cache-type-k", "q8_0", "--mmproj", str(tmp_path / "mmproj-F16.gguf"),
+                    "--model-draft", str(tmp_path / "draft.gguf"), "--exit-with-stdin"]
+    assert lines[3:] == ["model far", "  llama-server at http://far:8080"]  # never a password
+    assert not (tmp_path / "kept").exists()  # nothing fetched, no demo written
+
+
+def test_check_and_the_start_print_every_problem_of_a_models_file_and_exit_1(tmp_path):
+    path = models_file(tmp_path, CHECKED.replace('"-ngl"', '"-c", "8", "--bogus"') + "ttl = -1\n")
+    expected = [f"{path}:4: models.chat.args: -c is set by the gateway",
+                f"{path}:4: models.chat.args: unknown flag --bogus", f"{path}:9: models.far.ttl: must be"]
+    for args in (["--check"], []):
+        result = run_serve(*args, MODELS_FILE=path)
+        assert result.returncode == 1 and result.stdout == ""
+        lines = result.stderr.splitlines()
+        assert len(lines) == len(expected) and all(line.startswith(start) for line, start in zip(lines, expected))
+
+
+def test_a_models_file_beside_a_setting_that_names_models_stops_the_start_with_one_line(tmp_path):
+    path = models_file(tmp_path, CHECKED)
+    result = run_serve(MODELS_FILE=path, MODEL_PATHS=f"x={tmp_path / 'model.gguf'}")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"error: MODEL_PATHS: set, and the models file {path} names the models "
+                                          "too: keep one (unset MODEL_PATHS, or unset MODELS_FILE)"]
+    checked = run_serve("--check", MODELS_FILE=path, LLAMA_SERVER_URL="http://h:1")
+    assert checked.returncode == 1 and checked.stderr.startswith("error: LLAMA_SERVER_URL: set, and the models file")
+
+
+@posix_only
+@pytest.mark.llama
+def test_a_models_file_start_serves_by_alias_and_reloads_on_post_on_a_change_and_on_sighup(demo_model_path, tmp_path):
+    path = tmp_path / "models.toml"
+    path.write_text(f'[models.chat]\nsource = "{demo_model_path}"\naliases = ["gpt-4o-mini"]\nctx = 512\n')
+    serve = ServeProcess(MODELS_FILE=str(path), LLAMA_THREADS="1", ADMIN_API_KEY="sk-admin")
+    admin = {"Authorization": "Bearer sk-admin"}
+
+    def chat(model):
+        return requests.post(serve.url + "/v1/chat/completions", timeout=30, json={
+            "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    try:
+        ready = serve.wait_for_event("ready")
+        assert ready["models"][0]["name"] == "chat" and ready["models"][0]["aliases"] == ["gpt-4o-mini"]
+        assert ready["models_file"] == str(path)
+        answer = chat("gpt-4o-mini")
+        assert answer.status_code == 200 and answer.json()["model"] == "gpt-4o-mini"
+        assert chat("llama").status_code == 404  # a models file routes by name, even one model
+        path.write_text(path.read_text().replace('"gpt-4o-mini"', '"gpt-4o-mini", "second"'))
+        reloaded = requests.post(serve.url + "/models/reload", headers=admin, timeout=30)
+        assert reloaded.json() == {"added": [], "removed": [], "changed": [], "updated": ["chat"]}
+        assert serve.wait_for_event("models reloaded")["trigger"] == "admin"  # and the watcher leaves it at that
+        assert chat("second").status_code == 200
+        path.write_text(path.read_text().replace(', "second"', ""))  # the watcher sees it
+        assert serve.wait_for_event("models reloaded", timeout=20)["trigger"] == "file changed"
+        assert chat("second").status_code == 404
+        serve.process.send_signal(signal.SIGHUP)
+        assert serve.wait_for_event("models reloaded", timeout=20)["trigger"] == "SIGHUP"
+        assert chat("gpt-4o-mini").status_code == 200  # SIGHUP reloads; it does not end the gateway
+    finally:
+        assert serve.stop() == 0

@@ -2,7 +2,8 @@
 from ..families import ANTHROPIC, LLAMA, OPENAI, RESPONSES
 from ..operations import openapi
 from ..ui import bp as ui_bp
-from . import admin, chat, completions, embeddings, health, infill, messages, models, rerank, responses, root, tokens
+from . import (admin, chat, completions, embeddings, health, infill, messages, models, reload, rerank, responses, root,
+               tokens)
 
 # Each blueprint and the family of its routes (None: no family; errors there are OpenAI-shaped).
 BLUEPRINTS = (
@@ -14,6 +15,7 @@ BLUEPRINTS = (
     (completions.bp, OPENAI),
     (embeddings.bp, OPENAI),
     (admin.bp, OPENAI),
+    (reload.bp, OPENAI),
     (responses.bp, RESPONSES),
     (messages.bp, ANTHROPIC),
     (rerank.bp, LLAMA),

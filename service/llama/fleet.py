@@ -1,117 +1,49 @@
-"""Which models bin/serve starts, one supervised llama.cpp each, and the routes to them.
+"""The local models of a ModelSet (those with a source), one supervised llama.cpp each, in a pool that loads them
+on demand; and the change to another ModelSet while the gateway runs (a reload of the models file).
 
-MODEL_PATHS names them; else LLAMA_MODEL is the one; else every *.gguf in models/ is one, named after its
-file (the demo model when there is none). ENABLED_MODELS narrows the list.
+What one spec becomes (its files, its command line, its pool settings) is launch.py's.
 """
 from dataclasses import replace
 
-from ..config import ConfigError
-from ..models.model_file import LocalModel, choose_model, model_files, resolve
-from ..models.model_memory import estimate_mib, fit_context
+from ..models.names import model_name
+from ..models.spec import diff
 from ..paths import MODELS_DIR
+from .launch import lifecycle, pooled_model, resolve_files, supervisor_for
 from .pool import ModelPool
-from .pooled_model import PooledModel
-from .supervisor import LlamaSupervisor
-
-
-def local_models(settings, models_dir: str = None) -> list:
-    """The models to start, those named hf:... fetched (or found kept in MODELS_DIR); none when the settings name
-    only upstreams that already run. A name in ENABLED_MODELS or MODEL_SETTINGS that no model has is refused."""
-    models_dir = models_dir or settings["MODELS_DIR"] or MODELS_DIR
-    if settings["MODEL_PATHS"]:
-        models = [LocalModel(name, path, "MODEL_PATHS") for name, path in settings["MODEL_PATHS"].items()]
-    elif settings["LLAMA_SERVER_URL"] or settings["MODEL_UPSTREAMS"]:
-        models = []
-    elif settings["LLAMA_MODEL"]:
-        models = [choose_model(settings["LLAMA_MODEL"], models_dir)]
-    else:
-        models = model_files(models_dir)
-    names = [model.name for model in models]
-    # MODEL_SETTINGS also gives upstream models their slots=N (the scheduler's); ENABLED_MODELS picks local ones.
-    _refuse_unknown("MODEL_SETTINGS", settings["MODEL_SETTINGS"], names + [
-        name for name in settings["MODEL_UPSTREAMS"] or () if name not in names],
-        none="none by name (LLAMA_SERVER_URL alone takes any name)")
-    _refuse_unknown("ENABLED_MODELS", settings["ENABLED_MODELS"], names,
-                    none="none that bin/serve starts (only LLAMA_SERVER_URL or MODEL_UPSTREAMS)")
-    if settings["ENABLED_MODELS"]:
-        models = [model for model in models if model.name in settings["ENABLED_MODELS"]]
-    # After ENABLED_MODELS: a model left out is never downloaded.
-    return [replace(model, path=resolve(model.path, models_dir)) for model in models]
-
-
-def _refuse_unknown(setting: str, named, known, none: str):
-    # A name no model has would be ignored without a word: a typo, or a setting meant for another start.
-    unknown = [name for name in named or () if name not in known]
-    if unknown:
-        raise ConfigError(f"{setting}: no model named {', '.join(unknown)}; the models are: {', '.join(known) or none}")
-
-
-def model_traits(path: str) -> dict:
-    """What a GGUF says of itself: whether it is an embedding model (it has a pooling type), and its trained
-    context length. Empty when the file cannot be read as GGUF: llama.cpp will say why."""
-    try:
-        from gguf import GGUFReader
-
-        fields = GGUFReader(path).fields
-        arch = fields["general.architecture"].contents()
-    except Exception:  # noqa: BLE001 - any unreadable file is llama.cpp's to report
-        return {}
-    traits = {"embedding_only": f"{arch}.pooling_type" in fields}
-    if f"{arch}.context_length" in fields:
-        traits["trained_ctx"] = int(fields[f"{arch}.context_length"].contents())
-    return traits
-
-
-# llama.cpp's --cache-ram default.
-LLAMA_CACHE_RAM_DEFAULT_MIB = 8192
-
-# MODEL_SETTINGS options that are the gateway's (the pool's, the scheduler's), not llama.cpp's.
-GATEWAY_OPTIONS = ("ttl", "preload", "pin", "slots")
-
-
-def supervisor_for(model: LocalModel, settings, port=None) -> LlamaSupervisor:
-    """A supervisor for one model: the LLAMA_* settings, then what the model file says of itself, then the
-    model's own MODEL_SETTINGS."""
-    traits = model_traits(model.path)
-    options = {"port": port, "embeddings": settings["LLAMA_EMBEDDINGS"], "pooling": "mean"}
-    if traits.get("trained_ctx"):
-        options["ctx"] = fit_context(model.name, model.path, settings["LLAMA_CTX"])
-    if traits.get("embedding_only"):
-        options.update(embeddings=True, pooling=None)  # the model's own pooling (rank for a reranker)
-    own = {key: value for key, value in _own_settings(model, settings).items() if key not in GATEWAY_OPTIONS}
-    if own.pop("rerank", False):
-        options.update(embeddings=True, pooling="rank")  # llama-server's --reranking: /v1/rerank
-    options.update(own)
-    return LlamaSupervisor.from_settings(settings, model.path, alias=model.name, **options)
-
-
-def _own_settings(model, settings) -> dict:
-    return dict((settings["MODEL_SETTINGS"] or {}).get(model.name, {}))
-
-
-def pooled_model(model: LocalModel, supervisor: LlamaSupervisor, settings) -> PooledModel:
-    """The pool's view of one model: its idle TTL, preload and pin settings, and its estimated memory need."""
-    own = _own_settings(model, settings)
-    need = estimate_mib(model.path, supervisor.ctx) if settings["MODELS_MEMORY_MIB"] else None
-    if need is not None:
-        # Its prompt cache in host RAM, which llama.cpp fills as it caches prompts.
-        need += LLAMA_CACHE_RAM_DEFAULT_MIB if supervisor.cache_ram is None else supervisor.cache_ram
-    return PooledModel(model.name, supervisor, ttl_s=own.get("ttl", settings["MODEL_IDLE_TTL_S"]),
-                       pinned=own.get("pin", False), preload=own.get("preload", False), need_mib=need)
 
 
 class Fleet:
-    """The supervised llama.cpp servers of the local models, in a pool that loads them on demand."""
+    """The supervised llama.cpp servers of a ModelSet's local models, in a pool that loads them on demand."""
 
-    def __init__(self, models, settings):
-        self.models = models
+    def __init__(self, model_set, settings, models_dir: str = None, *, launch=None):
+        """Prepare (not start) a llama.cpp per spec with a source, each hf: file fetched first (raises
+        LlamaStartError if one cannot be had). launch(spec, port) -> PooledModel replaces the real making of one
+        (tests)."""
+        self.settings = settings
+        self.models_dir = models_dir or settings["MODELS_DIR"] or MODELS_DIR
+        self.launch = launch or self._launch
+        self.model_set = model_set
+        local = [spec for spec in model_set.specs if spec.source]
         # LLAMA_PORT holds for one model; several get free ports.
-        port = settings["LLAMA_PORT"] if len(models) == 1 else None
-        self.supervisors = [supervisor_for(model, settings, port) for model in models]
-        self.pool = ModelPool([pooled_model(model, supervisor, settings)
-                               for model, supervisor in zip(models, self.supervisors)],
-                              max_loaded=settings["MODELS_MAX_LOADED"], memory_mib=settings["MODELS_MEMORY_MIB"],
-                              load_timeout_s=settings["LLAMA_STARTUP_TIMEOUT_S"])
+        port = settings["LLAMA_PORT"] if len(local) == 1 else None
+        pooled = [self.launch(spec, port) for spec in local]
+        self.supervisors = {spec.id: model.supervisor for spec, model in zip(local, pooled)}  # by spec id
+        self.pool = ModelPool(pooled, max_loaded=settings["MODELS_MAX_LOADED"],
+                              memory_mib=settings["MODELS_MEMORY_MIB"], load_timeout_s=settings["LLAMA_STARTUP_TIMEOUT_S"])
+
+    def _launch(self, spec, port=None):
+        files = resolve_files(spec, self.models_dir)
+        if self.model_set.any_name:
+            # A model that takes any name is named after its file (by llama.cpp and the pool), as one llama-server
+            # names its model: an hf: name's file is known only now.
+            spec = replace(spec, id=model_name(files.model))
+        supervisor = supervisor_for(spec, self.settings, files, port=port, alias=spec.id)
+        return pooled_model(spec, supervisor, self.settings, files)
+
+    @property
+    def local_urls(self) -> dict:
+        """Each local model's id -> the URL of its llama.cpp (for the routes)."""
+        return {name: supervisor.url for name, supervisor in self.supervisors.items()}
 
     def start(self):
         """Start the llama.cpp servers that load at start (every one, unless MODELS_MAX_LOADED is set) side by
@@ -123,13 +55,50 @@ class Fleet:
         """Stop every llama.cpp."""
         self.pool.stop()
 
-    def route_settings(self, settings) -> dict:
-        """The settings that route to the local models: LLAMA_SERVER_URL for one model chosen without
-        MODEL_PATHS (any model name is then accepted, as with one llama-server), else MODEL_UPSTREAMS, where
-        a local model named there too becomes one more replica of it."""
-        if len(self.models) == 1 and not settings["MODEL_PATHS"]:
-            return {"LLAMA_SERVER_URL": self.supervisors[0].url}
-        routes = dict(settings["MODEL_UPSTREAMS"] or {})
-        for model, supervisor in zip(self.models, self.supervisors):
-            routes[model.name] = (*routes.get(model.name, ()), supervisor.url)
-        return {"MODEL_UPSTREAMS": routes}
+    def apply(self, model_set, router) -> dict:
+        """Serve model_set from now on, through the pool's lifecycle and router's routes: an added model joins the
+        pool, then gets its route; a removed one loses its route, then drains and stops; a changed one restarts
+        with its new command line once idle, on the same URL; an updated one changes in place. No request is
+        routed to a model the pool does not know. Returns the ids of each kind; raises (changing nothing) when a
+        new model's files cannot be had or the routes refuse the set."""
+        changes = diff(self.model_set.specs, model_set.specs)
+        # All that can fail before anything changes: the fetches of new files, the free ports.
+        launched = {spec.id: self.launch(spec, self._port_of(spec.id))
+                    for spec in changes.added + changes.changed if spec.source}
+        for name, model in launched.items():
+            previous = self.supervisors.get(name)
+            if previous is not None:
+                model.supervisor.port_chosen = previous.port_chosen  # the same port, picked the same way
+        joining = [model for name, model in launched.items() if name not in self.supervisors]  # a file's: by id
+        # Removed, or run elsewhere from now on (upstreams only): its llama.cpp here stops.
+        leaving = [spec.id for spec in changes.removed + changes.changed
+                   if spec.id in self.supervisors and spec.id not in launched]
+        supervisors = {name: supervisor for name, supervisor in self.supervisors.items() if name not in leaving}
+        supervisors.update((name, model.supervisor) for name, model in launched.items())
+        joined = []
+        try:
+            for model in joining:
+                self.pool.add(model)  # before its route: a request routed there finds it
+                joined.append(model)
+            router.apply(model_set, {name: supervisor.url for name, supervisor in supervisors.items()})
+        except BaseException:
+            for model in joined:
+                self.pool.retire(model.name)  # never routed: forgotten (and stopped, if it loaded meanwhile)
+            raise
+        for name in leaving:
+            self.pool.retire(name)  # after its route is gone: requests in flight finish, new ones get 404
+        for spec in changes.changed + changes.live:
+            if spec.id in launched and spec.id in self.supervisors:
+                model = launched[spec.id]
+                self.pool.replace(spec.id, model.supervisor, **lifecycle(spec, self.settings), need_mib=model.need_mib)
+            elif spec in changes.live and spec.id in supervisors:
+                self.pool.update(spec.id, **lifecycle(spec, self.settings))
+        self.model_set, self.supervisors = model_set, supervisors
+        return {"added": [spec.id for spec in changes.added], "removed": [spec.id for spec in changes.removed],
+                "changed": [spec.id for spec in changes.changed], "updated": [spec.id for spec in changes.live]}
+
+    def _port_of(self, name):
+        # A changed model keeps its URL (the routes and the pool know it by it); a new one gets a free port.
+        supervisor = self.supervisors.get(name)
+        return supervisor.port if supervisor is not None else None
+

@@ -13,16 +13,16 @@ from .shared_limits import SharedRateLimiter
 
 # Reachable without a key: load balancers and probes poll it.
 PUBLIC_PATHS = ("/", "/health", "/openapi.json")
-# Routes for ADMIN_API_KEY alone (models on demand, the operators' page's data): no client key, no client limits.
-# Matched by URL rule, so that only a request that reaches their views needs the admin key.
-ADMIN_RULES = ("/models/load", "/models/unload", "/ui/api/state", "/ui/api/chat")
+# Routes for ADMIN_API_KEY alone (models on demand, the models file's reload, the operators' page's data): no
+# client key, no client limits. Matched by URL rule, so that only a request that reaches their views needs the key.
+ADMIN_RULES = ("/models/load", "/models/unload", "/models/reload", "/ui/api/state", "/ui/api/chat")
 # The operators' page and its files: public, as they hold nothing but the sign-in form (its data is ADMIN_RULES').
 UI_PAGE_RULES = ("/ui", "/ui/static/<path:filename>")
 # Model listings: a key is needed, but no client limit counts them, as clients probe them (at start, to pick a
 # model) and they never reach llama.cpp's slots.
 UNLIMITED_RULES = ("/v1/models", "/models", "/v1/models/<path:model>", "/models/<path:model>")
 # CORS_ORIGINS is for API clients: no other origin may read the operators' page or call the admin routes.
-CORS_PATHS = re.compile(r"/(?!ui(/|$)|models/(load|unload)$)")
+CORS_PATHS = re.compile(r"/(?!ui(/|$)|models/(load|unload|reload)$)")
 
 # What a browser may read of an answer: the request id and every family's rate-limit headers.
 EXPOSED_HEADERS = ["x-request-id", "request-id"] + [

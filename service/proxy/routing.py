@@ -15,6 +15,7 @@ from typing import NamedTuple
 from ..config import ConfigError
 from ..converters import public_url
 from ..errors import ApiError, InvalidRequest, UpstreamError, UpstreamUnavailable
+from ..models.environment import upstream_models
 from ..models.spec import ModelSet, ModelSpec
 from .affinity import AffinityTable
 from .request_rules import RequestRules
@@ -283,7 +284,7 @@ class Router:
     @classmethod
     def from_settings(cls, settings, probe=None):
         """Routes from MODEL_UPSTREAMS, or one route for any model to LLAMA_SERVER_URL."""
-        return cls.from_models(models_from_settings(settings), **route_options(settings, probe))
+        return cls.from_models(upstream_models(settings), **route_options(settings, probe))
 
     @property
     def routes(self) -> dict:
@@ -350,20 +351,6 @@ class Router:
         aliases = {alias: route for route in routes for alias in route.aliases}
         # Where a name is both a model's id and another's alias (the models file refuses it), the id wins.
         self._table = RouteTable({route.name: route for route in routes}, MappingProxyType(aliases), fallback)
-
-
-def models_from_settings(settings) -> ModelSet:
-    """MODEL_UPSTREAMS (one model per name, its URLs the replicas) or LLAMA_SERVER_URL (one model of any name)
-    as a ModelSet: the settings tests and a plain create_app give, on the path of the models file."""
-    if settings["MODEL_UPSTREAMS"]:
-        return ModelSet(tuple(ModelSpec(name, upstreams=tuple(urls))
-                              for name, urls in settings["MODEL_UPSTREAMS"].items()))
-    return ModelSet((ModelSpec(ANY_NAME_ID, upstreams=(settings["LLAMA_SERVER_URL"],)),), any_name=True)
-
-
-# The id of the one model LLAMA_SERVER_URL serves: it is never shown (its route takes any name, and is listed
-# by what the llama-server says of itself).
-ANY_NAME_ID = "llama-server"
 
 
 def route_options(settings, probe=None) -> dict:

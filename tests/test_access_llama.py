@@ -47,9 +47,10 @@ def test_wrong_key_raises_authentication_error(gateway):
 def test_sdk_waits_out_retry_after_and_succeeds(gateway):
     base = gateway(RATE_LIMIT_RPM="1", RATE_LIMIT_WINDOW_S=2.0)
     client = sdk(base, "key-b-222", retries=2)
-    client.models.list()
+    client.completions.create(model="llama", prompt="hi", max_tokens=1)  # a request that counts (listings do not)
     started = time.monotonic()
-    assert client.models.list().data  # 429 with Retry-After: 2, then the SDK's retry gets through
+    # 429 with Retry-After: 2, then the SDK's retry gets through
+    assert client.completions.create(model="llama", prompt="hi", max_tokens=1).choices
     assert time.monotonic() - started >= 1.0
 
 
@@ -65,7 +66,10 @@ def remaining_tokens(base, key, below=None):
     """x-ratelimit-remaining-tokens; with below, wait until the last request's tokens are counted (on close)."""
     deadline = time.monotonic() + 5
     while True:
-        response = requests.get(base + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        # A tokenize counts against the limits (a model listing does not, so it has no such header) and reports
+        # no usage, so that the probe itself spends no tokens.
+        response = requests.post(base + "/tokenize", headers={"Authorization": f"Bearer {key}"},
+                                 json={"content": "hi"}, timeout=30)
         remaining = int(response.headers["x-ratelimit-remaining-tokens"])
         if below is None or remaining < below or time.monotonic() > deadline:
             return remaining

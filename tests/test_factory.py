@@ -37,8 +37,8 @@ def test_two_apps_live_side_by_side(make_app, fake_upstreams):
     # Two gateways in one process, each with its own upstream, keys, limits, limiter and metrics registry: the
     # same client id in both, so that any state shared between them would show in the other's answers.
     upstreams = fake_upstreams(2)
-    for server, model in zip(upstreams, ("first-model", "second-model")):
-        server.expect_request("/v1/models").respond_with_json({"object": "list", "data": [{"id": model}]})
+    for server, token in zip(upstreams, (1, 2)):
+        server.expect_request("/tokenize").respond_with_json({"tokens": [token]})
     first = make_app(upstreams[0].url_for("").rstrip("/"), OPENAI_API_KEYS="shared-key:team,first-only:solo",
                      RATE_LIMIT_RPM="1")
     second = make_app(upstreams[1].url_for("").rstrip("/"), OPENAI_API_KEYS="shared-key:team", RATE_LIMIT_RPM="2")
@@ -47,22 +47,23 @@ def test_two_apps_live_side_by_side(make_app, fake_upstreams):
     one, two = first.test_client(), second.test_client()
     key = {"Authorization": "Bearer shared-key"}
 
-    def models(client, headers):
-        response = client.get("/v1/models", headers=headers)
+    def tokenize(client, headers):
+        # A request that counts against the client limits (model listings do not).
+        response = client.post("/tokenize", headers=headers, json={"content": "hi"})
         response.close()  # as a server would: the request's record is counted on close
         return response
 
-    answer = models(one, key)
-    assert answer.status_code == 200 and answer.get_json()["data"][0]["id"] == "first-model"
+    answer = tokenize(one, key)
+    assert answer.status_code == 200 and answer.get_json()["tokens"] == [1]
     assert answer.headers["x-ratelimit-limit-requests"] == "1"
-    assert models(one, key).status_code == 429  # the first app's one request a minute is used up
-    assert models(one, {"Authorization": "Bearer first-only"}).status_code == 200
-    assert models(two, {"Authorization": "Bearer first-only"}).status_code == 401  # a key of the first app only
+    assert tokenize(one, key).status_code == 429  # the first app's one request a minute is used up
+    assert tokenize(one, {"Authorization": "Bearer first-only"}).status_code == 200
+    assert tokenize(two, {"Authorization": "Bearer first-only"}).status_code == 401  # a key of the first app only
 
     # The second app's limit for the same client is untouched by the first's: two requests, then its own 429.
-    answers = [models(two, key) for _ in range(3)]
+    answers = [tokenize(two, key) for _ in range(3)]
     assert [response.status_code for response in answers] == [200, 200, 429]
-    assert answers[0].get_json()["data"][0]["id"] == "second-model"
+    assert answers[0].get_json()["tokens"] == [2]
     assert answers[0].headers["x-ratelimit-limit-requests"] == "2"
     assert answers[0].headers["x-ratelimit-remaining-requests"] == "1"
     assert [len(server.log) for server in upstreams] == [2, 2]
@@ -70,5 +71,5 @@ def test_two_apps_live_side_by_side(make_app, fake_upstreams):
     # Each app counts only its own requests.
     refused = 'gateway_rate_limited_total{client="team",limit="rpm"}'
     assert (metric(one, refused), metric(two, refused)) == (1.0, 1.0)
-    answered = 'gateway_requests_total{client="team",route="/v1/models",status="200"}'
+    answered = 'gateway_requests_total{client="team",route="/tokenize",status="200"}'
     assert (metric(one, answered), metric(two, answered)) == (1.0, 2.0)

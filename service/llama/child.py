@@ -24,6 +24,8 @@ REFUSED = "service.llama.child: error: "
 # Flags of this child alone, never llama.cpp's: exit when stdin closes (the supervisor's pipe: its end closes
 # when it dies).
 EXIT_WITH_STDIN = "--exit-with-stdin"
+# How long a child that failed to load waits for llama.cpp's log thread to write out why (its lines come in pieces).
+LOG_SETTLE_S = 0.3
 # Where llama-server's flags leave something unset, what this child always did: a context of 4096 (xllamacpp's own
 # default, 0, would take the model's whole trained context). The argv's own flags come after, so they win.
 DEFAULTS = ("--ctx-size", "4096")
@@ -126,7 +128,9 @@ def main(argv=None):
         server = xllamacpp.Server(params)
     except RuntimeError:
         # The model did not load, or the port was taken; llama.cpp has said why in its log. Not printed here: the
-        # supervisor quotes llama.cpp's own error line, the one that says what is wrong.
+        # supervisor quotes llama.cpp's own error line, the one that says what is wrong. llama.cpp logs from a
+        # thread of its own: give it a moment to write that line out before the process ends.
+        time.sleep(LOG_SETTLE_S)
         os._exit(1)
     # Server() returns once the model is loaded and this process listens on the port: say so, so that the
     # supervisor knows a 200 there is ours and not another program's.

@@ -9,6 +9,8 @@ import math
 import threading
 import time
 
+from ..policy.hooks import UNLIMITED_RULES
+
 HOUR_S = 3600.0
 BUCKET_S = 10.0  # the counts' resolution: a rate-limit window is summed from whole buckets
 RECENT_SIZE = 100
@@ -25,7 +27,8 @@ class RecentRequests:
         self._entries = collections.deque(maxlen=size)
         self._refused = collections.deque(maxlen=REFUSED_SIZE)
         self._added = 0  # entries taken so far: the order of both rings together
-        self._buckets = {}  # client id -> deque of [bucket number, requests, tokens, failures], oldest first
+        # client id -> deque of [bucket number, requests, tokens, failures, requests the limits count], oldest first
+        self._buckets = {}
         self._lock = threading.Lock()
 
     def add(self, entry: dict):
@@ -41,12 +44,13 @@ class RecentRequests:
             buckets = self._buckets.setdefault(client, collections.deque())
             number = int(entry["time"] // BUCKET_S)
             if not buckets or buckets[-1][0] < number:
-                buckets.append([number, 0, 0, 0])
+                buckets.append([number, 0, 0, 0, 0])
             # A request that came before the newest bucket's start (a long stream) counts in the newest.
             bucket = buckets[-1]
             bucket[1] += 1
             bucket[2] += entry.get("prompt_tokens", 0) + entry.get("completion_tokens", 0)
             bucket[3] += entry.get("status", 500) >= 400
+            bucket[4] += entry.get("route") not in UNLIMITED_RULES  # model listings count against no limit
             self._prune(buckets)
 
     def latest(self) -> list:
@@ -70,7 +74,7 @@ class RecentRequests:
                 recent = [bucket for bucket in buckets if bucket[0] >= since]
                 counts[client] = {"requests": sum(b[1] for b in buckets), "tokens": sum(b[2] for b in buckets),
                                   "failures": sum(b[3] for b in buckets),
-                                  "window_requests": sum(b[1] for b in recent),
+                                  "window_requests": sum(b[4] for b in recent),
                                   "window_tokens": sum(b[2] for b in recent)}
         return counts
 

@@ -4,8 +4,9 @@ the body says stream) in llama-server's shapes, and records what it was given.
 
 Run as a program (through the wrapper install() writes, since LLAMA_SERVER_BIN names one executable file):
 - FAKE_LLAMA_RECORD names a folder; each process writes <pid>.jsonl there: {"argv": [...]} first, then
-  {"path", "body"} per POST, {"stream": "done"|"cut", "path", "chunks"} after each stream, {"exit": signal} on
-  SIGTERM. One file per process: appends of several processes to one file are not atomic everywhere.
+  {"path", "body"} per POST, {"stream": "last"|"cut", "path", "chunks"} per stream (as its last event goes out,
+  or where the client cut it), {"exit": signal} on SIGTERM. One file per process: appends of several processes
+  to one file are not atomic everywhere.
 - FAKE_LLAMA_DELAY_S: seconds between the chunks of a stream (0 by default), for tests that act meanwhile.
 A stream has as many content chunks as the body's output limit asks (4 without one, 200 at most).
 
@@ -76,14 +77,15 @@ class Recorder:
     """Appends one JSON line per event to this process's record file (none without FAKE_LLAMA_RECORD)."""
 
     def __init__(self, folder):
-        self.path = os.path.join(folder, f"{os.getpid()}.jsonl") if folder else None
-        self.lock = threading.Lock()
+        self.fd = None
+        if folder:
+            self.fd = os.open(os.path.join(folder, f"{os.getpid()}.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
 
     def write(self, **entry):
-        if self.path is None:
-            return
-        with self.lock, open(self.path, "a", encoding="utf-8") as record:
-            record.write(json.dumps({**entry, "time": time.time()}) + "\n")
+        """Append one line in one write: no lock, so that the SIGTERM handler, which may interrupt a write (or
+        itself, when a second SIGTERM follows), never waits for one."""
+        if self.fd is not None:
+            os.write(self.fd, (json.dumps({**entry, "time": time.time()}) + "\n").encode())
 
 
 def chunk_count(body) -> int:
@@ -102,6 +104,7 @@ def sse(data, event=None) -> bytes:
 
 
 def usage_openai(n):
+    """OpenAI's usage object for n generated tokens."""
     return {"prompt_tokens": PROMPT_TOKENS, "completion_tokens": n, "total_tokens": PROMPT_TOKENS + n}
 
 
@@ -198,9 +201,12 @@ def make_handler(argv, recorder, delay_s):
     slots, ctx = int(flag(argv, "--parallel", "1")), int(flag(argv, "--ctx-size", "4096"))
 
     class Handler(http.server.BaseHTTPRequestHandler):
+        """llama-server's routes, HTTP/1.1 with keep-alive as llama-server's."""
+
         protocol_version = "HTTP/1.1"
 
         def do_GET(self):
+            """Health, the model list, /props and /metrics."""
             path = self.path.split("?")[0]
             if path in ("/health", "/v1/health"):
                 self.send_json(200, {"status": "ok"})
@@ -217,11 +223,13 @@ def make_handler(argv, recorder, delay_s):
                 self.send_error_json(404, "File Not Found", "not_found_error")
 
         def do_HEAD(self):
+            """200 with no body, for any path."""
             self.send_response(200)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
         def do_POST(self):
+            """Record the body, then answer the API its path names."""
             path = self.path.split("?")[0]
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             try:
@@ -241,34 +249,40 @@ def make_handler(argv, recorder, delay_s):
             self.stream(path, made)
 
         def stream(self, path, events):
-            """Send events chunked, delay_s apart, and record whether the client took them all."""
+            """Send events chunked, delay_s apart; record when the last one goes out, or where the client cut it."""
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
-            sent = 0
-            try:
-                for number, event in enumerate(events):
-                    if number and delay_s:
-                        time.sleep(delay_s)
+            for number, event in enumerate(events):
+                if number and delay_s:
+                    time.sleep(delay_s)
+                if number == len(events) - 1:
+                    # Recorded before it is sent: once the client has it, the gateway may end this process at once.
+                    recorder.write(stream="last", path=path, chunks=number)
+                try:
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
                     self.wfile.flush()
-                    sent += 1
+                except OSError:
+                    recorder.write(stream="cut", path=path, chunks=number)
+                    self.close_connection = True
+                    return
+            try:
                 self.wfile.write(b"0\r\n\r\n")
                 self.wfile.flush()
             except OSError:
-                recorder.write(stream="cut", path=path, chunks=sent)
-                self.close_connection = True
-                return
-            recorder.write(stream="done", path=path, chunks=sent)
+                self.close_connection = True  # the client had the whole stream and closed first
 
         def send_json(self, status, data):
+            """Answer data as JSON."""
             self.send_text(status, json.dumps(data), "application/json")
 
         def send_error_json(self, status, message, kind):
+            """Answer llama-server's error envelope."""
             self.send_json(status, {"error": {"code": status, "message": message, "type": kind}})
 
         def send_text(self, status, text, content_type="text/plain"):
+            """Answer text with its length."""
             payload = text.encode()
             self.send_response(status)
             self.send_header("Content-Type", content_type)
@@ -277,7 +291,7 @@ def make_handler(argv, recorder, delay_s):
             self.wfile.write(payload)
 
         def log_message(self, *args):
-            pass  # the gateway keeps the binary's output for its error reports: no access lines there
+            """Log no access lines: the gateway keeps the binary's output for its error reports."""
 
     return Handler
 
@@ -299,6 +313,7 @@ def main(argv) -> int:
     recorder.write(argv=argv)
 
     def on_term(signum, frame):
+        """Record the signal, then end at once."""
         recorder.write(exit=signum)
         os._exit(0)
 

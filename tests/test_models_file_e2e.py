@@ -4,7 +4,9 @@ start and --check with one line each; a real llama.cpp runs a quantised KV cache
 Reloads are in test_models_file_live.py."""
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -25,12 +27,12 @@ def box(tmp_path, monkeypatch):
     return stand_in.Box(tmp_path)
 
 
-def run_serve(env, *args) -> subprocess.CompletedProcess:
-    """bin/serve run to its end (a start that fails, or --check), with a free API_PORT."""
+def run_serve(env, *args, port=None) -> subprocess.CompletedProcess:
+    """bin/serve run to its end (a start that fails, or --check), with API_PORT port (default: a free one)."""
     clean = {key: value for key, value in os.environ.items() if key not in stand_in.MODEL_SETTINGS}
     try:
-        return subprocess.run([sys.executable, SERVE, *args], env={**clean, "API_PORT": str(free_port()), **env},
-                               capture_output=True, text=True, timeout=30)
+        return subprocess.run([sys.executable, SERVE, *args], capture_output=True, text=True, timeout=30,
+                              env={**clean, "API_PORT": str(port or free_port()), **env})
     except subprocess.TimeoutExpired as running:  # it started serving instead of stopping (ended by run)
         printed = (running.stderr or b"").decode("utf-8", "replace")
         pytest.fail(f"bin/serve {' '.join(args)} did not end; it printed:\n{printed[-3000:]}")
@@ -188,7 +190,7 @@ def test_a_bad_models_file_stops_the_start_with_one_line_naming_file_and_line(bo
                                                                              words):
     box.file.write_text(text.format(source=stand_in.quoted(demo_model_path)))
     result = run_serve(box.env())
-    assert result.returncode != 0
+    assert result.returncode == 1
     said = [said_line for said_line in result.stderr.splitlines() if said_line.strip()]
     assert len(said) == 1, result.stderr
     assert f"{box.file}:{line}: {words}" in said[0]
@@ -208,20 +210,22 @@ source = "hf:ggml-org/gemma-3-1b-it-GGUF:Q4_K_M"
 [models.remote]
 upstreams = ["http://127.0.0.1:9"]
 """)
-    result = run_serve(box.env(), "--check")
+    # Its port held by another program: a start would stop at once (API_PORT in use); a check binds nothing.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        result = run_serve(box.env(), "--check", port=taken.getsockname()[1])
     assert result.returncode == 0, result.stderr
     out = result.stdout
     local = next((line for line in out.splitlines() if str(demo_model_path) in line), None)
     assert local is not None, out
-    assert "--n-gpu-layers 99 --flash-attn on" in local and "--mmproj" in local  # the full command line
+    assert f"--n-gpu-layers 99 --flash-attn on --mmproj {projector}" in local  # the full command line
     assert "hf:ggml-org/gemma-3-1b-it-GGUF:Q4_K_M" in out  # shown as written: nothing downloaded
     assert "remote" in out and "http://127.0.0.1:9" in out
     assert box.processes() == [] and list(box.models_dir.iterdir()) == []  # nothing started, nothing fetched
 
 
 def test_check_names_an_unknown_flag_in_one_line_and_exits_1(box, demo_model_path):
-    box.file.write_text(f'[models.chat]\nsource = {stand_in.quoted(demo_model_path)}\nargs = ["-fa", "on", "--n-gpu-layer", '
-                        '"9"]\n')
+    box.file.write_text(f'[models.chat]\nsource = {stand_in.quoted(demo_model_path)}\n'
+                        'args = ["-fa", "on", "--n-gpu-layer", "9"]\n')
     result = run_serve(box.env(binary=False), "--check")
     assert result.returncode == 1
     said = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
@@ -232,7 +236,7 @@ def test_check_names_an_unknown_flag_in_one_line_and_exits_1(box, demo_model_pat
 def test_an_unknown_flag_stops_the_embedded_start_with_its_one_line(box, demo_model_path):
     box.file.write_text(f'[models.chat]\nsource = {stand_in.quoted(demo_model_path)}\nargs = ["--no-such-flag"]\n')
     result = run_serve(box.env(binary=False))
-    assert result.returncode != 0
+    assert result.returncode == 1
     said = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(said) == 1, result.stderr
     assert f"{box.file}:3: models.chat.args: unknown flag --no-such-flag" in said[0]
@@ -250,9 +254,9 @@ source = "wide.gguf"
 draft = "draft.gguf"
 ctx = 512
 parallel = 1
-args = ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0", "-fa", "on", "--spec-draft-n-max", "4"]
+args = ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0", "-fa", "on", "--spec-draft-n-max", "4", "-lv", "4"]
 """)
-    serve = ServeProcess(**box.env(binary=False, LLAMA_EMBEDDINGS="0"))
+    serve = ServeProcess(**box.env(binary=False, LLAMA_EMBEDDINGS="0", LOG_LEVEL="debug"))
     try:
         serve.wait_for_event("ready", timeout=50)
         answer = requests.post(serve.url + "/v1/chat/completions", timeout=50, json={
@@ -262,3 +266,6 @@ args = ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0", "-fa", "on", "--spec
         assert serve.stop() == 0
     assert answer.status_code == 200, answer.text
     assert answer.json()["timings"]["draft_n"] > 0  # the draft model drafted
+    # The context llama.cpp built, in its own words (LOG_LEVEL=debug logs them; -lv 4 has it say them).
+    built = " ".join(json.loads(line).get("line", "") for line in serve.seen)
+    assert "K (q8_0)" in built and "V (q8_0)" in built and re.search(r"flash_attn\s+= enabled", built)

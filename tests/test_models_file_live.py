@@ -28,6 +28,22 @@ def box(tmp_path, monkeypatch):
     return stand_in.Box(tmp_path)
 
 
+@pytest.fixture
+def start(box):
+    """start(**env): bin/serve on the box, stopped at the end; a failing test shows what it logged."""
+    started = []
+
+    def run(**env):
+        """Start one with env on top of the box's."""
+        started.append(ServeProcess(**box.env(**env)))
+        return started[-1]
+
+    yield run
+    for serve in started:
+        serve.stop()
+        print("bin/serve logged:\n" + serve.output(5)[-8000:])
+
+
 def models_file(source, **models) -> str:
     """A models file of the given models (name -> extra TOML lines), each on source."""
     return "".join(f"[models.{name}]\nsource = {stand_in.quoted(source)}\n{extra}\n\n"
@@ -56,11 +72,20 @@ def chat(serve, model, **fields) -> requests.Response:
         "model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **fields})
 
 
-def wait_until(check, timeout, what):
-    """Poll check until it is true; fail naming what after timeout seconds."""
+def logged(serve) -> str:
+    """The lines bin/serve has logged so far, for a failure message."""
+    while not serve.lines.empty():
+        line = serve.lines.get_nowait()
+        serve.seen += [line] if line is not None else []
+    return "\n".join(serve.seen[-40:])
+
+
+def wait_until(check, timeout, what, serve=None):
+    """Poll check until it is true; fail naming what (and showing what serve logged) after timeout seconds."""
     deadline = time.monotonic() + timeout
     while not check():
-        assert time.monotonic() < deadline, what
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}; bin/serve logged:\n{logged(serve)}" if serve else what)
         time.sleep(0.1)
 
 
@@ -86,9 +111,9 @@ def strings(value):
 STREAMED = 40  # tokens per stream, FAKE_LLAMA_DELAY_S apart: long enough for a reload to happen meanwhile
 
 
-def test_a_reload_adds_removes_and_changes_models_while_their_streams_finish(box, demo_model_path):
+def test_a_reload_adds_removes_and_changes_models_while_their_streams_finish(box, start, demo_model_path):
     write(box.file, models_file(demo_model_path, keep="", gone="", change='args = ["--jinja"]'))
-    serve = ServeProcess(**box.env(FAKE_LLAMA_DELAY_S="0.1"))
+    serve = start(FAKE_LLAMA_DELAY_S="0.1")
     try:
         serve.wait_for_event("ready")
         streams = {}
@@ -113,14 +138,15 @@ def test_a_reload_adds_removes_and_changes_models_while_their_streams_finish(box
             response.close()
             assert seen[-1] == "data: [DONE]" and content_chunks(seen) == STREAMED, name  # whole
         assert chat(serve, "change").status_code == 200  # on its new llama-server, once the old one was idle
-        wait_until(lambda: all(ended(process) for process in box.processes("gone")), 10, "gone's llama-server runs on")
-        wait_until(lambda: ended(box.processes("change")[0]), 10, "change's old llama-server runs on")
+        wait_until(lambda: all(ended(process) for process in box.processes("gone")), 10,
+                   "gone's llama-server runs on", serve)
+        wait_until(lambda: ended(box.processes("change")[0]), 10, "change's old llama-server runs on", serve)
         processes = {name: box.processes(name) for name in ("keep", "gone", "change", "new")}
     finally:
         assert serve.stop() == 0
     for name in ("keep", "gone", "change"):
         stream, = processes[name][0]["streams"]
-        assert stream["stream"] == "done" and stream["time"] > reloaded_at, name  # in flight across the reload
+        assert stream["stream"] == "last" and stream["time"] > reloaded_at, name  # in flight across the reload
     assert len(processes["keep"]) == 1 and len(processes["gone"]) == 1 and len(processes["new"]) == 1
     old, new = processes["change"]
     assert old["argv"][-1] == "--jinja" and new["argv"][-2:] == ["--jinja", "--swa-full"]  # the new command line
@@ -130,9 +156,9 @@ def test_a_reload_adds_removes_and_changes_models_while_their_streams_finish(box
     assert [body["max_tokens"] for _, body in processes["new"][0]["bodies"]] == [1]
 
 
-def test_a_broken_file_changes_nothing_and_an_edit_is_picked_up_by_the_watcher(box, demo_model_path):
+def test_a_broken_file_changes_nothing_and_an_edit_is_picked_up_by_the_watcher(box, start, demo_model_path):
     write(box.file, models_file(demo_model_path, a="", b=""))
-    serve = ServeProcess(**box.env())
+    serve = start()
     try:
         serve.wait_for_event("ready")
         write(box.file, "[models.a]\nsource = " + stand_in.quoted(demo_model_path) + "\nctx = \n")
@@ -147,7 +173,7 @@ def test_a_broken_file_changes_nothing_and_an_edit_is_picked_up_by_the_watcher(b
         write(box.file, models_file(demo_model_path, a="", b="", c=""))
         later = time.time() + 2  # an edit seconds later, as a person makes it (some file systems keep 2 s mtimes)
         os.utime(box.file, (later, later))
-        wait_until(lambda: "c" in model_ids(serve), 10, "the watcher never applied the edited file")
+        wait_until(lambda: "c" in model_ids(serve), 10, "the watcher never applied the edited file", serve)
         assert chat(serve, "c").status_code == 200
         assert model_ids(serve) == ["a", "b", "c"]
     finally:
@@ -156,16 +182,16 @@ def test_a_broken_file_changes_nothing_and_an_edit_is_picked_up_by_the_watcher(b
 
 
 @posix_only
-def test_sighup_reloads_the_file(box, demo_model_path):
+def test_sighup_reloads_the_file(box, start, demo_model_path):
     write(box.file, models_file(demo_model_path, a=""))
-    serve = ServeProcess(**box.env())
+    serve = start()
     try:
         serve.wait_for_event("ready")
         write(box.file, models_file(demo_model_path, a="", b=""), unseen=True)
         time.sleep(2)  # the watcher's turns (about one a second) pass the unseen version by
         assert model_ids(serve) == ["a"]
         serve.process.send_signal(signal.SIGHUP)
-        wait_until(lambda: "b" in model_ids(serve), 10, "SIGHUP did not reload the file")
+        wait_until(lambda: "b" in model_ids(serve), 10, "SIGHUP did not reload the file", serve)
         assert chat(serve, "b").status_code == 200
     finally:
         assert serve.stop() == 0

@@ -56,7 +56,7 @@ CASES = [
     (["--kv-offload"], "no_kv_offload", False),
     (["--no-mmap"], "load_mode", "LLAMA_LOAD_MODE_NONE"),
     (["--mmap"], "load_mode", "LLAMA_LOAD_MODE_MMAP"),
-    (["--mlock"], "load_mode", "LLAMA_LOAD_MODE_MLOCK"),
+    (["--mlock"], "load_mode", "LLAMA_LOAD_MODE_MMAP_MLOCK"),  # mmap stays on, as llama.cpp's use_mlock left it
     (["--load-mode", "mmap+mlock"], "load_mode", "LLAMA_LOAD_MODE_MMAP_MLOCK"),
     (["--flash-attn", "on"], "flash_attn_type", "LLAMA_FLASH_ATTN_TYPE_ENABLED"),
     (["--flash-attn", "off"], "flash_attn_type", "LLAMA_FLASH_ATTN_TYPE_DISABLED"),
@@ -121,6 +121,7 @@ CASES = [
     (["--timeout", "30"], "timeout_write", 30),
     (["--no-ui"], "ui", False),
     (["--verbosity", "4"], "verbosity", 4),
+    (["--hf-token", "hf_x"], "hf_token", "hf_x"),
 ]
 
 
@@ -161,8 +162,10 @@ def test_each_flag_reaches_its_common_params_field(argv, field, expected, places
 
 def test_every_flag_in_the_table_has_a_case():
     tried = {case[0][0] for case in CASES}
-    untried = [flag.names[0] for flag in FLAGS if not tried & set(flag.names + flag.negs)]
+    untried = [flag.names[0] for flag in FLAGS if flag.fields and not tried & set(flag.names + flag.negs)]
     assert not untried
+    # a row that sets nothing is one the gateway refuses in a model's args: never applied
+    assert all(flag.owner for flag in FLAGS if not flag.fields)
 
 
 def test_every_field_the_table_names_exists_in_the_installed_xllamacpp():
@@ -187,7 +190,7 @@ def test_every_word_a_flag_takes_names_a_member_of_the_installed_xllamacpp():
 def test_every_spelling_of_a_flag_does_the_same():
     values = {case[0][0]: case[0][1:] for case in reversed(CASES)}
     compared = 0
-    for flag in FLAGS:
+    for flag in (flag for flag in FLAGS if flag.fields):  # a row without fields sets nothing to compare
         for spellings in (flag.names, flag.negs):
             if len(spellings) > 1:
                 value = next(values[name] for name in flag.names + flag.negs if name in values) if flag.parse else []
@@ -234,7 +237,7 @@ def test_repeats_add_up_where_llama_cpp_adds_them_and_the_last_wins_elsewhere():
                                               "--chat-template-kwargs", '{"x": 1}', "--reasoning", "off"])
     assert read(params, "tensor_buft_overrides") == rf"a=CPU,blk\.0{EXPERTS}=CPU"
     assert read(params, "lora_adapters") == [("/a", 1.0), ("/b", 1.0)]
-    assert (read(params, "n_ctx"), read(params, "load_mode")) == (2048, "LLAMA_LOAD_MODE_NONE")
+    assert (read(params, "n_ctx"), read(params, "load_mode")) == (2048, "LLAMA_LOAD_MODE_MLOCK")
     assert read(params, "default_template_kwargs") == {"x": "1", "enable_thinking": "false"}
 
 
@@ -253,7 +256,7 @@ def test_repeats_add_up_where_llama_cpp_adds_them_and_the_last_wins_elsewhere():
     (["--chat-template-file", "/no/such/template.jinja"], "--chat-template-file", ["No such file"]),
     (["--spec-type", "draft-magic"], "--spec-type", ["draft-simple"]),
     (["--ctx-size"], "--ctx-size", ["needs a value"]),
-    (["--ctx-size=4096"], "--ctx-size=4096", ["unknown flag", "--ctx-size"]),  # llama.cpp takes no =value either
+    (["--ctx-size=4096"], "--ctx-size", ["--ctx-size=...", "two strings"]),  # llama.cpp takes no =value either
     (["--n-gpu-layer", "9"], "--n-gpu-layer", ["unknown flag", "did you mean --n-gpu-layers?"]),
     (["--ctx-shift"], "--ctx-shift", ["unknown flag", "known flags: ", "--context-shift", "--tensor-split"]),
 ])
@@ -278,6 +281,29 @@ def test_a_secret_is_never_shown():
     assert "sk-secret-2" not in command_line(["--api-key", "sk-secret-2", "--jinja"])
 
 
+@pytest.mark.parametrize("token", ["--api-key=sk-SECRET", "--hf-token=sk-SECRET", "-hft=sk-SECRET", "--nope=sk-SECRET",
+                                   "--jinja=sk-SECRET"])
+def test_a_value_written_after_an_equals_sign_is_refused_and_never_shown_for_a_binary_too(token):
+    # llama.cpp takes no --flag=value form and would quote the whole token; the value may be a key
+    name = token.split("=")[0]
+    for binary in (False, True):
+        [message] = check_user_args(["--jinja", token], "qwen", binary=binary)
+        assert message.startswith(f"models.qwen.args: {name}") and "SECRET" not in message
+    with pytest.raises(FlagError) as caught:
+        apply(xllamacpp.CommonParams(), [token])  # the child's refusal line
+    assert caught.value.flag == name and "SECRET" not in str(caught.value)
+    assert "SECRET" not in command_line([token]) + command_line(["-hft", "sk-SECRET"])
+
+
+def test_load_mode_flags_combine_mmap_and_mlock_in_any_order():
+    def mode(*argv):
+        return plan(argv)["load_mode"].path.rsplit("_MODE_", 1)[1]
+    assert [mode("--mlock"), mode("--no-mmap"), mode("--mmap")] == ["MMAP_MLOCK", "NONE", "MMAP"]
+    assert mode("--mlock", "--no-mmap") == mode("--no-mmap", "--mlock") == "MLOCK"
+    assert mode("--no-mmap", "--mlock", "--mmap") == "MMAP_MLOCK"
+    assert mode("--load-mode", "none", "--mlock") == "MLOCK" and mode("--mlock", "--load-mode", "dio") == "DIRECT_IO"
+
+
 def test_apply_stops_at_the_first_problem_and_names_the_flag_llama_cpp_refuses():
     with pytest.raises(FlagError) as caught:
         apply(xllamacpp.CommonParams(), ["-ngl", "abc"])
@@ -295,8 +321,10 @@ def test_owned_flags_are_the_ones_the_gateway_sets_itself():
     assert [error.flag for error in found] == ["--port", "-a", "--metrics", "-c"]
     assert all("set by the gateway" in str(error) for error in found)
     assert sorted(flag.names[0] for flag in FLAGS if flag.owner) == [
-        "--alias", "--api-key", "--ctx-size", "--embeddings", "--host", "--metrics", "--mmproj", "--model",
-        "--parallel", "--port", "--rerank", "--spec-draft-model", "--threads"]
+        "--alias", "--api-key", "--api-key-file", "--api-prefix", "--ctx-size", "--docker-repo", "--embeddings",
+        "--hf-file", "--hf-repo", "--hf-repo-draft", "--host", "--metrics", "--mmproj", "--model", "--model-url",
+        "--models-dir", "--models-preset", "--parallel", "--path", "--port", "--rerank", "--reuse-port",
+        "--spec-draft-model", "--ssl-cert-file", "--ssl-key-file", "--threads"]
 
 
 # A model's own args that set what the gateway sets: the models file's key to use instead, or none at all.
@@ -310,6 +338,15 @@ OWNED = [
     (["-md", "d.gguf"], "-md", "draft"), (["--alias", "x"], "--alias", "aliases"),
     (["--port", "8081"], "--port", None), (["--host", "0.0.0.0"], "--host", None), (["--metrics"], "--metrics", None),
     (["--ctx-size", "lots"], "--ctx-size", "ctx"),  # its value bad too: one message, the key to use
+    (["--ctx-size=8192"], "--ctx-size", "ctx"),  # written with =: one message, the key to use
+    # flags that would move llama.cpp's API away from the gateway, or load another model than the one it fetched
+    (["--api-prefix", "/v"], "--api-prefix", None), (["--ssl-key-file", "k.pem"], "--ssl-key-file", None),
+    (["--ssl-cert-file", "c.pem"], "--ssl-cert-file", None), (["--api-key-file", "k"], "--api-key-file", None),
+    (["--reuse-port"], "--reuse-port", None), (["--path", "/srv"], "--path", None),
+    (["--models-dir", "/m"], "--models-dir", None), (["--models-preset", "p.ini"], "--models-preset", None),
+    (["-hf", "o/r"], "-hf", "source"), (["-hfr", "o/r:Q4_K_M"], "-hfr", "source"),
+    (["--hf-file", "x.gguf"], "--hf-file", "source"), (["-hfd", "o/r"], "-hfd", "draft"),
+    (["-mu", "https://x/m.gguf"], "-mu", None), (["-dr", "gemma3"], "-dr", None),
 ]
 
 

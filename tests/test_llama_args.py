@@ -30,6 +30,9 @@ def test_args_come_after_the_gateway_s_flags_and_reach_a_binary_verbatim():
     (["-ngl", "lots"], r"-ngl: bad value 'lots': not a whole number \(expected N\|auto\|all\)"),
     # xllamacpp prints its buffer types first: the child's own line still leads
     (["-ot", "blk=NO_SUCH_BUFFER"], r"-ot: llama.cpp refused it: unknown buffer type"),
+    # a value after = may be a key: the line names the flag alone
+    (["--hf-token=hf_SECRET"], r"--hf-token=\.\.\.: llama\.cpp takes no --hf-token=VALUE form: write the flag and "
+                               r"its value as two strings"),
 ])
 def test_a_flag_the_child_cannot_take_fails_the_start_with_one_line_naming_it(tmp_path, args, said):
     supervisor = LlamaSupervisor(str(tmp_path / "never-read.gguf"), ctx=512, parallel=1, embeddings=False,

@@ -21,9 +21,10 @@ from .flag_values import (LORA, Native, Padded, choice, comma_list, context_size
 class FlagError(ValueError):
     """One problem with one flag: the message names the flag as it was written."""
 
-    def __init__(self, flag: str, message: str):
+    def __init__(self, flag: str, message: str, *, any_build: bool = False):
         super().__init__(message)
         self.flag = flag
+        self.any_build = any_build  # every llama.cpp refuses it, a binary newer than the table too
 
 
 SAME = object()  # in Flag.weak: the flag's own value
@@ -37,7 +38,8 @@ class Flag(NamedTuple):
     negs: tuple = ()  # spellings that turn a switch off
     on: Any = True  # a switch's value(s) ...
     off: Any = False  # ... and when turned off
-    merge: bool = False  # repeats add up (lists, sets, dicts, comma-joined overrides); else the last one wins
+    merge: Any = False  # True: repeats add up (lists, sets, dicts, comma-joined overrides); a function (the value
+    # so far or None, this one) -> value: it combines them; False: the last one wins
     weak: tuple = ()  # (field, value or SAME) also set, unless another flag sets that field
     needs: str = ""  # a field that must end up true, else the flag is ignored (as the child always did)
     owner: str = ""  # why the gateway sets this flag itself; empty: a user's args may set it
@@ -52,6 +54,20 @@ _THINK = {**dict.fromkeys(_TRUE, (1, {"enable_thinking": "true"})), "auto": (-1,
           **dict.fromkeys(_FALSE, (0, {"enable_thinking": "false"}))}  # the chat template is told too
 _KV_TYPE = member("ggml_type", "GGML_TYPE_", "f32 f16 bf16 q8_0 q4_0 q4_1 iq4_nl q5_0 q5_1")  # kv_cache_types
 _LOAD = "llama_load_mode.LLAMA_LOAD_MODE_"
+# --mmap/--no-mmap and --mlock each set one half of the load mode and keep the other (llama.cpp's use_mmap and
+# use_mlock before they became one enum): --mlock alone is mmap+mlock, with --no-mmap it is mlock.
+_LOAD_HALVES = {Native(_LOAD + name): halves for name, halves in (
+    ("NONE", (False, False)), ("MMAP", (True, False)), ("MLOCK", (False, True)), ("MMAP_MLOCK", (True, True)))}
+_LOAD_MODES = {halves: mode for mode, halves in _LOAD_HALVES.items()}
+
+
+def _load_half(so_far, half):
+    """The load mode after a flag that sets one half of it (the other None): from llama.cpp's default (mmap) when
+    nothing set it yet, or a mode with no halves (dio, auto) did."""
+    return _LOAD_MODES[tuple(mine if mine is not None else kept
+                             for mine, kept in zip(half, _LOAD_HALVES.get(so_far, (True, False))))]
+
+
 _SPEC = member("common_speculative_type", "COMMON_SPECULATIVE_TYPE_", "none draft-simple draft-eagle3 draft-mtp "
                "draft-dflash draft-dspark ngram-simple ngram-map-k ngram-map-k4v ngram-mod ngram-cache")
 _DRAFT_SIMPLE = [Native("common_speculative_type.COMMON_SPECULATIVE_TYPE_DRAFT_SIMPLE")]
@@ -79,6 +95,22 @@ FLAGS = (
     _row("--api-key", "api_keys", parser("KEY,...", comma_list), merge=True, secret=True, owner="it holds the keys"),
     _row("--ctx-size -c", "n_ctx fit_params_min_ctx", context_size, owner="it budgets memory by it", key="ctx"),
     _row("--parallel -np", "n_parallel", integer(-1, zero_ok=False), owner="it schedules by it", key="parallel"),
+    # ... and, set by nobody (no fields: never applied), flags that would move llama.cpp's API away from where the
+    # gateway calls it, or make it load another model than the one the gateway fetched and budgeted.
+    _row("--api-key-file", "", _path, owner="it holds the keys"),
+    _row("--api-prefix", "", parser("PREFIX", str), owner="it calls llama.cpp's API at the root"),
+    _row("--ssl-key-file", "", _path, owner="it calls llama.cpp over plain HTTP on 127.0.0.1"),
+    _row("--ssl-cert-file", "", _path, owner="it calls llama.cpp over plain HTTP on 127.0.0.1"),
+    _row("--reuse-port", "", owner="it needs the port to itself"),
+    _row("--path", "", _path, owner="it serves llama.cpp's API, not files"),
+    _row("--models-dir", "", _path, owner="it runs one model per llama.cpp"),
+    _row("--models-preset", "", _path, owner="it runs one model per llama.cpp"),
+    _row("--hf-repo -hf -hfr", "", parser("OWNER/REPO[:QUANT]", str), owner="it fetches the model", key="source"),
+    _row("--hf-file -hff", "", _path, owner="it fetches the model", key="source"),
+    _row("--hf-repo-draft -hfd -hfrd", "", parser("OWNER/REPO[:QUANT]", str), owner="it fetches the draft model",
+         key="draft"),
+    _row("--model-url -mu", "", parser("URL", str), owner="it fetches the model"),
+    _row("--docker-repo -dr", "", parser("REPO[:QUANT]", str), owner="it fetches the model"),
     # Threads, batches, memory
     _row("--threads -t", "cpuparams.n_threads", _THREADS, weak=(("cpuparams_batch.n_threads", SAME),),
          owner="from LLAMA_THREADS", key="threads"),
@@ -101,8 +133,8 @@ FLAGS = (
     _row("--cont-batching -cb", "cont_batching", negs="--no-cont-batching -nocb"),
     _row("--warmup", "warmup", negs="--no-warmup"),
     _row("--no-kv-offload -nkvo", "no_kv_offload", negs="--kv-offload -kvo"),
-    _row("--no-mmap", "load_mode", negs="--mmap", on=Native(_LOAD + "NONE"), off=Native(_LOAD + "MMAP")),
-    _row("--mlock", "load_mode", on=Native(_LOAD + "MLOCK")),
+    _row("--no-mmap", "load_mode", negs="--mmap", on=(False, None), off=(True, None), merge=_load_half),
+    _row("--mlock", "load_mode", on=(None, True), merge=_load_half),
     _row("--load-mode -lm", "load_mode", member("llama_load_mode", "LLAMA_LOAD_MODE_", "none mmap mlock mmap+mlock dio "
                                                 "auto", {"mmap+mlock": "MMAP_MLOCK", "dio": "DIRECT_IO"})),
     # Attention, KV cache, RoPE
@@ -180,6 +212,7 @@ FLAGS = (
     _row("--timeout -to", "timeout_read timeout_write", parser("N >= 0", lambda text: (integer(0)(text),) * 2)),
     _row("--ui --webui", "ui", negs="--no-ui --no-webui"),
     _row("--verbosity -lv --log-verbosity", "verbosity", integer(0)),
+    _row("--hf-token -hft", "hf_token", parser("TOKEN", str), secret=True),
 )
 
 _NUMBER = re.compile(r"-?\d+(\.\d*)?([eE][-+]?\d+)?")  # a value such as -1, which is not a flag
@@ -207,7 +240,15 @@ def _scan(argv):
         flag, positive = _lookup(token)
         if flag is not None:
             seen.append((flag, token))
-        if flag is None and token.startswith("-") and not _NUMBER.fullmatch(token):
+        if flag is None and token.startswith("-") and "=" in token and not _NUMBER.fullmatch(token):
+            # llama.cpp takes no --flag=value form, and says so quoting the whole token: only the flag is named,
+            # the value may be a key. A flag the gateway sets is still its own message (owned).
+            name = token.split("=", 1)[0]
+            joined = _lookup(name)[0]
+            seen += [(joined, name)] if joined else []
+            trouble.append(FlagError(name, f"{name}=...: llama.cpp takes no {name}=VALUE form: write the flag and "
+                                     "its value as two strings", any_build=True))
+        elif flag is None and token.startswith("-") and not _NUMBER.fullmatch(token):
             close = difflib.get_close_matches(token, _SPELLINGS, n=1)
             trouble.append(FlagError(token, f"unknown flag {token}" + (f" (did you mean {close[0]}?)" if close else "")
                                      + "; known flags: " + " ".join(known_flags())))
@@ -247,12 +288,12 @@ def check_user_args(args, model_id=None, *, binary=False) -> list:
     """Every problem with a model's own llama-server args (spec.args), one message each, naming the model
     (models.ID.args: ...) when model_id is given: a flag the gateway sets itself, and an unknown flag or a bad value.
 
-    With binary (a llama-server program, LLAMA_SERVER_BIN or on PATH), only the flags the gateway sets are checked:
-    the program may be newer than this table and know flags and values it does not, and it says so itself, in
-    the one line the start error leads with."""
+    With binary (a llama-server program, LLAMA_SERVER_BIN or on PATH), only the flags the gateway sets and what
+    every llama.cpp refuses (--flag=value) are checked: the program may be newer than this table and know flags and
+    values it does not, and it says so itself, in the one line the start error leads with."""
     mine = owned(args)
     taken = {error.flag for error in mine}
-    found = mine + ([] if binary else [error for error in problems(args) if error.flag not in taken])
+    found = mine + [error for error in problems(args) if error.flag not in taken and (error.any_build or not binary)]
     where = f"models.{model_id}.args: " if model_id else ""
     return [where + str(error) for error in found]
 
@@ -269,8 +310,10 @@ def _collect(found):
         values = value if len(flag.fields) > 1 else (value,)
         for field, one in zip(flag.fields, values):
             if one is not None:
-                merge = flag.merge and field in strong
-                strong[field] = (_merged(strong[field][0], one) if merge else one, token)
+                so_far = strong[field][0] if field in strong else None
+                merged = flag.merge(so_far, one) if callable(flag.merge) else (
+                    _merged(so_far, one) if flag.merge and field in strong else one)
+                strong[field] = (merged, token)
         for field, one in flag.weak:
             weak[field] = (value if one is SAME else one, token)
     return {**{field: pair for field, pair in weak.items() if field not in strong}, **strong}
@@ -322,7 +365,9 @@ def command_line(argv, program="llama-server", *, windows=None) -> str:
     """argv as one command line for display, quoted for this platform, secret values hidden."""
     shown, hide = [], False
     for token in (str(token) for token in argv):
-        shown.append("***" if hide else token)
+        # a --flag=value token is refused (llama.cpp takes none), and its value, perhaps a key, is never shown
+        joined = token.startswith("-") and "=" in token and not _NUMBER.fullmatch(token)
+        shown.append("***" if hide else token.split("=", 1)[0] + "=***" if joined else token)
         flag = _lookup(token)[0]
         hide = not hide and bool(flag and flag.secret and flag.parse)
     words = ([program] if program else []) + shown

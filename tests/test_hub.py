@@ -111,8 +111,24 @@ def test_a_name_picks_the_files_of_one_model(quant, file, expected):
 
 def test_a_listing_that_names_files_outside_the_repo_never_has_them_picked():
     hostile = ["../evil-Q4_K_M.gguf", "/abs/evil-Q4_K_M.gguf", "a\\..\\evil-Q4_K_M.gguf", "x//evil-Q4_K_M.gguf",
-               "good-Q4_K_M.gguf"]
+               "C:evil-Q4_K_M.gguf", "good-Q4_K_M.gguf"]  # C:NAME: a path on drive C, on Windows
     assert pick(hostile, "o/a") == ["good-Q4_K_M.gguf"]
+
+
+@pytest.mark.parametrize("entry", ["../outside-Q4_K_M.gguf", "..\\outside-Q4_K_M.gguf", "C:outside-Q4_K_M.gguf",
+                                   "sub/../../outside-Q4_K_M.gguf", 7])
+def test_a_record_naming_a_file_outside_models_dir_is_no_kept_copy(models_dir, entry):
+    # A record is checked as a listing is: one edited, or written from a mirror's listing, leads nowhere outside.
+    record = os.path.join(models_dir, ".cache", "llama-gateway", "hf", "o", "a", "Q4_K_M.json")
+    os.makedirs(os.path.dirname(record))
+    os.makedirs(os.path.join(models_dir, "sub"))  # so that sub/.. resolves
+    with open(record, "w") as out:
+        json.dump({"repo": "o/a", "commit": "c", "files": [entry]}, out)
+    if isinstance(entry, str):  # the file is there, where the entry leads (on this system)
+        target = os.path.normpath(os.path.join(models_dir, *entry.split("/")))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "wb").close()
+    assert kept_copy(models_dir, "hf:o/a:Q4_K_M") is None
 
 
 def test_a_mirrors_password_never_reaches_the_log(caplog):

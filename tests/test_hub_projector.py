@@ -1,13 +1,14 @@
 """Projectors (mmproj) for models named hf: (service/models/projector.py), against the local stand-in of the Hub
 (fake_hub.py): which one a repo offers, where it is kept, finding it again offline, and never taking one for a
 model."""
+import json
 import logging
 import os
 import socket
 import struct
 
 import pytest
-from huggingface_hub import constants
+from huggingface_hub import HfApi, constants
 
 from service.models.hub import HubError, fetch, pick
 from service.models.model_file import model_files
@@ -139,6 +140,38 @@ def test_projectors_of_the_same_name_from_two_repos_are_kept_apart(hub, models_d
     mine, theirs = fetch_projector(f"hf:{VISION}", models_dir), fetch_projector("hf:other/vision-GGUF", models_dir)
     assert (open(mine, "rb").read(), open(theirs, "rb").read()) == (files["mmproj-model-f16.gguf"], other)
     assert theirs == os.path.join(models_dir, "mmproj-other--vision-GGUF", "mmproj-model-f16.gguf")
+
+
+def test_a_mirrors_repo_id_never_names_the_folder(hub, models_dir, files, monkeypatch):
+    # The listing's id is the mirror's word: with backslashes it would lead outside MODELS_DIR on Windows.
+    listing = HfApi.model_info
+
+    def hostile(self, *args, **kwargs):
+        info = listing(self, *args, **kwargs)
+        info.id = "..\\..\\evil/x"
+        return info
+
+    monkeypatch.setattr(HfApi, "model_info", hostile)
+    path = fetch_projector(f"hf:{VISION}", models_dir)
+    assert path == os.path.join(models_dir, FOLDER, "mmproj-model-f16.gguf")
+    assert sorted(os.listdir(models_dir)) == [".cache", FOLDER]
+
+
+def test_a_listing_name_with_a_drive_is_never_a_projector():
+    names = ["C:mmproj-F16.gguf", "sub\\mmproj-F16.gguf", "mmproj-model-f16.gguf", "m-Q4_K_M.gguf"]
+    assert pick_projector(names) == "mmproj-model-f16.gguf"
+
+
+@pytest.mark.parametrize("entry", ["../outside.gguf", "..\\outside.gguf", "C:outside.gguf"])
+def test_a_record_naming_a_file_outside_models_dir_is_no_kept_projector(hub, models_dir, monkeypatch, entry):
+    record = os.path.join(models_dir, ".cache", "llama-gateway", "hf", "acme", "vision-gguf", "_mmproj-F16.json")
+    os.makedirs(os.path.dirname(record))
+    with open(record, "w") as out:
+        json.dump({"repo": VISION, "commit": "c", "files": [entry]}, out)
+    open(os.path.normpath(os.path.join(models_dir, *entry.split("/"))), "wb").close()  # there, where it leads
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE is set and no copy is kept in "):
+        fetch_projector(f"hf:{VISION}", models_dir, f"hf:{VISION}:F16")
 
 
 def test_a_file_put_there_by_hand_is_never_replaced(hub, models_dir):

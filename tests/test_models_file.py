@@ -106,6 +106,17 @@ HEAD = '[models.a]\nsource = "hf:o/a"\n'  # lines 1-2 of most bad files below
     ('[models.a]\nsource = "hf:o/a"\ndefaults = { top_p = nan }\n', 3,
      "models.a.defaults.top_p: is not JSON: a date, a time, nan or inf cannot reach llama.cpp"),
     ('[models.a]\nsource = "hf:o/a"\nlimits = 5\n', 3, "models.a.limits: must be a table, not an integer"),
+    # Request rules are checked as routing will build them, at their line, not first when the file is applied.
+    ('[models.a]\nsource = "hf:o/a"\n[models.a.limits]\nstrip = ["logit_bias", "model"]\n', 4,
+     "models.a.limits.strip: 'model' cannot be set or stripped (the gateway routes by 'model' and answers as "
+     "'stream' asks)"),
+    ('[models.a]\nsource = "hf:o/a"\n[models.a.defaults]\ntemperature = 0.2\nstream = true\n', 5,
+     "models.a.defaults.stream: 'stream' cannot be set or stripped (the gateway routes by 'model' and answers as "
+     "'stream' asks)"),
+    ('[models.a]\nsource = "hf:o/a"\n[models.a.defaults]\nmax_tokens = 0\n', 4,
+     "models.a.defaults.max_tokens: must be a whole number of tokens, 1 or more (not 0)"),
+    ('[models.a]\nsource = "hf:o/a"\ndefaults = { max_tokens = "100" }\n', 3,
+     "models.a.defaults.max_tokens: must be a whole number of tokens, 1 or more (not '100')"),
     ('[models.a]\nsource = "hf:Qwen"\n', 2, "models.a.source: must be hf:OWNER/REPO, hf:OWNER/REPO:QUANT or "
      "hf:OWNER/REPO/FILE.gguf, such as hf:ggml-org/gemma-3-1b-it-GGUF, not 'hf:Qwen'"),
     ('[qwen]\nsource = "hf:o/a"\n', 1, "qwen: unknown top-level key: the file holds [models.NAME] tables only "
@@ -227,3 +238,16 @@ def test_a_change_to_the_command_line_restarts_the_process(change):
 def test_names_lifecycle_and_request_rules_apply_without_a_restart(change):
     old, new = spec("a"), replace(spec("a"), **change)
     assert old.identity() == new.identity() and diff([old], [new]).live == (new,)
+
+
+@pytest.mark.parametrize("before", [
+    '# quote them as """ in TOML\n',
+    "note = 'a\"\"\"b'  # a literal string\n",
+    'note = "say \\"\\"\\" here"\n',
+    "note = '''one line''' # and a ''' in a comment\n",
+    'note = """two\nlines, with a "" inside and \\""" escaped"""\n',
+    'note = """ends in quotes"""""\n',
+])
+def test_triple_quotes_in_comments_and_one_line_strings_open_no_string(before):
+    text = f'[models.a]\nsource = "hf:o/a"\n{before}ctx = 5\n'
+    assert key_lines(text)[("models", "a", "ctx")] == len(text.splitlines())

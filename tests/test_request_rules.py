@@ -4,7 +4,7 @@ import json
 import pytest
 
 from service.errors import InvalidRequest
-from service.proxy.request_rules import RequestRules, apply
+from service.proxy.request_rules import RequestRules, RuleError, apply
 
 USER = [{"role": "user", "content": "hi"}]
 # (llama-server path, a minimal body of that family, the field that family names its output limit)
@@ -83,6 +83,46 @@ def test_lowered_from_is_the_limit_llama_cpp_would_have_obeyed(asked, lowered_fr
     assert reported == lowered_from and all(sent[name] <= 256 for name in asked)
 
 
+# The fields llama.cpp reads as the output limit, in the order it reads them, by path (written out here, not taken
+# from the module under test).
+READS = {"/v1/chat/completions": ("n_predict", "max_completion_tokens", "max_tokens"),
+         "/v1/completions": ("n_predict", "max_completion_tokens", "max_tokens"),
+         "/v1/responses": ("n_predict", "max_completion_tokens", "max_output_tokens", "max_tokens"),
+         "/v1/messages": ("max_tokens", "n_predict", "max_completion_tokens")}
+
+
+def obeyed(sent, path):
+    """The output limit llama.cpp obeys in a body sent to path: the first field it reads that is a number."""
+    return next((sent[name] for name in READS[path] if type(sent.get(name)) in (int, float)), None)
+
+
+@pytest.mark.parametrize("path, body, limit", FAMILIES)
+@pytest.mark.parametrize("default", [{"n_predict": 100000}, {"n_predict": -1}, {"max_completion_tokens": 100000},
+                                     {"max_output_tokens": 100000}])
+def test_a_default_naming_a_limit_field_is_capped_like_the_clients_own(path, body, limit, default):
+    _, sent, lowered_from = run(RequestRules(defaults=default, max_tokens=100), body, path)
+    assert 0 <= obeyed(sent, path) <= 100 and all(sent[name] <= 100 for name in default if name in READS[path])
+    assert lowered_from is None  # the client asked for nothing: no cut to report
+
+
+@pytest.mark.parametrize("path, body, limit", FAMILIES)
+@pytest.mark.parametrize("bad", ["x", True, [5], {"n": 5}])
+def test_a_limit_that_is_no_number_is_dropped_never_raised_to_the_ceiling(path, body, limit, bad):
+    # llama.cpp skips it for the next field: set to the ceiling, it would obey 100 where it obeyed 50.
+    first, second = READS[path][:2]
+    asked = {**body, first: bad, second: 50}
+    _, sent, _ = run(RequestRules(max_tokens=100), asked, path)
+    assert first not in sent and obeyed(sent, path) == 50
+    _, sent, _ = run(RequestRules(max_tokens=100), {**body, first: bad}, path)
+    assert obeyed(sent, path) == 100  # nothing valid left: the ceiling is the limit
+
+
+def test_lowered_from_skips_a_limit_llama_cpp_would_skip():
+    asked = {"model": "m", "prompt": "hi", "n_predict": "x", "max_tokens": 9000}
+    _, sent, lowered_from = run(RequestRules(max_tokens=100), asked, "/v1/completions")
+    assert (sent["max_tokens"], lowered_from) == (100, 9000) and "n_predict" not in sent
+
+
 @pytest.mark.parametrize("path, body, limit", FAMILIES)
 def test_a_max_tokens_default_goes_to_the_familys_own_field_under_the_ceiling(path, body, limit):
     _, sent, _ = run(RequestRules(defaults={"max_tokens": 100}, max_tokens=256), body, path)
@@ -154,15 +194,16 @@ def test_a_number_json_cannot_carry_back_is_a_400():
         apply(RequestRules(max_tokens=5), raw, json.loads(raw), "/v1/completions")
 
 
-@pytest.mark.parametrize("settings, words", [
-    ({"defaults": {"model": "x"}}, "'model'"),
-    ({"strip": ["stream"]}, "'stream'"),
-    ({"strip": "logit_bias"}, "list of field names"),
-    ({"max_tokens": 0}, "1 or more"),
-    ({"max_tokens": True}, "1 or more"),
-    ({"defaults": {"max_tokens": "many"}}, "defaults.max_tokens"),
-    ({"defaults": {"temperature": float("inf")}}, "not a JSON value"),
+@pytest.mark.parametrize("settings, where, words", [
+    ({"defaults": {"model": "x"}}, ("defaults", "model"), "'model'"),
+    ({"strip": ["stream"]}, ("limits", "strip"), "'stream'"),
+    ({"strip": "logit_bias"}, ("limits", "strip"), "list of field names"),
+    ({"max_tokens": 0}, ("limits", "max_tokens"), "1 or more"),
+    ({"max_tokens": True}, ("limits", "max_tokens"), "1 or more"),
+    ({"defaults": {"max_tokens": "many"}}, ("defaults", "max_tokens"), "1 or more"),
+    ({"defaults": {"temperature": float("inf")}}, ("defaults",), "not a JSON value"),
 ])
-def test_bad_rules_are_refused_when_made(settings, words):
-    with pytest.raises(ValueError, match=words):
+def test_bad_rules_are_refused_when_made_naming_their_key(settings, where, words):
+    with pytest.raises(RuleError, match=words) as raised:
         RequestRules(**settings)
+    assert raised.value.where == where and str(raised.value).startswith(".".join(where) + ": ")

@@ -125,10 +125,13 @@ def _models(filenames) -> dict:
     return models
 
 
-def _safe_name(name: str) -> bool:
-    """A repo file name that stays inside the folder it is kept in."""
+def _safe_name(name) -> bool:
+    """A repo file name that stays inside the folder it is kept in, on every system: Windows also reads a
+    backslash as a separator and C:NAME as a path on drive C."""
+    if not isinstance(name, str):  # a record's entry may be anything
+        return False
     parts = name.split("/")
-    return bool(name) and "\\" not in name and not name.startswith("/") and ".." not in parts and "" not in parts
+    return "\\" not in name and ":" not in name and ".." not in parts and "" not in parts
 
 
 def _quant_of(filename: str) -> str:
@@ -223,6 +226,10 @@ def _record_path(models_dir, repo, quant, file) -> str:
 
 
 def _local_path(folder, name) -> str:
+    """Where a repo file is kept in folder; ValueError for a name that would leave it (a record's entries are
+    checked here too: one edited, or written by a mirror's listing, is no path to follow)."""
+    if not _safe_name(name):
+        raise ValueError(f"not a file name inside the repo: {name!r}")
     return os.path.join(folder, *name.split("/"))
 
 

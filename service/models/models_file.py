@@ -16,6 +16,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from ..config import ConfigError
 from ..converters import HUB_PREFIX, MODEL_NAME, hub_model, url
+from ..proxy.request_rules import RequestRules, RuleError
 from .spec import Limits, ModelSpec, Origin, frozen_defaults
 from .toml_lines import PlacedProblems
 
@@ -149,7 +150,12 @@ def _model(name, table, problems, folder, check_args):
         problems.add((*path, "mmproj"), "\"auto\" takes the projector from the source's hf: repo; name its file")
     for message in check_args(checked["args"]) if check_args and "args" in checked else ():
         problems.add((*path, "args"), message)
-    limits, defaults = Limits(**checked.pop("limits", {})), frozen_defaults(checked.pop("defaults", {}))
+    limits, defaults = Limits(**checked.pop("limits", {})), checked.pop("defaults", {})
+    try:  # what routing builds from the spec: a rule it would refuse is placed here, at its line
+        RequestRules(defaults, limits.max_tokens, limits.strip)
+    except RuleError as error:
+        problems.add((*path, *error.where), error.message)
+    defaults = frozen_defaults(defaults)
     return ModelSpec(id=name, limits=limits, defaults=defaults, origin=Origin(problems.file, problems.lines.get(path)),
                      **checked)
 

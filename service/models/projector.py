@@ -215,7 +215,9 @@ def _download(wanted: _Wanted, models_dir: str, record: str, bar: bool) -> Optio
         hub._record(models_dir, record, {"repo": wanted.repo, "commit": info.sha, "files": []})
         log.info("no projector", extra={"fields": {"model": wanted.label, "commit": info.sha}})
         return None
-    owner, repo_name = (info.id or wanted.repo).split("/")
+    # The Hub's own spelling of the repo (its case) names the folder, but only when it is the repo asked for: a
+    # mirror's id is never trusted with a path (a backslash in it would leave MODELS_DIR on Windows).
+    owner, repo_name = (info.id if (info.id or "").lower() == wanted.repo.lower() else wanted.repo).split("/")
     folder = FOLDER.format(owner=owner, name=repo_name)
     local_dir = os.path.join(models_dir, folder)
     path = hub._local_path(local_dir, name)

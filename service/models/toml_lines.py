@@ -8,6 +8,12 @@ _KEY = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\]|\\.)*"|'[^']*')"""
 _DOTTED = rf"{_KEY}(?:\s*\.\s*{_KEY})*"
 _HEADER = re.compile(rf"\s*\[\[?\s*({_DOTTED})\s*\]")
 _ASSIGN = re.compile(rf"\s*({_DOTTED})\s*=")
+# Outside strings: what starts a comment or a string (a multi-line string's three quotes before one).
+_OPENER = re.compile(r"#|\"\"\"|'''|\"|'")
+# From just after an opener to just after its close on the same line. A multi-line string closes at the end of a
+# run of 3-5 quotes (TOML lets it end in one or two quotes of its own); a backslash escapes in basic strings only.
+_CLOSE = {'"': re.compile(r'(?:[^"\\]|\\.)*"'), "'": re.compile(r"[^']*'"),
+          '"""': re.compile(r'(?:[^"\\]|\\.|"{1,2}(?!"))*"{3,5}'), "'''": re.compile(r"(?:[^']|'{1,2}(?!'))*'{3,5}")}
 
 
 def key_lines(text) -> dict:
@@ -15,7 +21,7 @@ def key_lines(text) -> dict:
     lines, table, in_string = {}, (), None
     for number, line in enumerate(text.splitlines(), start=1):
         if in_string:  # a multi-line string's lines hold no keys
-            in_string = None if line.count(in_string) % 2 else in_string
+            in_string = _open_string(line, in_string)
             continue
         header = _HEADER.match(line)
         assign = None if header else _ASSIGN.match(line)
@@ -24,8 +30,24 @@ def key_lines(text) -> dict:
             table, path = (keys, keys) if header else (table, table + keys)
             for end in range(1, len(path) + 1):
                 lines.setdefault(path[:end], number)  # [models.a.limits] alone also places models.a
-        in_string = next((quote for quote in ('"""', "'''") if line.count(quote) % 2), None)
+        in_string = _open_string(line)
     return lines
+
+
+def _open_string(line, quote=None):
+    """The quotes of the multi-line string still open at the end of line, given the one open at its start (None:
+    none); quotes in a comment or a one-line string open none."""
+    at = 0
+    while True:
+        if quote is None:
+            opener = _OPENER.search(line, at)
+            if opener is None or opener[0] == "#":
+                return None
+            quote, at = opener[0], opener.end()
+        close = _CLOSE[quote].match(line, at)
+        if close is None:  # it runs past the line: only a multi-line string may (tomllib has read the file)
+            return quote if len(quote) == 3 else None
+        quote, at = None, close.end()
 
 
 class PlacedProblems(list):

@@ -10,7 +10,9 @@ of every request that model serves, before llama.cpp sees it:
   A default `max_tokens` means the output limit, in whatever field the endpoint names it (below), and applies
   only when the client sent no limit in any of them.
 - max_tokens: a ceiling, never a refusal. A larger ask (or llama.cpp's "no limit", a negative n_predict) is
-  lowered to it; a request that asks for no limit gets it, as llama-swap and LiteLLM users expect of a cap.
+  lowered to it; a request that asks for no limit gets it, as llama-swap and LiteLLM users expect of a cap. It
+  applies after the defaults (a default n_predict is capped like the client's own), and a limit that is no number
+  is dropped, not set to it: llama.cpp skips such a field for the next one, which may be tighter.
 Defaults and strip apply to every endpoint (llama.cpp ignores fields an endpoint does not read, as llama-swap's
 filters do); the ceiling applies where the endpoint has an output limit. "model" and "stream" are the gateway's
 own (routing, the shape of the answer): no rule may touch them.
@@ -52,6 +54,14 @@ PROTECTED = ("model", "stream")
 _ABSENT = object()
 
 
+class RuleError(ValueError):
+    """A rule that cannot be applied; where is its key in the model's table, ("limits", "strip")."""
+
+    def __init__(self, where: tuple, message: str):
+        super().__init__(f"{'.'.join(map(str, where))}: {message}")
+        self.where, self.message = where, message
+
+
 @dataclass(frozen=True)
 class RequestRules:
     """One model's request rules; empty rules (the default) are false and cost a request nothing."""
@@ -61,32 +71,36 @@ class RequestRules:
     strip: tuple = ()  # top-level fields removed before llama.cpp sees the body
 
     def __post_init__(self):
-        # Checked here, once, so that a bad models file fails at load (its reader adds file and line), never
-        # a request.
-        if not isinstance(self.defaults, Mapping) or isinstance(self.strip, str):
-            raise ValueError("defaults must be a table and strip a list of field names")
+        # Checked here, once, so that a bad models file fails at load (its reader places each RuleError at its
+        # key's FILE:LINE), never a request.
+        if not isinstance(self.defaults, Mapping):
+            raise RuleError(("defaults",), "must be a table of request fields")
+        if isinstance(self.strip, str):
+            raise RuleError(("limits", "strip"), "must be a list of field names")
         object.__setattr__(self, "defaults", MappingProxyType(dict(self.defaults)))
         object.__setattr__(self, "strip", tuple(self.strip))
-        _check_limit("max_tokens", self.max_tokens)
-        _check_limit("defaults.max_tokens", self.defaults.get(LIMIT_DEFAULT))
-        for where, names in (("defaults", self.defaults), ("strip", self.strip)):
-            for name in names:
-                if not isinstance(name, str) or name in PROTECTED:
-                    raise ValueError(f"{where}: {name!r} cannot be set or stripped (the gateway routes by "
-                                     f"'model' and answers as 'stream' asks)")
+        _check_limit(("limits", "max_tokens"), self.max_tokens)
+        _check_limit(("defaults", LIMIT_DEFAULT), self.defaults.get(LIMIT_DEFAULT))
+        # Each field a rule names, with where the models file says it (a default has a key, a strip an item).
+        named = [(name, ("defaults", name)) for name in self.defaults]
+        named += [(name, ("limits", "strip")) for name in self.strip]
+        for name, where in named:
+            if not isinstance(name, str) or name in PROTECTED:
+                raise RuleError(where, f"{name!r} cannot be set or stripped (the gateway routes by 'model' and "
+                                "answers as 'stream' asks)")
         try:
             json.dumps(dict(self.defaults), allow_nan=False)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"defaults: not a JSON value ({error})") from None
+            raise RuleError(("defaults",), f"not a JSON value ({error})") from None
 
     def __bool__(self):
         """True when there is a rule to apply."""
         return bool(self.defaults or self.strip or self.max_tokens is not None)
 
 
-def _check_limit(name, value):
+def _check_limit(where, value):
     if value is not None and (type(value) is not int or value < 1):
-        raise ValueError(f"{name} must be a whole number of tokens, 1 or more (not {value!r})")
+        raise RuleError(where, f"must be a whole number of tokens, 1 or more (not {value!r})")
 
 
 def apply(rules, raw: bytes, body: dict, path: str) -> tuple:
@@ -101,23 +115,30 @@ def apply(rules, raw: bytes, body: dict, path: str) -> tuple:
     changed = False
     for name in rules.strip:
         changed |= edited.pop(name, _ABSENT) is not _ABSENT
-    lowered_from, ceiling = None, rules.max_tokens
-    if ceiling is not None and limit is not None:
-        obeyed = True  # the first limit present is the one llama.cpp would have obeyed
-        for name in limit.fields:
-            ask = edited.get(name)
-            if ask is None:
-                continue
-            if not (type(ask) in (int, float) and 0 <= ask <= ceiling):
-                edited[name], changed = ceiling, True
-                if obeyed and type(ask) is int:
-                    lowered_from = ask
-            obeyed = False
     for name, default in rules.defaults.items():
         if name != LIMIT_DEFAULT:  # the output limit has its own place, below (none where there is no limit)
             sent = edited.get(name)
             edited[name] = _with_default(sent, default)
             changed |= edited[name] is not sent
+    lowered_from, ceiling = None, rules.max_tokens
+    if ceiling is not None and limit is not None:
+        # After the defaults: a default n_predict is capped like the client's own.
+        obeyed = True  # the first valid limit present is the one llama.cpp would have obeyed
+        for name in limit.fields:
+            ask = edited.get(name)
+            if ask is None:
+                continue
+            if type(ask) not in (int, float):
+                # llama.cpp skips a limit that is no number for the next one: setting the ceiling there
+                # would raise the limit it obeys. Dropped, the tightest valid one (or the ceiling, below) holds.
+                del edited[name]
+                changed = True
+                continue
+            if not 0 <= ask <= ceiling:
+                edited[name], changed = ceiling, True
+                if obeyed and type(ask) is int and ask is body.get(name):  # the client's, not a default
+                    lowered_from = ask
+            obeyed = False
     if limit is not None and all(edited.get(name) is None for name in limit.fields):
         wanted = [value for value in (rules.defaults.get(LIMIT_DEFAULT), ceiling) if value is not None]
         if wanted:

@@ -141,6 +141,17 @@ def test_an_alias_names_its_model(gateway, path, call):
     assert assert_openai_envelope(post(client, path, {"model": "theirs"}), 400)["code"] == "model_not_managed"
 
 
+def test_an_id_wins_over_another_model_s_alias_as_in_the_routes(gateway):
+    # The models file refuses such a set; a router given one lets the id win, and the admin must name the same model.
+    client, pool = gateway(FakePool("chat", "remote"))
+    router = client.application.extensions["router"]
+    router.apply(ModelSet((ModelSpec("chat", upstreams=(UNUSED_URL,), aliases=("remote",)),
+                           ModelSpec("remote", upstreams=(UNUSED_URL,)))))
+    assert router.route("remote").name == "remote"
+    assert post(client, "/models/unload", {"model": "remote"}).status_code == 200
+    assert pool.calls == [("unload", "remote", "admin")], "the admin unloaded the model whose alias it is"
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_a_model_the_gateway_does_not_run_is_400(gateway, path):
     client, pool = gateway()

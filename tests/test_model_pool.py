@@ -9,6 +9,8 @@ import pytest
 from service.llama.pool import ModelPool
 from service.llama.pooled_model import LOADED, ModelLoadFailed, ModelLoadTimeout, ModelRemoved, PooledModel
 from service.models.errors import LlamaStartError
+from service.models.spec import ModelSet, ModelSpec
+from service.proxy.routing import Router
 from tests.fakes import FakeSupervisor
 
 
@@ -17,6 +19,7 @@ class Route:
 
     def __init__(self, url):
         self.replicas = [type("Replica", (), {"url": url})()]
+        self.removed = False
 
 
 def make_pool(names=("a", "b", "c"), **options):
@@ -520,6 +523,67 @@ def test_a_model_draining_for_room_when_replaced_comes_back_on_its_new_llama_cpp
     busy.release()
     wait_until(lambda: pool.statuses()["a"] == "loaded" and new.starts == 1)
     assert pool.models["b"].supervisor.starts == 0
+
+
+@pytest.mark.parametrize("change", ["retire", "replace", "unload"])
+def test_a_crashed_model_drained_while_busy_stops_once_idle_even_when_its_restart_fails(change):
+    # A failed restart must not turn "draining" into "failed": only a draining model is ever unloaded, and its
+    # unload is what ends the supervisor's tries.
+    pool, routes, events = make_pool(("a",))
+    pool.start()
+    old, new = pool.models["a"].supervisor, FakeSupervisor("http://a")
+    busy = pool.claim(routes["a"])
+    busy.wait()
+    old.on_state("restarting", "llama.cpp exited with code -9")
+    if change == "retire":
+        pool.retire("a")
+    elif change == "replace":
+        pool.replace("a", new)
+    else:
+        old.on_state("failed", "llama.cpp did not become ready")  # an unload waits for a restart under way
+        threading.Thread(target=pool.unload, args=("a",), daemon=True).start()
+        wait_until(lambda: pool.models["a"].state == "draining")
+    old.on_state("failed", "llama.cpp did not become ready")  # the supervisor tried (again) and failed
+    busy.release()
+    wait_until(lambda: old.stops == 1)
+    if change == "retire":
+        wait_until(lambda: pool._retiring == [] and "http://a" not in pool.by_url)
+    elif change == "replace":
+        wait_until(lambda: pool.statuses() == {"a": "loaded"})
+        assert pool.models["a"].supervisor is new and new.starts == 1 and pool.models["a"].pending is None
+    else:
+        wait_until(lambda: pool.statuses() == {"a": "unloaded"})
+
+
+def test_a_request_that_found_its_route_just_before_a_reload_removed_it_gets_404_not_a_dead_url():
+    pool, _, _ = make_pool(("a", "b"), max_loaded=1)
+    pool.start()
+    router = Router.from_models(ModelSet((ModelSpec("a", source="/m/a.gguf"), ModelSpec("b", source="/m/b.gguf"))),
+                                {"a": "http://a", "b": "http://b"})
+    route = router.route("a")
+    router.apply(ModelSet((ModelSpec("b", source="/m/b.gguf"),)), {"b": "http://b"})  # as a reload does: routes,
+    pool.retire("a")  # then the pool, which forgets a model at rest at once
+    assert route.removed and not router.route("b").removed
+    with pytest.raises(ModelRemoved) as removed:
+        pool.claim(route)
+    assert removed.value.status == 404 and "'a'" in removed.value.message
+
+
+@pytest.mark.parametrize("options, settings, loads", [
+    ({"max_loaded": 1}, {"preload": True}, True),  # preload=on: loaded at start, so loaded now
+    ({}, {}, True),  # no limits: every model loads at start
+    ({"max_loaded": 1}, {}, False),  # on demand: on its first request
+])
+def test_a_model_at_rest_given_a_new_command_line_loads_where_start_would_have_loaded_it(options, settings, loads):
+    pool, routes, _ = make_pool(("a",), **options)
+    pool.start()
+    pool.unload("a")  # at rest: it takes its new supervisor at once
+    new = FakeSupervisor("http://a")
+    pool.replace("a", new, **settings)
+    if loads:
+        wait_until(lambda: pool.statuses() == {"a": "loaded"})
+    assert pool.models["a"].supervisor is new and new.starts == int(loads)
+    assert pool.statuses() == {"a": "loaded" if loads else "unloaded"}
 
 
 def test_settings_that_need_no_restart_change_in_place():

@@ -3,13 +3,18 @@ max-tokens ceiling, strips) reach llama.cpp for every API family, /v1/models sho
 the routes change while requests run (Router.apply)."""
 import json
 import threading
+import time
 
 import pytest
 import requests
+from flask import g
 from werkzeug import Response
 
 from service import create_app
+from service.llama.pooled_model import ModelRemoved
 from service.models.spec import Limits, ModelSet, ModelSpec, frozen_defaults
+from service.operations.request_log import RequestRecord
+from service.proxy.admission import admit
 from service.proxy.routing import Router
 from service.proxy.upstream import Upstream
 from tests.apps import FAST_SETTINGS
@@ -223,6 +228,30 @@ def test_a_live_update_keeps_the_route_and_changes_its_names_rules_and_replicas(
     assert chat(client, model="new", max_tokens=99).get_json()["model"] == "new"
     assert not first_up.log and received(moved_up)["max_tokens"] == 16
     assert router.apply(router.models) == ((), (), ())  # the same set again changes nothing
+
+
+def test_a_switch_between_any_name_and_own_names_is_an_update_and_only_a_removed_model_s_route_is_marked():
+    a, b = ModelSpec("a", upstreams=("http://127.0.0.1:9001",)), ModelSpec("b", upstreams=("http://127.0.0.1:9002",))
+    router = Router.from_models(ModelSet((a,), any_name=True))
+    fallback = router.fallback
+    assert router.apply(ModelSet((a, b))) == (("b",), (), ("a",))  # a: the same model, now under its own names
+    assert not fallback.removed, "a request that found a's route must still be served: a stays"
+    named_b = router.route("b")
+    assert router.apply(ModelSet((a,), any_name=True)) == ((), ("b",), ("a",))
+    assert named_b.removed and not router.fallback.removed  # b's request that found its route gets a 404
+
+
+def test_a_request_that_found_a_removed_route_is_refused_with_404_before_it_is_sent(models_app):
+    a, b = (ModelSpec(name, upstreams=("http://127.0.0.1:9",)) for name in ("a", "b"))
+    app = models_app(a, b)  # no pool: llama-servers run elsewhere
+    router = app.extensions["router"]
+    found = router.route("b")
+    router.apply(ModelSet((a,)))
+    with app.test_request_context():
+        g.record = RequestRecord("r", "POST", CHAT, time.perf_counter())
+        with pytest.raises(ModelRemoved) as removed:
+            admit(found)  # else sent to a llama-server that no longer serves it under that name
+    assert removed.value.status == 404 and "'b'" in removed.value.message
 
 
 def test_add_target_mounts_a_new_replica_once_with_its_retries():

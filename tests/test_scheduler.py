@@ -146,6 +146,22 @@ def test_a_spec_s_slots_bound_its_model_and_a_reload_s_new_count_applies():
     assert second.granted and not third.granted
 
 
+def test_a_reload_that_changes_llama_cpp_s_command_line_asks_its_slot_count_again():
+    answers = {"total_slots": 2}
+    scheduler = Scheduler(SlotCounts(lambda url: dict(answers)), timeout_s=60, max_per_client=64)
+    local = {"m": "http://r"}  # a replaced model keeps its URL
+    router = Router.from_models(ModelSet((ModelSpec("m", source="/m.gguf", parallel=2),)), local)
+    route = router.route("m")
+    turns = [scheduler.enter(route, "a") for _ in range(3)]
+    assert [turn.granted for turn in turns] == [True, True, False] and route.replicas[0].slots == 2
+    answers["total_slots"] = 8  # --parallel 8 from now on
+    router.apply(ModelSet((ModelSpec("m", source="/m.gguf", parallel=8),)), local)
+    assert route.replicas[0].slots is None, "cache-aware placement would go on counting the old slots"
+    turns.append(scheduler.enter(route, "a"))
+    assert all(turn.granted for turn in turns), "the old llama.cpp's slot count still bounds the model"
+    assert route.replicas[0].slots == 8
+
+
 def test_without_a_spec_s_slots_the_configured_count_holds():
     scheduler, router = routed_scheduler([ModelSpec("m", upstreams=("http://r",))], configured={"m": 1})
     route = router.route("m")
@@ -229,7 +245,8 @@ def test_a_request_waiting_for_its_model_to_load_ends_with_503_when_the_grace_is
     supervisor.gate = threading.Event()  # the load never ends on its own
     pool = ModelPool([PooledModel("a", supervisor)], max_loaded=1, load_timeout_s=60)
     pool.start()
-    route = type("Route", (), {"name": "a", "replicas": [type("Replica", (), {"url": "http://a"})()]})()
+    replica = type("Replica", (), {"url": "http://a"})()
+    route = type("Route", (), {"name": "a", "removed": False, "replicas": [replica]})()
     lifecycle = Lifecycle(DisconnectWatch())
     admission = admission_for(make_queue(), lifecycle, hold=pool.claim(route))
     outcome = wait_in_thread(admission)

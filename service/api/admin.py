@@ -50,5 +50,7 @@ def _pooled_model() -> tuple:
 
 def model_id(router, name) -> str:
     """The id of the model name means when it is one of a model's aliases, else name itself: the pool knows its
-    models by id only."""
+    models by id only. An id wins over another model's alias, as it does in the routes."""
+    if name in router.routes:
+        return name
     return next((route.spec.id for route in router.all_routes if name in route.aliases), name)

@@ -69,8 +69,11 @@ class ModelPool(LiveChanges):
 
     def claim(self, route):
         """Hold route's local model for one request (starting its load if it is not loaded); None for a route to
-        llama-servers the gateway does not run. Raise ModelLoadFailed at once while a failed load backs off."""
+        llama-servers the gateway does not run. Raise ModelLoadFailed at once while a failed load backs off, and
+        ModelRemoved for a route a reload removed (its model may be forgotten already: no hold would keep it)."""
         model = self.model_for(route)
+        if route.removed:  # read after the model: the router marks it before the pool retires the model
+            raise ModelRemoved(route.name or route.spec.id)
         if model is None:
             return None
         with self._changed:
@@ -330,8 +333,9 @@ class ModelPool(LiveChanges):
             elif state == "ready" and model.restarting and model.state in (LOADING, FAILED):
                 model.state, model.restarting, model.last_used, model.retry_at = LOADED, False, self.clock(), 0.0
                 model.wanted_since = model.wanted_by = None
-            elif state == "failed" and model.restarting:
-                # The supervisor keeps trying on its own; until it succeeds, requests fail at once.
+            elif state == "failed" and model.restarting and model.state in (LOADING, FAILED):
+                # The supervisor keeps trying on its own; until it succeeds, requests fail at once. A model draining
+                # (retired, replaced, unloaded) stays so: its unload is what stops those tries.
                 model.state, model.failure, model.retry_at = FAILED, detail, float("inf")
                 model.failed_loads += 1
             self._changed.notify_all()

@@ -87,7 +87,8 @@ class LiveChanges:
         """The model's llama.cpp must change (a new command line, the same URL): requests in flight finish on the
         old one, new ones wait; once idle, the old one stops (an unload with reason "reload"), the new supervisor
         takes its place, and it loads again if it was loaded (a load with reason "reload"), else on demand. An
-        unloaded model takes the new supervisor at once. settings: as update()'s, applied with the switch."""
+        unloaded model takes the new supervisor at once, and loads now where start() would have loaded it (preload=on,
+        or no MODELS_MAX_LOADED nor MODELS_MEMORY_MIB). settings: as update()'s, applied with the switch."""
         _check_settings(settings)
         with self._changed:
             model = self._named(name)
@@ -99,6 +100,8 @@ class LiveChanges:
             model.pending = (supervisor, {**(model.pending[1] if model.pending else {}), **settings})
             if self._at_rest(model):
                 self._take_over(model)
+                if self._started and model.state == UNLOADED and (model.preload or not self._on_demand()):
+                    self._want(model, "preload")  # a new command line loads where start() would have loaded it
             elif model.state == LOADED or (model.restarting and model.state in (LOADING, FAILED)):
                 self._drain(model, "reload")
             # Loading: once loaded it drains (_loaded_meanwhile). Draining or unloading for another reason: the

@@ -5,6 +5,7 @@ wait ends with ShuttingDown and no request is let through any more: a freed slot
 from flask import current_app, g, request
 
 from ..errors import ClientClosedRequest
+from ..llama.pooled_model import ModelRemoved
 
 
 class Admission:
@@ -70,6 +71,8 @@ def admit(route, takes_slot=True) -> Admission:
     """This request's Admission for route, kept on g for the policy's close to release: the model claimed (its
     load started if need be), the queue entered once the model is loaded (Admission.wait)."""
     pool = current_app.extensions.get("model_pool")
+    if pool is None and route.removed:  # found just before a reload removed it (the pool's claim says so too)
+        raise ModelRemoved(route.name or route.spec.id)
     hold = pool.claim(route) if pool is not None else None
     scheduler = current_app.extensions.get("scheduler") if takes_slot else None
     record = g.record

@@ -83,6 +83,7 @@ class ModelRoute:
         self.metadata = None  # the upstream's /v1/models entry, once one replica told it
         self.created = int(time.time())  # for /v1/models until then
         self.affinity = AffinityTable() if len(urls) > 1 else None  # where each prompt prefix was last served
+        self.removed = False  # a reload removed its model: a request that found it just before gets a 404
 
     def pick(self, exclude=(), keys=None, record=None) -> Replica:
         """Take the replica that last served the longest prefix of this prompt (keys: affinity.prefix_keys)
@@ -131,6 +132,9 @@ class ModelRoute:
         with self.lock:
             kept = {replica.url: replica for replica in self.replicas}
             self.replicas = [kept.get(url) or Replica(self, url) for url in urls]
+            if self.spec is not None and spec.identity() != self.spec.identity():
+                for replica in self.replicas:
+                    replica.slots = None  # another llama.cpp command line (--parallel): its slots are asked again
             if len(self.replicas) < 2:
                 self.affinity = None
             elif self.affinity is None:
@@ -260,7 +264,8 @@ class RouteChanges(NamedTuple):
 
     added: tuple
     removed: tuple
-    updated: tuple  # the same route, with new names, rules or replicas
+    updated: tuple  # the same model, with new names, rules or replicas (a new route where it switched between
+    # taking any name and its own names)
 
 
 class Router:
@@ -335,14 +340,16 @@ class Router:
             for spec, urls, rules, route in plan:
                 name = None if model_set.any_name else spec.id
                 if route is None or route.name != name:  # a model that takes any name is another route
+                    (added if route is None else updated).append(spec.id)
                     route = ModelRoute(name, urls, spec=spec, rules=rules, **self.options)
-                    added.append(spec.id)
                 elif route.spec != spec or [replica.url for replica in route.replicas] != urls:
                     route.update(spec, urls, rules)
                     updated.append(spec.id)
                 routes.append(route)
-            kept = {id(route) for route in routes}
-            removed = [model_id for model_id, route in before.items() if id(route) not in kept]
+            kept = {route.spec.id for route in routes}
+            removed = [model_id for model_id in before if model_id not in kept]
+            for model_id in removed:
+                before[model_id].removed = True
             self._publish([] if model_set.any_name else routes, routes[0] if model_set.any_name else None)
             self.models = model_set
         return RouteChanges(tuple(added), tuple(removed), tuple(updated))

@@ -265,8 +265,8 @@ class SlotCounts:
         self.ask_props = ask_props  # ask_props(url) -> dict
         self.configured = configured or {}  # model name -> slots (MODEL_SETTINGS, for routes without a spec)
         self.clock = clock
-        self._known = {}
-        self._failed_at = {}
+        self._known = {}  # (url, the spec's identity) -> its slots
+        self._failed_at = {}  # (url, the spec's identity) -> when the ask failed
         self._asking = threading.Lock()  # one ask at a time: the others wait for its answer
 
     def __call__(self, replica, ask=True):
@@ -276,25 +276,27 @@ class SlotCounts:
         if configured:
             replica.slots = configured
             return configured
-        known = self._known.get(replica.url)
+        # What was learnt holds for one llama.cpp command line: a reload that changes it (--parallel) keeps the URL.
+        key = (replica.url, spec.identity() if spec is not None else None)
+        known = self._known.get(key)
         if known is not None:
             return known
-        if not ask or self.clock() - self._failed_at.get(replica.url, float("-inf")) < SLOTS_RETRY_S:
+        if not ask or self.clock() - self._failed_at.get(key, float("-inf")) < SLOTS_RETRY_S:
             return None
         with self._asking:
-            known = self._known.get(replica.url)
+            known = self._known.get(key)
             if known is not None:  # learnt while this one waited
                 return known
-            if self.clock() - self._failed_at.get(replica.url, float("-inf")) < SLOTS_RETRY_S:
+            if self.clock() - self._failed_at.get(key, float("-inf")) < SLOTS_RETRY_S:
                 return None
             try:
                 slots = self.ask_props(replica.url).get("total_slots")
             except Exception:  # noqa: BLE001 - unknown for now: no limit rather than no service
                 slots = None
         if isinstance(slots, int) and slots > 0:
-            self._known[replica.url] = replica.slots = slots  # the replica's, for cache-aware placement
+            self._known[key] = replica.slots = slots  # the replica's, for cache-aware placement
             return slots
-        self._failed_at[replica.url] = self.clock()
+        self._failed_at[key] = self.clock()
         return None
 
 

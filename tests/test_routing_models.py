@@ -4,6 +4,7 @@ the routes change while requests run (Router.apply)."""
 import json
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -169,7 +170,13 @@ def test_models_list_their_aliases_and_capabilities_once_each(models_app, fake_u
     client = models_app(
         ModelSpec("gemma", source="/m/gemma.gguf", mmproj="/m/mmproj-gemma.gguf", upstreams=(base(vision_up),),
                   aliases=("gpt-4o", "vision")),
-        ModelSpec("plain", upstreams=(base(plain_up),), mmproj="none")).test_client()
+        ModelSpec("plain", source="hf:o/text-only", upstreams=(base(plain_up),), mmproj="auto")).test_client()
+    # gemma's llama.cpp was given the projector the fleet found (--mmproj); plain asked for one ("auto"), but its
+    # repo has none: it takes no images, whatever its spec asked.
+    eye = SimpleNamespace(status="loaded", supervisor=SimpleNamespace(args=("-fa", "on", "--mmproj", "/m/p.gguf")))
+    text = SimpleNamespace(status="loaded", supervisor=SimpleNamespace(args=("-fa", "on")))
+    client.application.extensions["model_pool"] = SimpleNamespace(
+        model_for=lambda route: eye if route.name == "gemma" else text)
     listed = client.get("/v1/models").get_json()["data"]
     assert [entry["id"] for entry in listed] == ["gemma", "plain"]
     gemma, plain = listed

@@ -18,7 +18,8 @@ def list_models():
     if fallback is not None:
         entries = _fallback_entries(fallback)
         # llama.cpp adds an ollama-style "models" list beside "data"; OpenAI clients expect only "data".
-        return jsonify({"object": "list", "data": [_openai_model(entry, fallback.spec) for entry in entries]})
+        vision = _has_projector(fallback)
+        return jsonify({"object": "list", "data": [_openai_model(entry, fallback.spec, vision) for entry in entries]})
     return jsonify({"object": "list", "data": [_routed_model(route) for route in router.routes.values()]})
 
 
@@ -33,7 +34,7 @@ def retrieve_model(model):
         entries = _fallback_entries(fallback)
         if not entries:
             raise UpstreamBadResponse("llama-server's /v1/models lists no model")
-        return jsonify(_openai_model({**entries[0], "id": model}, fallback.spec))
+        return jsonify(_openai_model({**entries[0], "id": model}, fallback.spec, _has_projector(fallback)))
     return jsonify(_routed_model(router.route(model)))
 
 
@@ -41,6 +42,13 @@ def _local_model(route):
     """The local model behind route (service/llama/pool.py), or None where the gateway does not run it."""
     pool = current_app.extensions.get("model_pool")
     return pool.model_for(route) if pool is not None else None
+
+
+def _has_projector(route, local=False) -> bool:
+    """Whether the gateway gives the route's llama.cpp a projector: one it found, not only one asked for (mmproj =
+    "auto" on a repo without one gives none)."""
+    local = _local_model(route) if local is False else local
+    return local is not None and "--mmproj" in local.supervisor.args
 
 
 def _fallback_entries(route) -> list:
@@ -83,17 +91,17 @@ def _routed_model(route) -> dict:
             route.metadata = {key: value for key, value in entries[0].items() if key not in ("id", "aliases")}
             break
     return _openai_model({"created": route.created, **(route.metadata or {}), "id": route.name, "status": status},
-                         route.spec)
+                         route.spec, _has_projector(route, local))
 
 
-def _openai_model(entry: dict, spec=None) -> dict:
+def _openai_model(entry: dict, spec=None, vision=False) -> dict:
     """One model with OpenAI's four fields first; llama.cpp's extras (meta: n_ctx, n_params, ...) are kept; then
-    what its spec says: its aliases (when it has any), "capabilities": ["vision"] (when it has a projector)."""
+    what its spec says: its aliases (when it has any), and "capabilities": ["vision"] when vision (a projector)."""
     model = {"id": entry["id"], "object": "model", "created": entry.get("created", 0),
              "owned_by": entry.get("owned_by", "llamacpp")}
     model.update((key, value) for key, value in entry.items() if key not in model)
     if spec is not None and spec.aliases:
         model["aliases"] = list(spec.aliases)
-    if spec is not None and spec.mmproj not in (None, "none"):
+    if vision:
         model["capabilities"] = ["vision"]
     return model

@@ -2,6 +2,7 @@
 a real Redis, the gateway's request log lines."""
 import contextlib
 import logging
+import socket
 import threading
 import time
 
@@ -260,3 +261,20 @@ def slow_llama(slow_model_path):
                                  startup_timeout=60).start()
     yield supervisor
     supervisor.stop()
+
+
+@pytest.fixture
+def no_internet(monkeypatch):
+    """Any name but the local host fails to resolve, and the test fails if one was asked for (huggingface_hub
+    swallows some failures, such as its telemetry's): nothing in these tests reaches the internet."""
+    resolve_name, asked = socket.getaddrinfo, []
+
+    def local_only(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "localhost"):
+            asked.append(host)
+            raise socket.gaierror(f"test: no internet (asked for {host})")
+        return resolve_name(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+    yield
+    assert asked == [], "a test tried to reach the internet"

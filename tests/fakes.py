@@ -120,6 +120,7 @@ class FakeSupervisor:
 
     def __init__(self, url):
         self.url = url
+        self.args = ()  # llama-server flags beyond the gateway's own (LlamaSupervisor's): none, so no projector
         self.starts = self.stops = 0
         self.gate = None  # a threading.Event start() waits for
         self.fail_with = None

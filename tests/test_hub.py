@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import re
-import socket
 from collections import namedtuple
 
 import pytest
@@ -28,23 +27,6 @@ DiskUsage = namedtuple("DiskUsage", "total used free")
 def gguf(tmp_path_factory) -> bytes:
     """A real GGUF's bytes, served under every file name of the stand-in's repos."""
     return demo_gguf(tmp_path_factory)
-
-
-@pytest.fixture
-def no_internet(monkeypatch):
-    """Any name but the local host fails to resolve, and the test fails if one was asked for (huggingface_hub
-    swallows some failures, such as its telemetry's): nothing in these tests reaches the internet."""
-    resolve_name, asked = socket.getaddrinfo, []
-
-    def local_only(host, *args, **kwargs):
-        if host not in ("127.0.0.1", "localhost"):
-            asked.append(host)
-            raise socket.gaierror(f"test: no internet (asked for {host})")
-        return resolve_name(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", local_only)
-    yield
-    assert asked == [], "a test tried to reach the internet"
 
 
 @pytest.fixture

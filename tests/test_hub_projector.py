@@ -4,7 +4,6 @@ model."""
 import json
 import logging
 import os
-import socket
 import struct
 
 import pytest
@@ -29,22 +28,6 @@ def gguf(tmp_path_factory) -> bytes:
 def files(gguf, tmp_path_factory) -> dict:
     """The vision repo's files: a model, mmproj-model-f16.gguf and mmproj-model-q8_0.gguf."""
     return vision_repo(gguf, tmp_path_factory)
-
-
-@pytest.fixture
-def no_internet(monkeypatch):
-    """Any name but the local host fails to resolve, and the test fails if one was asked for."""
-    resolve_name, asked = socket.getaddrinfo, []
-
-    def local_only(host, *args, **kwargs):
-        if host not in ("127.0.0.1", "localhost"):
-            asked.append(host)
-            raise socket.gaierror(f"test: no internet (asked for {host})")
-        return resolve_name(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", local_only)
-    yield
-    assert asked == [], "a test tried to reach the internet"
 
 
 @pytest.fixture

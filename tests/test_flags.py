@@ -112,6 +112,18 @@ CASES = [
     (["--reasoning", "off"], "enable_reasoning", 0),
     (["--reasoning", "on"], "default_template_kwargs", {"enable_thinking": "true"}),
     (["--reasoning-budget", "256"], "sampling.reasoning_budget_tokens", 256),
+    (["--temp", "0.5"], "sampling.temp", 0.5),
+    (["--temperature", "-1"], "sampling.temp", 0.0),  # llama.cpp takes a negative temperature as 0 (greedy)
+    (["--top-k", "20"], "sampling.top_k", 20),
+    (["--top-p", "0.5"], "sampling.top_p", 0.5),
+    (["--min-p", "0.25"], "sampling.min_p", 0.25),
+    (["--repeat-last-n", "128"], "sampling.penalty_last_n", 128),
+    (["--repeat-last-n", "128"], "sampling.n_prev", 128),
+    (["--repeat-penalty", "1.5"], "sampling.penalty_repeat", 1.5),
+    (["--presence-penalty", "0.5"], "sampling.penalty_present", 0.5),
+    (["--frequency-penalty", "0.25"], "sampling.penalty_freq", 0.25),
+    (["--seed", "42"], "sampling.seed", 42),
+    (["-s", "-1"], "sampling.seed", 2 ** 32 - 1),  # llama.cpp's default seed: a random one
     (["--no-slots"], "endpoint_slots", False),
     (["--props"], "endpoint_props", True),
     (["--slot-save-path", "{dir}"], "slot_save_path", "{dir}" + os.sep),
@@ -258,6 +270,11 @@ def test_repeats_add_up_where_llama_cpp_adds_them_and_the_last_wins_elsewhere():
     (["--ctx-size=4096"], "--ctx-size", ["--ctx-size=...", "two strings"]),  # llama.cpp takes no =value either
     (["--n-gpu-layer", "9"], "--n-gpu-layer", ["unknown flag", "did you mean --n-gpu-layers?"]),
     (["--ctx-shift"], "--ctx-shift", ["unknown flag", "known flags: ", "--context-shift", "--tensor-split"]),
+    (["--tmep", "0.5"], "--tmep", ["unknown flag", "did you mean --temp?"]),
+    (["--temp", "warm"], "--temp", ["not a number"]),
+    (["--top-k", "0.5"], "--top-k", ["not a whole number"]),
+    (["--repeat-last-n", "-2"], "--repeat-last-n", ["out of range"]),  # llama.cpp refuses it too
+    (["--seed", "4294967296"], "--seed", ["out of range"]),
 ])
 def test_each_problem_is_one_error_naming_the_flag(argv, flag, words):
     [error] = problems(argv)
@@ -271,7 +288,29 @@ def test_every_problem_in_an_argv_is_reported_and_a_good_argv_has_none(tmp_path)
     assert [error.flag for error in found] == ["-ngl", "--nope", "stray", "-ctk"]
     assert "after --jinja" in str(found[2])
     assert problems(["-m", "x.gguf", "-ngl", "-1", "-fa", "on", "--jinja", "--slot-save-path", str(tmp_path)]) == []
-    assert "--n-gpu-layers" in known_flags() and "--model" in known_flags()
+    assert "--n-gpu-layers" in known_flags() and "--temp" in known_flags()
+
+
+def test_the_known_flags_an_unknown_one_lists_leave_out_those_the_gateway_sets():
+    [error] = problems(["--tmp", "0.5"])
+    listed = str(error).split("; known flags: ", 1)[1].split()
+    assert "--temp" in listed and "--n-gpu-layers" in listed
+    assert not {"--model", "--port", "--ctx-size", "--api-key", "--hf-repo"} & set(listed)
+    assert listed == known_flags()
+
+
+def test_sampling_flags_mark_their_fields_as_the_user_s_as_llama_cpp_does():
+    # A marked field keeps the user's value over the sampling a GGUF recommends; the marks of several flags add up.
+    bits = {name: int(getattr(xllamacpp.common_params_sampling_config, "COMMON_PARAMS_SAMPLING_CONFIG_" + name))
+            for name in ("TEMP", "TOP_K", "TOP_P", "MIN_P", "PENALTY_LAST_N", "PENALTY_REPEAT")}
+    marks = dict(zip(("--temp", "--top-k", "--top-p", "--min-p", "--repeat-last-n", "--repeat-penalty"), bits.values()))
+    for flag, mark in marks.items():
+        assert apply(xllamacpp.CommonParams(), [flag, "1"]).sampling.user_sampling_config == mark, flag
+    both = apply(xllamacpp.CommonParams(), ["--temp", "0.5", "--seed", "7", "--top-k", "5", "--temp", "0.75"])
+    assert both.sampling.user_sampling_config == bits["TEMP"] | bits["TOP_K"]
+    assert (both.sampling.temp, both.sampling.top_k, both.sampling.seed) == (0.75, 5, 7)  # the last value wins
+    unmarked = apply(xllamacpp.CommonParams(), ["--seed", "7", "--presence-penalty", "1", "--frequency-penalty", "1"])
+    assert unmarked.sampling.user_sampling_config == 0
 
 
 def test_a_secret_is_never_shown():

@@ -26,7 +26,7 @@ def test_args_come_after_the_gateway_s_flags_and_reach_a_binary_verbatim():
 
 
 @pytest.mark.parametrize("args, said", [
-    (["--flash-atn", "on"], r"unknown flag --flash-atn \(did you mean --flash-attn\?\); known flags: --alias .*"),
+    (["--flash-atn", "on"], r"unknown flag --flash-atn \(did you mean --flash-attn\?\); known flags: --batch-size .*"),
     (["-ngl", "lots"], r"-ngl: bad value 'lots': not a whole number \(expected N\|auto\|all\)"),
     # xllamacpp prints its buffer types first: the child's own line still leads
     (["-ot", "blk=NO_SUCH_BUFFER"], r"-ot: llama.cpp refused it: unknown buffer type"),

@@ -17,6 +17,10 @@ class Native(NamedTuple):
     args: Optional[tuple] = None
 
 
+class Bit(int):
+    """One bit of a bit-set field: a flag's bit adds to those other flags set (they are ORed together)."""
+
+
 class Padded(NamedTuple):
     """A list that fills a fixed-length field, the rest zeros (tensor_split has one entry per possible device)."""
     values: tuple

@@ -14,7 +14,7 @@ import shlex
 import subprocess
 from typing import Any, Callable, NamedTuple, Optional
 
-from .flag_values import (LORA, Native, Padded, choice, comma_list, context_size, directory, file_text, integer,
+from .flag_values import (LORA, Bit, Native, Padded, choice, comma_list, context_size, directory, file_text, integer,
                           lora_scaled, member, number, parser, rope_scale, template_kwargs, tensor_overrides)
 
 
@@ -81,6 +81,21 @@ _THREADS = parser("N", lambda text: max(integer()(text), 0) or os.cpu_count() or
 def _row(names, fields, parse=None, negs="", **options):
     """A table row: spellings and fields as space-separated words."""
     return Flag(tuple(names.split()), tuple(fields.split()), parse, tuple(negs.split()), **options)
+
+
+# llama.cpp marks these as the user's (common_params_sampling_config bits): a GGUF's general.sampling.* yields to them
+_USER_SET = {"top_k": 2, "top_p": 4, "min_p": 8, "temp": 64, "penalty_last_n": 128, "penalty_repeat": 256}
+
+
+def _sampling(names, fields, parse=number):
+    """A row of llama-server's sampling defaults, fields under sampling., marked as the user's as llama.cpp does."""
+    fields = ["sampling." + field for field in fields.split()]
+    bit = Bit(_USER_SET.get(fields[0].split(".")[1], 0)) or None  # None: the mark is left alone
+
+    def convert(text):
+        value = parse(text)
+        return (*(value if len(fields) > 1 else (value,)), bit)
+    return _row(names, " ".join(fields + ["sampling.user_sampling_config"]), parser(parse.hint, convert), merge=True)
 
 
 FLAGS = (
@@ -203,6 +218,17 @@ FLAGS = (
          member("common_reasoning_format", "COMMON_REASONING_FORMAT_", "none auto deepseek deepseek-legacy")),
     _row("--reasoning -rea", "enable_reasoning default_template_kwargs", choice("on off auto", _THINK), merge=True),
     _row("--reasoning-budget", "sampling.reasoning_budget_tokens", integer(-1)),
+    # Sampling: llama-server's defaults for requests that send none (merged: their marks add up, the last value wins)
+    _sampling("--temp --temperature", "temp", parser("N", lambda text: max(number(text), 0.0))),
+    _sampling("--top-k", "top_k", integer()),
+    _sampling("--top-p", "top_p"),
+    _sampling("--min-p", "min_p"),
+    _sampling("--repeat-last-n", "penalty_last_n n_prev",  # -1: the context; n_prev: at least llama.cpp's 64
+              parser("N >= -1", lambda text: (lambda last: (last, max(last, 64)))(integer(-1)(text)))),
+    _sampling("--repeat-penalty", "penalty_repeat"),
+    _sampling("--presence-penalty", "penalty_present"),
+    _sampling("--frequency-penalty", "penalty_freq"),
+    _sampling("--seed -s", "seed", parser("N >= -1", lambda text: integer(-1, 2 ** 32 - 1)(text) % 2 ** 32)),
     # The server itself
     _row("--slots", "endpoint_slots", negs="--no-slots"),
     _row("--props", "endpoint_props"),
@@ -222,8 +248,8 @@ _SPELLINGS.update({name: (flag, False) for flag in FLAGS for name in flag.negs})
 
 
 def known_flags() -> list:
-    """The first spelling of every flag the table knows, sorted."""
-    return sorted(flag.names[0] for flag in FLAGS)
+    """The first spelling of every flag a model's args may set (the table's others the gateway sets), sorted."""
+    return sorted(flag.names[0] for flag in FLAGS if not flag.owner)
 
 
 def _lookup(token):
@@ -301,7 +327,7 @@ def check_user_args(args, model_id=None, *, binary=False) -> list:
 def _merged(old, new):
     if isinstance(new, str):  # tensor overrides: one comma-separated list
         return f"{old},{new}"
-    return old + new if isinstance(new, list) else old | new if isinstance(new, (dict, set)) else new
+    return old + new if isinstance(new, list) else old | new if isinstance(new, (dict, set, Bit)) else new
 
 
 def _collect(found):

@@ -10,6 +10,7 @@ from service.llama.fleet import Fleet
 from service.llama.launch import ModelFiles, lifecycle, pooled_model, resolve_files, supervisor_for
 from service.llama.pooled_model import PooledModel
 from service.models.errors import LlamaStartError
+from service.models.models_file import ModelsFileError
 from service.models.spec import Limits, ModelSet, ModelSpec
 from service.proxy.routing import Router
 from tests.fakes import FakeSupervisor
@@ -175,8 +176,10 @@ class FakeLaunch:
         self.next_port = 9000
         self.launched = []  # (id, port)
         self.fail = None
+        self.at_reload = False
 
-    def __call__(self, spec, port=None):
+    def __call__(self, spec, port=None, loadable=False):
+        assert loadable == self.at_reload, "a reload checks the files llama.cpp loads; a start leaves them to it"
         if self.fail:
             raise LlamaStartError(self.fail)
         if port is None:
@@ -210,6 +213,7 @@ class WatchedRouter(Router):
 def fleet_and_router(*specs):
     fake = FakeLaunch()
     fleet = Fleet(ModelSet(specs, file="models.toml"), SETTINGS, "/models", launch=fake)
+    fake.at_reload = True
     router = WatchedRouter(fleet.pool)
     router.apply(fleet.model_set, fleet.local_urls)
     return fleet, router, fake
@@ -239,8 +243,11 @@ def test_apply_adds_removes_restarts_and_updates_each_through_the_pool_and_the_r
     assert fleet.supervisors["keep"].port == old_keep_port and fleet.supervisors["keep"].spec.args == ("-fa", "on")
     assert fleet.pool.models["keep"].supervisor is fleet.supervisors["keep"]
     assert (fleet.pool.models["tune"].ttl_s, fleet.pool.models["tune"].pinned) == (5, True)  # in place
-    assert fake.launched[3:] == [("new", 9004), ("keep", old_keep_port)]  # nothing else launched again
-    assert router.route("n") is router.route("new") and router.route("new").replicas[0].url == "http://127.0.0.1:9004"
+    new_port = fleet.supervisors["new"].port
+    assert fake.launched[3:] == [("new", new_port), ("keep", old_keep_port)]  # nothing else launched again
+    assert fleet.supervisors["new"].port_chosen and new_port not in {old_keep_port, fleet.supervisors["tune"].port}
+    assert router.route("n") is router.route("new")
+    assert router.route("new").replicas[0].url == f"http://127.0.0.1:{new_port}"
     assert fleet.model_set is new and set(fleet.local_urls) == {"keep", "tune", "new"}
 
 
@@ -276,3 +283,73 @@ def test_an_unchanged_set_changes_nothing():
     same = ModelSet((ModelSpec("a", source="/a.gguf", limits=Limits(max_tokens=5)),), file="models.toml")
     assert fleet.apply(same, router) == {"added": [], "removed": [], "changed": [], "updated": []}
     assert fake.launched == launched and os.path.basename(fleet.model_set.file) == "models.toml"
+
+
+# -- what a reload refuses before anything changes -----------------------------------------------------------------
+
+def real_fleet(tmp_path, **sources):
+    """A Fleet making real supervisors (never started) of a models file's specs (name -> source), and its routes."""
+    specs = tuple(ModelSpec(name, source=source) for name, source in sources.items())
+    fleet = Fleet(ModelSet(specs, file="models.toml"), settings(), str(tmp_path))
+    router = Router([])
+    router.apply(fleet.model_set, fleet.local_urls)
+    return fleet, router
+
+
+@pytest.mark.parametrize("key", ["source", "mmproj", "draft"])
+def test_a_reload_refuses_a_models_file_that_is_not_gguf_and_the_running_model_stays(tmp_path, key):
+    model = gguf_file(tmp_path / "m.gguf")
+    fleet, router = real_fleet(tmp_path, m=model)
+    before = (fleet.model_set, dict(fleet.supervisors), dict(fleet.pool.models), router.routes)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a model")
+    files = {"source": model, key: str(notes)}
+    with pytest.raises(ModelsFileError) as refused:
+        fleet.apply(ModelSet((ModelSpec("m", **files),), file="models.toml"), router)
+    assert refused.value.problems == (f"environment: models.m.{key}: {notes} is not a GGUF file, which llama.cpp "
+                                      "cannot load",)
+    assert (fleet.model_set, fleet.supervisors, fleet.pool.models, router.routes) == before
+    # A new model is checked as a changed one is; good files pass.
+    with pytest.raises(ModelsFileError, match=r"models\.n\.source: .*notes\.txt is not a GGUF file"):
+        fleet.apply(ModelSet((ModelSpec("m", source=model), ModelSpec("n", source=str(notes))), file="models.toml"),
+                    router)
+    assert set(fleet.supervisors) == {"m"}
+    good = {"source": model, key: gguf_file(tmp_path / "mmproj-other.gguf")}
+    assert fleet.apply(ModelSet((ModelSpec("m", **good),), file="models.toml"), router)["changed"] == ["m"]
+
+
+def test_a_new_models_port_is_none_of_the_fleets_even_of_a_model_not_loaded(tmp_path, monkeypatch):
+    from service.llama import supervisor as supervisors
+
+    fleet, router = real_fleet(tmp_path, a=gguf_file(tmp_path / "a.gguf"), b=gguf_file(tmp_path / "b.gguf"))
+    ports = [supervisor.port for supervisor in fleet.supervisors.values()]
+    real_free_port = supervisors.free_port
+    offered = iter(ports)  # the OS offers the ports of models that hold no socket (not loaded) first
+    monkeypatch.setattr(supervisors, "free_port", lambda host="127.0.0.1": next(offered, None) or real_free_port())
+    new = ModelSet((*fleet.model_set.specs, ModelSpec("c", source=gguf_file(tmp_path / "c.gguf"))), file="models.toml")
+    assert fleet.apply(new, router)["added"] == ["c"]
+    assert fleet.supervisors["c"].port not in ports and fleet.supervisors["c"].port_chosen
+    assert [replica.url for replica in router.route("c").replicas] == [fleet.supervisors["c"].url]
+
+
+def test_a_new_models_port_is_not_a_retiring_ones(monkeypatch):
+    from service.llama import supervisor as supervisors
+
+    fleet, router, _ = fleet_and_router(ModelSpec("a", source="/a.gguf"), ModelSpec("b", source="/b.gguf"))
+    fleet.start()
+    try:
+        hold = fleet.pool.claim(router.route("b"))
+        hold.wait()
+        retiring = fleet.supervisors["b"].port
+        fleet.apply(ModelSet((ModelSpec("a", source="/a.gguf"),), file="models.toml"), router)
+        assert "b" not in fleet.supervisors and fleet.pool.by_url[f"http://127.0.0.1:{retiring}"].removed  # draining
+        real_free_port = supervisors.free_port
+        offered = iter([retiring])
+        monkeypatch.setattr(supervisors, "free_port", lambda host="127.0.0.1": next(offered, None) or real_free_port())
+        fleet.apply(ModelSet((ModelSpec("a", source="/a.gguf"), ModelSpec("c", source="/c.gguf")),
+                             file="models.toml"), router)
+        # Its llama.cpp runs on until its requests end: a new one there could not listen.
+        assert fleet.supervisors["c"].port != retiring
+        hold.release()
+    finally:
+        fleet.stop()

@@ -2,12 +2,13 @@
 
 Only ADMIN_API_KEY reaches this view (policy/hooks.py). The answer lists what was done by model id:
 {"added": [...], "removed": [...], "changed": [...], "updated": [...]}. A file with any problem changes nothing
-and gets a 400 whose message lists them, one line each (FILE:LINE: models.NAME.KEY: what).
+and gets a 400 whose message lists them, one line each (FILE:LINE: models.NAME.KEY: what); a POST while another
+reload is under way gets a 409 reload_in_progress at once.
 """
 from flask import Blueprint, current_app, jsonify
 
 from ..errors import ApiError
-from ..models.reload import ReloadError
+from ..models.reload import ReloadBusy, ReloadError
 
 bp = Blueprint("reload", __name__)
 
@@ -33,6 +34,16 @@ class ReloadRefused(ApiError):
                          type="server_error" if error.unavailable else "invalid_request_error")
 
 
+class ReloadInProgress(ApiError):
+    """Another reload is under way (it may be fetching a model): this one is not queued behind it."""
+
+    status = 409
+    code = "reload_in_progress"
+
+    def __init__(self, error: ReloadBusy):
+        super().__init__("\n".join(error.problems), type="invalid_request_error")
+
+
 @bp.post("/models/reload")
 def reload_models():
     """Read the models file again and apply what changed; answer what was added, removed, changed, updated."""
@@ -41,5 +52,7 @@ def reload_models():
         raise NoModelsFile()
     try:
         return jsonify(reloader.reload("admin"))
+    except ReloadBusy as error:
+        raise ReloadInProgress(error) from None
     except ReloadError as error:
         raise ReloadRefused(error) from None

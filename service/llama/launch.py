@@ -4,8 +4,9 @@ import os
 from typing import NamedTuple, Optional
 
 from ..converters import HUB_PREFIX
-from ..models.model_file import resolve
+from ..models.model_file import is_gguf, resolve
 from ..models.model_memory import estimate_mib, fit_context
+from ..models.models_file import ModelsFileError
 from ..models.projector import fetch_projector
 from . import flags
 from .pooled_model import PooledModel
@@ -28,6 +29,16 @@ def resolve_files(spec, models_dir: str) -> ModelFiles:
     LlamaStartError (hub.HubError) with one line saying what to do."""
     return ModelFiles(resolve(spec.source, models_dir), _projector(spec, models_dir),
                       resolve(spec.draft, models_dir) if spec.draft else None)
+
+
+def check_loadable(spec, files: ModelFiles):
+    """Raise ModelsFileError, a line per file (FILE:LINE: models.NAME.KEY: what), when one of the spec's files is not
+    GGUF: llama.cpp would refuse it."""
+    wrong = [f"{spec.origin}: models.{spec.id}.{key}: {path} is not a GGUF file, which llama.cpp cannot load"
+             for key, path in (("source", files.model), ("mmproj", files.mmproj), ("draft", files.draft))
+             if path and not is_gguf(path)]
+    if wrong:
+        raise ModelsFileError(wrong)
 
 
 def _projector(spec, models_dir):

@@ -4,7 +4,7 @@ removed, restarted once idle, updated in place) and logged in one line.
 
 Triggers: a watcher thread that looks at the file about once a second and applies a burst of writes once the file
 has been still for a moment; POST /models/reload (service/api/reload.py); SIGHUP, where the OS has it
-(service/serve.py). One reload at a time.
+(service/serve.py). One reload at a time: a trigger that finds one under way is refused (ReloadBusy), not queued.
 """
 import logging
 import os
@@ -25,12 +25,19 @@ SETTLE_S = 0.5
 
 class ReloadError(Exception):
     """A reload that changed nothing. problems: one line each; unavailable: the file is fine but a model it names
-    could not be had (a fetch failed), which a later try may cure."""
+    could not be had (a fetch failed) or placed (the pool refused it), which a later try may cure."""
 
     def __init__(self, problems, unavailable=False):
         self.problems = tuple(problems)
         self.unavailable = unavailable
         super().__init__("\n".join(self.problems))
+
+
+class ReloadBusy(ReloadError):
+    """A reload asked for while another is under way (one may fetch a model for minutes): it is not queued."""
+
+    def __init__(self):
+        super().__init__(["a reload of the models file is under way; try again once it has ended"])
 
 
 def file_signature(path):
@@ -59,16 +66,26 @@ class Reloader:
 
     def reload(self, trigger: str) -> dict:
         """Read the file and apply what changed; return what was done. Raise ReloadError (nothing changed)."""
-        with self._lock:
+        # A trigger that finds one under way does not wait for it (nor hold a thread): the admin is told, a SIGHUP
+        # is dropped, and the watcher sees a file changed meanwhile again at its next look.
+        if not self._lock.acquire(blocking=False):
+            log.warning("models reload skipped: another is under way", extra={"fields": {
+                "trigger": trigger, "file": self.path}})
+            raise ReloadBusy()
+        try:
             self._seen = file_signature(self.path)  # this version is handled, whatever comes of it
             try:
                 changes = self.apply(models_of_file(self.path, check_args=self.check_args))
-            except ModelsFileError as error:
+            except ModelsFileError as error:  # a file's problems, or a model's file that is not GGUF
                 raise self._refused(trigger, error.problems) from None
             except ConfigError as error:  # the routes refused the set
                 raise self._refused(trigger, [f"{self.path}: {error}"]) from None
             except LlamaStartError as error:  # a new model's file could not be fetched
                 raise self._refused(trigger, [f"{self.path}: {error}"], unavailable=True) from None
+            except ValueError as error:  # the pool refused a model (on a port another has): nothing changed
+                raise self._refused(trigger, [f"{self.path}: {error}"], unavailable=True) from None
+        finally:
+            self._lock.release()
         log.info("models reloaded", extra={"fields": {"trigger": trigger, "file": self.path, **changes}})
         return changes
 
@@ -84,7 +101,7 @@ class Reloader:
         try:
             self.reload(trigger)
         except ReloadError:
-            pass  # logged, line by line
+            pass  # logged, line by line (a reload skipped: in one)
         except Exception:  # noqa: BLE001 - a fault must not end the watcher: it is logged, the models stay
             log.exception("models reload failed", extra={"fields": {"trigger": trigger, "file": self.path}})
 
@@ -97,8 +114,8 @@ class Reloader:
     def _watch(self):
         while not self._stopping.wait(self.poll_s):
             current = file_signature(self.path)
-            if current == self._seen:
-                continue
+            if current == self._seen or self._lock.locked():
+                continue  # unchanged, or a reload under way (which may read it): looked at again once it ends
             while not self._stopping.wait(self.settle_s):
                 settled, current = current, file_signature(self.path)
                 if current == settled:

@@ -278,3 +278,9 @@ def no_internet(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", local_only)
     yield
     assert asked == [], "a test tried to reach the internet"
+
+
+@pytest.fixture
+def models_dir(tmp_path):
+    """An empty MODELS_DIR."""
+    return str(tmp_path / "models")

@@ -201,3 +201,14 @@ class FakeHub:
         handler.end_headers()
         if body:
             handler.wfile.write(content)
+
+
+def point_huggingface_hub_at(stand_in, monkeypatch, tmp_path):
+    """Point huggingface_hub at stand_in for one test: its endpoint, no token (none in the environment or on
+    disk), online."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", stand_in.url)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

@@ -17,7 +17,7 @@ from service.models.hub import HubError, fetch, kept_copy, pick
 from service.models.hub_progress import LogProgress, progress_class
 from service.models.model_file import LocalModel, choose_model, model_files, resolve
 from service.models.names import model_name
-from tests.fake_hub import FakeHub, demo_gguf
+from tests.fake_hub import FakeHub, demo_gguf, point_huggingface_hub_at
 
 REPO = "acme/tiny-GGUF"
 DiskUsage = namedtuple("DiskUsage", "total used free")
@@ -39,18 +39,9 @@ def hub(gguf, monkeypatch, tmp_path, no_internet):
                              "big/tiny-Q6_K-00001-of-00003.gguf": gguf[:third],
                              "big/tiny-Q6_K-00002-of-00003.gguf": gguf[third:2 * third],
                              "big/tiny-Q6_K-00003-of-00003.gguf": gguf[2 * third:]})
-    monkeypatch.setenv("HF_ENDPOINT", stand_in.url)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    point_huggingface_hub_at(stand_in, monkeypatch, tmp_path)
     yield stand_in
     stand_in.stop()
-
-
-@pytest.fixture
-def models_dir(tmp_path):
-    """An empty MODELS_DIR."""
-    return str(tmp_path / "models")
 
 
 @pytest.mark.parametrize("spec, parsed", [

@@ -12,7 +12,7 @@ from huggingface_hub import HfApi, constants
 from service.models.hub import HubError, fetch, pick
 from service.models.model_file import model_files
 from service.models.projector import fetch_projector, gguf_architecture, is_projector, pick_projector
-from tests.fake_hub import FakeHub, demo_gguf, projector_gguf, vision_repo
+from tests.fake_hub import FakeHub, demo_gguf, point_huggingface_hub_at, projector_gguf, vision_repo
 
 VISION = "acme/vision-GGUF"
 FOLDER = "mmproj-acme--vision-GGUF"  # where the repo's projectors are kept, in MODELS_DIR
@@ -36,18 +36,9 @@ def hub(gguf, files, monkeypatch, tmp_path, no_internet):
     stand_in = FakeHub()
     stand_in.add_repo(VISION, files)
     stand_in.add_repo("acme/text-GGUF", {"text-Q4_K_M.gguf": gguf, "README.md": b"# text"})
-    monkeypatch.setenv("HF_ENDPOINT", stand_in.url)
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    point_huggingface_hub_at(stand_in, monkeypatch, tmp_path)
     yield stand_in
     stand_in.stop()
-
-
-@pytest.fixture
-def models_dir(tmp_path):
-    """An empty MODELS_DIR."""
-    return str(tmp_path / "models")
 
 
 def fetched(hub) -> list:

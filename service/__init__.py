@@ -47,6 +47,7 @@ def create_app(config=None, pool=None, models=None, local_urls=None) -> Flask:
     )
     router.on_target = upstream.add_target  # replicas that routes gain while the gateway runs (Router.apply)
     app.extensions["model_pool"] = pool
+    app.extensions["request_sinks"] = []  # each called with every request's log entry (RequestRecord.sinks)
     init_scheduler(app, settings)
     app.extensions["disconnect_watch"] = watch = DisconnectWatch()
     app.extensions["lifecycle"] = Lifecycle(watch)

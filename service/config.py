@@ -5,7 +5,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from .converters import (api_key, api_key_list, count, failure_mode, flag, log_format, log_level, model_file,
+from .converters import (api_key, api_key_list, count, database_url, failure_mode, flag, log_format, log_level, model_file,
                          model_names, model_paths, model_settings, model_upstreams, nonnegative_seconds, origins, port,
                          positive_count, rate_limits, redis_url, scheduler_mode, seconds, text, url)
 
@@ -68,6 +68,10 @@ SETTINGS = (
             "unset = in memory", secret=True),
     Setting("RATE_LIMIT_REDIS_FAILURE", failure_mode, "open", "Redis unreachable: open (serve unlimited, warn) or closed "
             "(503)"),
+    Setting("DATABASE_URL", database_url, None, "where keys made at run time (POST /admin/keys, bin/keys) and "
+            "usage are kept: sqlite:///PATH or postgresql://...; unset = gateway.db in MODELS_DIR", secret=True),
+    Setting("DATABASE_FAILURE", failure_mode, "open", "database unreachable: open (known keys keep working from "
+            "the cache, usage waits in memory) or closed (503 for keys it cannot check)"),
     Setting("CORS_ORIGINS", origins, None, "browser origins allowed to call the API, comma-separated; empty = none"),
     # The upstream llama-server.
     Setting("LLAMA_SERVER_URL", url, None, "an existing llama-server to proxy; unset starts an embedded one"),
@@ -126,6 +130,15 @@ SETTINGS = (
             "counted in MODELS_MEMORY_MIB); unset = llama.cpp's 8192, 0 = off"),
     Setting("LLAMA_EMBEDDINGS", flag, True, "serve /v1/embeddings (mean pooling) from the same model"),
     Setting("LLAMA_STARTUP_TIMEOUT_S", seconds, 300.0, "how long to wait for the model to load"),
+    # Warm conversations: llama.cpp's slot states saved to disk and restored (local models, SCHEDULER=fair).
+    Setting("KV_CACHE_DIR", text, None, "where computed prompts (llama.cpp slot states) are saved; unset = .kv/ in "
+            "MODELS_DIR; safe to delete at any time"),
+    Setting("KV_CACHE_DISK_MIB", count, 2048, "disk the saved states may take, least recently used deleted first; "
+            "0 = warm conversations off"),
+    Setting("KV_SAVE_MIN_TOKENS", positive_count, 1024, "a slot's state is saved only when it holds at least this "
+            "many tokens"),
+    Setting("KV_SAVE_INTERVAL_S", nonnegative_seconds, 30.0, "a busy slot's state is saved again at most this often "
+            "(what a crash may lose); 0 = only when idle or unloaded"),
 )
 
 SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
@@ -169,7 +182,7 @@ def load_settings(source: Mapping[str, Any] = None) -> dict:
 
 # Prefixes only the gateway's settings use: a variable under one that is not a setting is most likely a slip.
 # (Not MODEL_: containers commonly set MODEL_NAME or MODEL_ID for themselves; a slip of MODEL_SETTINGS is close.)
-OWN_PREFIXES = ("RATE_LIMIT", "LLAMA_", "MODELS_", "UPSTREAM_", "QUEUE_", "REPLICA_", "WAITRESS_")
+OWN_PREFIXES = ("RATE_LIMIT", "LLAMA_", "MODELS_", "UPSTREAM_", "QUEUE_", "REPLICA_", "WAITRESS_", "KV_")
 # Variables under those prefixes that other programs read: llama.cpp's own (LLAMA_ARG_CTX_SIZE, its log, its -hf
 # cache) and llama-cpp-python's.
 FOREIGN_PREFIXES = ("LLAMA_ARG_", "LLAMA_LOG_", "LLAMA_CACHE", "LLAMA_CPP_", "LLAMA_OFFLINE", "LLAMA_SERVER_SLOTS_")
@@ -222,6 +235,7 @@ _SECTIONS = {
     "MODELS_FILE": "Several models and replicas (see docs/models-file.md, and docs/operations.md, Scaling out)",
     "CHAT_CONNECT_TIMEOUT_S": "Timeouts per route group, in seconds (connect, and the longest silence while answering)",
     "LLAMA_SERVER_BIN": "The llama.cpp that bin/serve starts when LLAMA_SERVER_URL is unset",
+    "KV_CACHE_DIR": "Warm conversations: computed prompts saved to disk across unloads, restarts and crashes",
 }
 
 

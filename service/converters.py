@@ -336,6 +336,18 @@ def redis_url(value):
     return text
 
 
+@shown_as(public_url)
+def database_url(value):
+    """An sqlite:///PATH or postgresql://... URL (its password never echoed)."""
+    text = str(value).strip()
+    scheme = urlsplit(text).scheme.lower()
+    if scheme.startswith("postgres"):
+        return text
+    if scheme == "sqlite" and text[len("sqlite:///"):]:
+        return text
+    raise ValueError("must be sqlite:///PATH (a file, made on first start) or postgresql://USER:PASSWORD@HOST/DB")
+
+
 def origins(value):
     """Comma-separated browser origins, or *."""
     origins = tuple(origin.strip().rstrip("/") for origin in str(value).split(",") if origin.strip())

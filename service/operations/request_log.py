@@ -6,6 +6,7 @@ import uuid
 from dataclasses import dataclass
 
 access_log = logging.getLogger("service.access")
+log = logging.getLogger(__name__)
 
 # An incoming x-request-id is kept only if it is this: safe to echo, log and forward.
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -55,8 +56,12 @@ class RequestRecord:
     error: str = None
     upstream_error: str = None  # the kind of upstream failure, for metrics
     rate_limited: str = None  # the limit that refused the request
+    kv_restored: int = None  # prompt tokens a saved conversation state gave it, not computed (service/warm)
+    key_id: str = None  # the id of its key where the key is kept in the database (service/store)
     replica: object = None  # the routing.Replica that served it, released when the answer has been sent
-    recent: object = None  # the operators' list of the last requests (service/ui/recent.py), fed by log()
+    # Called with (entry, record) once its log line is written, but for quiet paths: the operators' last requests
+    # (service/ui/recent.py) and whatever else keeps what the line says (app.extensions["request_sinks"]).
+    sinks: tuple = ()
 
     def elapsed_ms(self) -> float:
         """Milliseconds since the request arrived."""
@@ -82,11 +87,16 @@ class RequestRecord:
                   "upstream_ms": self.upstream_ms, "ttft_ms": self.ttft_ms, "prompt_tokens": self.prompt_tokens,
                   "completion_tokens": self.completion_tokens, "retries": self.retries, "queue_ms": self.queue_ms,
                   "affinity": self.affinity, "max_tokens_lowered_from": self.max_tokens_lowered_from,
-                  "error": self.error}
+                  "kv_restored": self.kv_restored, "error": self.error}
         if self.replica is not None:
             fields["model"], fields["replica"] = self.replica.route.name, self.replica.label
         shown = {key: value for key, value in fields.items() if value is not None}
         access_log.log(logging.DEBUG if quiet else logging.INFO, "request", extra={"fields": shown})
-        if self.recent is not None and not quiet:
+        if self.sinks and not quiet:
             # What the log line says, and when the request came: never more (no prompt, no answer, no key).
-            self.recent.add({**shown, "route": self.route, "time": time.time() - shown["duration_ms"] / 1000})
+            entry = {**shown, "route": self.route, "time": time.time() - shown["duration_ms"] / 1000}
+            for sink in self.sinks:
+                try:
+                    sink(entry, self)
+                except Exception:  # noqa: BLE001 - a sink that fails must not cost the request its close
+                    log.exception("a request sink failed")

@@ -73,8 +73,8 @@ def begin_request():
     g.record = record = RequestRecord(request_id_from(request.headers.get("x-request-id")), request.method,
                                       request.path, time.perf_counter(),
                                       route=request.url_rule.rule if request.url_rule else "unmatched",
-                                      # the operators' page's last-requests list, fed by the log line
-                                      recent=current_app.extensions.get("recent_requests"))
+                                      # the operators' page's last requests and the like, fed by the log line
+                                      sinks=current_app.extensions["request_sinks"])
     current_app.extensions["gateway_metrics"].in_flight.inc()
     current_app.extensions["lifecycle"].begin()
     if _is_admin():

@@ -25,7 +25,8 @@ SECURITY_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Conte
 
 @bp.record_once
 def _keep_recent(state):
-    state.app.extensions["recent_requests"] = RecentRequests()
+    recent = state.app.extensions["recent_requests"] = RecentRequests()
+    state.app.extensions["request_sinks"].append(lambda entry, record: recent.add(entry))
 
 
 @bp.after_request

@@ -56,6 +56,8 @@ class RequestRecord:
     error: str = None
     upstream_error: str = None  # the kind of upstream failure, for metrics
     rate_limited: str = None  # the limit that refused the request
+    model: str = None  # the model it named, once known (also when no replica served it: a 404, a failed load)
+    chunks_sent: int = 0  # stream events relayed so far (the page's tokens so far of a request in flight)
     kv_restored: int = None  # prompt tokens a saved conversation state gave it, not computed (service/warm)
     key_id: str = None  # the id of its key where the key is kept in the database (service/store)
     replica: object = None  # the routing.Replica that served it, released when the answer has been sent
@@ -88,8 +90,10 @@ class RequestRecord:
                   "completion_tokens": self.completion_tokens, "retries": self.retries, "queue_ms": self.queue_ms,
                   "affinity": self.affinity, "max_tokens_lowered_from": self.max_tokens_lowered_from,
                   "kv_restored": self.kv_restored, "error": self.error}
+        if self.model is not None:
+            fields["model"] = self.model
         if self.replica is not None:
-            fields["model"], fields["replica"] = self.replica.route.name, self.replica.label
+            fields["model"], fields["replica"] = self.replica.route.name or self.model, self.replica.label
         shown = {key: value for key, value in fields.items() if value is not None}
         access_log.log(logging.DEBUG if quiet else logging.INFO, "request", extra={"fields": shown})
         if self.sinks and not quiet:

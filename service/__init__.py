@@ -16,6 +16,7 @@ from .models.environment import upstream_models
 from .proxy.routing import Router, route_options, upstream_targets
 from .proxy.scheduler import init_scheduler
 from .proxy.upstream import Upstream
+from .warm.wiring import init_warm
 
 
 def create_app(config=None, pool=None, models=None, local_urls=None) -> Flask:
@@ -49,6 +50,7 @@ def create_app(config=None, pool=None, models=None, local_urls=None) -> Flask:
     app.extensions["model_pool"] = pool
     app.extensions["request_sinks"] = []  # each called with every request's log entry (RequestRecord.sinks)
     init_scheduler(app, settings)
+    init_warm(app, settings)  # after the scheduler: it numbers the slots of the models it keeps warm
     app.extensions["disconnect_watch"] = watch = DisconnectWatch()
     app.extensions["lifecycle"] = Lifecycle(watch)
     register_error_handlers(app)

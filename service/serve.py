@@ -22,7 +22,7 @@ from .models.errors import LlamaStartError
 from .models.models_file import ModelsFileError
 from .models.reload import Reloader, file_signature
 from .operations.logs import configure_logging, uses_json
-from .paths import PROJECT_ROOT
+from .paths import MODELS_DIR, PROJECT_ROOT
 from .proxy.routing import replica_urls
 from .wsgi_server import make_server, stop_listening, stop_server
 
@@ -41,6 +41,18 @@ def load_environment() -> dict:
         return load_settings(os.environ)
     except ConfigError as error:
         exit_on_config_error(error)
+
+
+def with_local_defaults(settings) -> dict:
+    """The settings with what bin/serve keeps beside the models filled in where unset: the key and usage database
+    (an SQLite file) and the folder of saved conversation states."""
+    models_dir = settings["MODELS_DIR"] or MODELS_DIR
+    filled = dict(settings)
+    if not filled["DATABASE_URL"]:
+        filled["DATABASE_URL"] = "sqlite:///" + os.path.abspath(os.path.join(models_dir, "gateway.db"))
+    if not filled["KV_CACHE_DIR"]:
+        filled["KV_CACHE_DIR"] = os.path.abspath(os.path.join(models_dir, ".kv"))
+    return filled
 
 
 def warn_unknown_settings(environ=os.environ, env_file=ENV_FILE):
@@ -319,7 +331,7 @@ def main(check=False) -> int:
     """Run the gateway until Ctrl-C or SIGTERM; return the exit code. check: check_models() instead."""
     if check:
         return check_models()
-    settings = load_environment()
+    settings = with_local_defaults(load_environment())
     check_listen_address(settings["API_HOST"], settings["API_PORT"])  # before a model loads for minutes
     configure_logging(settings["LOG_LEVEL"], settings["LOG_FORMAT"])
     warn_unknown_settings()
@@ -329,7 +341,7 @@ def main(check=False) -> int:
     log.info("config", extra={"fields": settings_summary(settings)})
     log.info("open files", extra={"fields": {"soft_limit": raise_open_file_limit()}})
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # while llama.cpp loads: the finally stops it
-    hangup, reloader = SignalFlag(), None
+    hangup, reloader, app = SignalFlag(), None, None
     try:
         # A pool even without local models when they come from a file: a reload may add some.
         app = create_app(settings, pool=fleet.pool if fleet.supervisors or models.file else None, models=models,
@@ -361,7 +373,13 @@ def main(check=False) -> int:
     finally:
         if reloader is not None:
             reloader.stop()
-        fleet.stop()
+        fleet.stop()  # first: warm conversations save the slots of the models still loaded
+        warm = app.extensions.get("warm") if app is not None else None
+        if warm is not None:
+            warm.stop()
+        store = app.extensions.get("store") if app is not None else None
+        if store is not None:
+            store.close()  # the usage not yet written
     log.info("stopped")
     return 0
 

@@ -39,3 +39,12 @@ def test_the_least_recently_used_prefixes_are_forgotten_first():
     table.remember(new, "replica-b")  # the system prompt again (now most recent), "new": "old" is dropped
     assert table.lookup(old[1:]) is None
     assert table.lookup(new) == "replica-b" and table.lookup(new[:1]) == "replica-b"
+
+
+def test_prefix_keys_are_stable_chained_blake2b_so_every_process_names_a_prefix_alike():
+    import hashlib
+
+    first, second = prefix_keys(conversation("my parcel is late"))
+    system = hashlib.blake2b(f"system\0{SYSTEM['content']}".encode(), digest_size=16).digest()
+    assert first == system  # no per-process salt (Python's hash() has one): saved states are named by these
+    assert second == hashlib.blake2b(system + "user\0my parcel is late".encode(), digest_size=16).digest()

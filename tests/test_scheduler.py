@@ -183,7 +183,7 @@ def test_the_queue_of_a_route_a_reload_removed_goes_with_it():
 # and a slot freed by a cut call lets nobody through (service/proxy/admission.py, operations/lifecycle.py).
 
 def admission_for(queue, lifecycle, hold=None):
-    scheduler = type("OneQueue", (), {"enter": lambda self, route, client: queue.enter(client),
+    scheduler = type("OneQueue", (), {"enter": lambda self, route, client, prefer=(): queue.enter(client),
                                       "observe_wait": lambda self, model, waited_s: None})()
     return Admission(hold, scheduler, type("Route", (), {"name": "m"})(), "b",
                      RequestRecord("r", "POST", "/v1/chat/completions", time.perf_counter()), None, lifecycle)

@@ -141,6 +141,16 @@ def file_text(text):
 
 
 @hinted("DIRECTORY")
+def made_directory(text):
+    """A folder, made (with its parents) if missing, ending in a separator: llama-server makes its slot save
+    folder so, and the gateway's may have been deleted by hand since."""
+    try:
+        os.makedirs(text, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot make the directory: {error.strerror}") from None
+    return directory(text)
+
+
 def directory(text):
     """A folder that exists, ending in a separator."""
     if not os.path.isdir(text):

@@ -14,8 +14,8 @@ import shlex
 import subprocess
 from typing import Any, Callable, NamedTuple, Optional
 
-from .flag_values import (LORA, Bit, Native, Padded, choice, comma_list, context_size, directory, file_text, integer,
-                          lora_scaled, member, number, parser, rope_scale, template_kwargs, tensor_overrides)
+from .flag_values import (LORA, Bit, Native, Padded, choice, comma_list, context_size, file_text, integer,
+                          made_directory, lora_scaled, member, number, parser, rope_scale, template_kwargs, tensor_overrides)
 
 
 class FlagError(ValueError):
@@ -232,7 +232,7 @@ FLAGS = (
     # The server itself
     _row("--slots", "endpoint_slots", negs="--no-slots"),
     _row("--props", "endpoint_props"),
-    _row("--slot-save-path", "slot_save_path", directory),
+    _row("--slot-save-path", "slot_save_path", made_directory),
     _row("--slot-prompt-similarity -sps", "slot_prompt_similarity", number),
     _row("--sleep-idle-seconds", "sleep_idle_seconds", integer(-1, zero_ok=False)),
     _row("--timeout -to", "timeout_read timeout_write", parser("N >= 0", lambda text: (integer(0)(text),) * 2)),

@@ -88,7 +88,24 @@ def supervisor_for(spec, settings, files: ModelFiles = None, *, port=None, alias
         options.update(embeddings=True, pooling="rank")  # llama-server's --reranking: /v1/rerank
     args = [*spec.args, *(["--mmproj", files.mmproj] if files.mmproj else []),
             *(["--model-draft", files.draft] if files.draft else [])]
-    return LlamaSupervisor.from_settings(settings, files.model, alias=alias, args=tuple(args), **options)
+    return keep_slot_states(LlamaSupervisor.from_settings(settings, files.model, alias=alias, args=tuple(args),
+                                                          **options), settings)
+
+
+def keep_slot_states(supervisor, settings):
+    """Give llama.cpp a folder for its slots' saved states (warm conversations, service/warm): one per identity
+    (the file, the flags that shape a state, the llama.cpp build), so that a state is only ever restored where it
+    was made. Nothing where they are off (KV_CACHE_DIR unset, KV_CACHE_DISK_MIB=0) or the model's own args name
+    a folder: llama.cpp would save there, out of the gateway's sight."""
+    from ..warm.identity import llama_build, model_identity
+
+    supervisor.kv_identity = None
+    if not settings.get("KV_CACHE_DIR") or not settings.get("KV_CACHE_DISK_MIB") or "--slot-save-path" in supervisor.args:
+        return supervisor
+    identity = model_identity(supervisor.model_path, supervisor.flags, llama_build(supervisor.binary))
+    supervisor.kv_identity = identity
+    supervisor.flags += ["--slot-save-path", os.path.join(settings["KV_CACHE_DIR"], identity) + os.sep]
+    return supervisor
 
 
 def pooled_model(spec, supervisor, settings, files: ModelFiles = None) -> PooledModel:

@@ -46,6 +46,9 @@ class ModelPool(LiveChanges):
         self.load_timeout = load_timeout_s
         self.clock = clock
         self.listeners = []  # called with each ModelEvent (metrics)
+        # Called with a model whose llama.cpp is about to be stopped while it still serves (an unload after its
+        # drain, the gateway's stop): warm conversations save its slots then. Each must return soon, never raise.
+        self.before_stop = []
         self._changed = threading.Condition()
         self._stopping = threading.Event()
         self._reaper = None
@@ -128,9 +131,12 @@ class ModelPool(LiveChanges):
         self._stopping.set()
         with self._changed:
             models = self._everyone()
+            serving = [model for model in models if model.state in (LOADED, DRAINING)]
             for model in models:
                 model.state = UNLOADED
             self._changed.notify_all()
+        for model in serving:
+            self._before_stop(model)
         for model in models:
             model.supervisor.stop()
         # A load that began just before may have started its llama.cpp after the stop above: wait, stop again.
@@ -307,6 +313,7 @@ class ModelPool(LiveChanges):
 
     def _unload_now(self, model, reason):
         started = self.clock()
+        self._before_stop(model)
         model.supervisor.stop()
         with self._changed:
             self._workers.discard(threading.current_thread())
@@ -315,6 +322,13 @@ class ModelPool(LiveChanges):
             self._plan()
             self._changed.notify_all()
         self._emit(ModelEvent("unload", model.name, reason, self.clock() - started))
+
+    def _before_stop(self, model):
+        for hook in self.before_stop:
+            try:
+                hook(model)
+            except Exception:  # noqa: BLE001 - what a hook failed to do must not keep the model loaded
+                log.exception("a hook before a model's stop failed", extra={"fields": {"model": model.name}})
 
     def _listen(self, model, supervisor):
         supervisor.on_state = lambda state, detail: self._supervisor_said(model, state, detail, supervisor)

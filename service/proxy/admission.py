@@ -11,9 +11,10 @@ from ..llama.pooled_model import ModelRemoved
 class Admission:
     """One request's claim on its model and its place in the model's queue."""
 
-    def __init__(self, hold, scheduler, route, client, record, client_gone, lifecycle=None):
+    def __init__(self, hold, scheduler, route, client, record, client_gone, lifecycle=None, warm=None):
         self.hold = hold  # the pool's Hold, or None where the gateway does not run the model
         self.turn = None  # the scheduler's Turn, taken once the model is loaded
+        self.warm = warm  # its WarmRequest (warm_request.py): the slot it prefers, a restore, or None
         self._scheduler = scheduler  # None: no queue (SCHEDULER=fifo, or a call that takes no slot)
         self._route = route
         self._client = client
@@ -46,7 +47,9 @@ class Admission:
         if self.turn is None:
             if self._scheduler is None:
                 return True
-            self.turn = self._scheduler.enter(self._route, self._client)
+            # Asked only now: which slots hold what is known once the model is loaded.
+            prefer = self.warm.prefer() if self.warm is not None else ()
+            self.turn = self._scheduler.enter(self._route, self._client, prefer=prefer)
         elif self._record.queue_ms is not None:
             return True  # had already
         if not self.turn.granted and not self.turn.wait(timeout, self.gone):
@@ -61,15 +64,20 @@ class Admission:
         """Give back the slot and the model (each once; a second call does nothing)."""
         try:
             if self.turn is not None:
-                self.turn.release()
+                try:
+                    if self.warm is not None:
+                        self.warm.release(self.turn, self._record)  # before its slot can go to another
+                finally:
+                    self.turn.release()
         finally:
             if self.hold is not None:
                 self.hold.release()
 
 
-def admit(route, takes_slot=True) -> Admission:
+def admit(route, takes_slot=True, warm=None) -> Admission:
     """This request's Admission for route, kept on g for the policy's close to release: the model claimed (its
-    load started if need be), the queue entered once the model is loaded (Admission.wait)."""
+    load started if need be), the queue entered once the model is loaded (Admission.wait); warm: its
+    WarmRequest, if its model keeps warm conversations."""
     pool = current_app.extensions.get("model_pool")
     if pool is None and route.removed:  # found just before a reload removed it (the pool's claim says so too)
         raise ModelRemoved(route.name or route.spec.id)
@@ -78,5 +86,5 @@ def admit(route, takes_slot=True) -> Admission:
     record = g.record
     g.admission = admission = Admission(hold, scheduler, route, record.client_id or "anonymous", record,
                                         request.environ.get("waitress.client_disconnected"),
-                                        current_app.extensions.get("lifecycle"))
+                                        current_app.extensions.get("lifecycle"), warm if scheduler is not None else None)
     return admission

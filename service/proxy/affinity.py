@@ -3,47 +3,19 @@ earlier turns) goes back to the replica that served that one, where llama.cpp st
 prompt cache (a cached prompt costs a fraction of computing it afresh on a CPU).
 
 The reference is SGLang's cache-aware router, kept cheap: instead of a radix tree over the text, a chain of hashes
-of the prompt's leading parts (each message; or each 1 KiB of a plain prompt), in a bounded table per model that
-maps a prefix's hash to the replica that last served it. The longest known prefix wins.
+of the prompt's leading parts (each message; or each 1 KiB of a plain prompt: service/warm/prefix.py), in a bounded
+table per model that maps a prefix's hash to the replica that last served it. The longest known prefix wins.
 """
 import collections
-import json
 import threading
+
+# The keys are the warm package's stable chained hashes: the same prefix names the same saved slot state on disk.
+from ..warm.prefix import PROMPT_PART, prefix_keys
+
+__all__ = ["AffinityTable", "PROMPT_PART", "prefix_keys"]  # relay.py and the tests import the keys from here
 
 # Prefixes remembered per model: enough for hundreds of conversations of a few dozen turns.
 TABLE_SIZE = 8192
-# A plain prompt (completions, a string input) is cut into parts of this many characters.
-PROMPT_PART = 1024
-
-
-def prefix_keys(body: dict) -> list:
-    """Hashes of the request's prompt prefixes, shortest first: the system prompt, then each message after it
-    (or each PROMPT_PART characters of a plain prompt)."""
-    keys, key = [], 0
-    for part in _parts(body):
-        key = hash((key, part))
-        keys.append(key)
-    return keys
-
-
-def _parts(body):
-    for name in ("system", "instructions"):  # Anthropic's system prompt, the Responses API's instructions
-        if body.get(name):
-            yield _text(body[name])
-    for name in ("messages", "input", "prompt"):
-        value = body.get(name)
-        if isinstance(value, str):
-            yield from (value[start:start + PROMPT_PART] for start in range(0, len(value), PROMPT_PART))
-        elif isinstance(value, list):
-            yield from (_text(item) for item in value)
-
-
-def _text(item) -> str:
-    if isinstance(item, str):
-        return item
-    if isinstance(item, dict) and isinstance(item.get("content"), str):
-        return f"{item.get('role')}\0{item['content']}"
-    return json.dumps(item, sort_keys=True)  # parts with images, tool calls: rare, and the exact form matters
 
 
 class AffinityTable:

@@ -25,7 +25,9 @@ from .admission import admit
 from .affinity import prefix_keys
 from .disconnect import CLIENT_STALLED, StallClock, UpstreamCall
 from .request_rules import apply as apply_rules
+from .routing import ModelNotFound
 from .usage_request import ask_for_usage, asks_for_usage
+from .warm_request import warm_request
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,11 @@ def send_watched(route, endpoint: Endpoint, raw: bytes, body: dict, stream: bool
     call). The call stays watched for a stream (its relay unwatches it) and is unwatched at once otherwise, or on
     any failure."""
     record, watch, upstream = g.record, current_app.extensions["disconnect_watch"], get_upstream()
+    admission = g.get("admission")
+    if admission is not None and admission.warm is not None and admission.turn is not None:
+        raw = admission.warm.before_send(admission.turn.slot, raw)  # its saved conversation restored, its slot named
     call = UpstreamCall()
+    call.record = record  # the operators' page lists the calls in flight, and cancels one
     watch.watch(call, request.environ.get("waitress.client_disconnected"), stalled)
     headers = {"X-Request-Id": record.request_id}
     keys = prefix_keys(body) if endpoint.reuses_prompt and route.affinity is not None else None
@@ -76,7 +82,6 @@ def send_watched(route, endpoint: Endpoint, raw: bytes, body: dict, stream: bool
         try:
             record.replica, response = route.send(send, record, keys)
         except UpstreamUnavailable as error:
-            admission = g.get("admission")
             hold = admission.hold if admission is not None else None
             # Its llama.cpp had died when the request was sent (refused: nothing reached it): once restarted, it
             # takes the request. One cut off while llama.cpp worked on it is not sent again: it may be what killed it.
@@ -94,7 +99,12 @@ def send_watched(route, endpoint: Endpoint, raw: bytes, body: dict, stream: bool
 def routed(endpoint: Endpoint, raw: bytes, body: dict) -> tuple:
     """(route, raw, body): the route of the body's model, and the body as its model's request rules make it
     (the client's own bytes where it has none, or they change nothing)."""
-    route = current_app.extensions["router"].route(body.get("model"))
+    try:
+        route = current_app.extensions["router"].route(body.get("model"))
+    except ModelNotFound as error:
+        g.record.model = error.shown  # for the operators' page: the name asked, made safe to show
+        raise
+    g.record.model = route.name if route.name is not None else route.spec.id if route.spec is not None else None
     raw, body, lowered_from = apply_rules(route.rules, raw, body, endpoint.path)
     if lowered_from is not None:
         g.record.max_tokens_lowered_from = lowered_from
@@ -111,7 +121,7 @@ def _post_json(endpoint: Endpoint, route, raw: bytes, body: dict) -> Response:
     """proxy_json_post once the route is found and its rules applied."""
     # Its model's load, then a slot: bounded by LLAMA_STARTUP_TIMEOUT_S and QUEUE_TIMEOUT_S. Without a timeout of
     # its own the wait ends with both had, or raises (a 503, a 429, or the client gone).
-    admit(route, endpoint.takes_slot).wait()
+    admit(route, endpoint.takes_slot, warm_request(route, endpoint, body, g.record)).wait()
     response, _ = send_watched(route, endpoint, raw, body, stream=False)
     answer, parsed = get_upstream().read_json(response, endpoint.path, endpoint.answers)
     g.record.add_tokens(*current_family().usage.read(parsed))
@@ -146,7 +156,7 @@ def proxy_generation(endpoint: Endpoint, raw: bytes, body: dict) -> Response:
     route, raw, body = routed(endpoint, raw, body)
     if body.get("stream") is not True:
         return _post_json(endpoint, route, raw, body)
-    admission = admit(route, endpoint.takes_slot)
+    admission = admit(route, endpoint.takes_slot, warm_request(route, endpoint, body, g.record))
     if not admission.wait(timeout=0):
         return _stream_after_wait(admission, endpoint, raw, body, route)
     stream = open_stream(endpoint, raw, body, route)
@@ -299,6 +309,7 @@ def relay_events(stream: Stream):
                 if events:
                     if record.ttft_ms is None:
                         record.ttft_ms = record.elapsed_ms()
+                    record.chunks_sent += 1
                     yield events
                 if failed:
                     return

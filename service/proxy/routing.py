@@ -33,7 +33,8 @@ class ModelNotFound(ApiError):
     code = "model_not_found"
 
     def __init__(self, name):
-        shown = name if len(name) <= 128 and name.isprintable() else name[:128].encode("unicode_escape").decode()
+        self.shown = shown = name if len(name) <= 128 and name.isprintable() \
+            else name[:128].encode("unicode_escape").decode()
         super().__init__(f"The model '{shown}' does not exist on this gateway; GET /v1/models lists the models",
                          type="invalid_request_error", param="model")
 

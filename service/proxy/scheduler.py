@@ -7,6 +7,11 @@ queue; a freed slot goes round robin over the clients with requests waiting, a c
 per round (RATE_LIMITS client:weight=N). A waiting request holds no llama.cpp slot (it holds a waitress thread).
 With SCHEDULER=fifo requests go straight on, as llama.cpp would take them. Per gateway process: several gateways
 in front of one llama-server each keep their own queues.
+
+A numbered queue (a route with one llama-server that the gateway runs, where an id means one llama.cpp slot) also
+hands out slot ids (slot_ids.py): a granted turn gets the first free id it prefers (the slot holding its
+conversation), else the free one used least recently; the warm-conversation saver may claim an idle slot so that
+no request runs there while its state is saved. A preference never makes a request wait while another slot is free.
 """
 import collections
 import threading
@@ -14,6 +19,7 @@ import time
 import weakref
 
 from ..errors import ApiError
+from .slot_ids import SlotIds
 
 # How often a waiting request checks whether its client is still there.
 GONE_CHECK_S = 0.25
@@ -51,10 +57,12 @@ def _named(model) -> str:
 class Turn:
     """One request's place: waiting in its client's queue, then holding a slot until released (exactly once)."""
 
-    def __init__(self, queue, client, weight):
+    def __init__(self, queue, client, weight, prefer=()):
         self.queue = queue
         self.client = client
         self.weight = weight
+        self.prefer = tuple(prefer)  # slot ids in order of preference (numbered queues)
+        self.slot = None  # the slot id granted, in a numbered queue whose slot count is known
         self.granted = False
         self.done = False
         self.entered = queue.clock()
@@ -73,9 +81,11 @@ class Turn:
 class FairQueue:
     """The slots of one model and the requests waiting for them, per client."""
 
-    def __init__(self, name, slots, *, timeout_s, max_per_client, clock=time.monotonic):
+    def __init__(self, name, slots, *, timeout_s, max_per_client, clock=time.monotonic, numbered=None):
         self.name = name
         self.slots = slots  # slots() -> the model's slot count now, or None while unknown (no limit)
+        # numbered() -> True while the queue hands out slot ids; asked at each grant (a reload may change it).
+        self.numbered = numbered or (lambda: False)
         self.timeout = timeout_s
         self.max_per_client = max_per_client
         self.clock = clock
@@ -83,6 +93,7 @@ class FairQueue:
         self._waiting = {}  # client -> deque of Turns, in arrival order
         self._order = collections.deque()  # clients with requests waiting, the next to be served first
         self._credit = {}  # turns the client at the front has left this round
+        self._ids = SlotIds(clock)
         self._changed = threading.Condition()
 
     @property
@@ -96,13 +107,14 @@ class FairQueue:
         with self._changed:
             return {client: len(turns) for client, turns in self._waiting.items()}
 
-    def enter(self, client, weight=1) -> Turn:
+    def enter(self, client, weight=1, prefer=()) -> Turn:
         """A request's Turn: granted at once if a slot is free and nobody waits, else queued (QueueFull when its
-        client already has max_per_client waiting)."""
-        turn = Turn(self, client, max(1, weight))
+        client already has max_per_client waiting); prefer: slot ids in order of preference (numbered queues)."""
+        turn = Turn(self, client, max(1, weight), prefer)
         with self._changed:
-            if not self._order and self._free():
-                self._grant(turn)
+            room = self._room() if not self._order else None
+            if room is not None:
+                self._grant(turn, room)
                 return turn
             waiting = self._waiting.get(client)
             if waiting is None:
@@ -115,24 +127,56 @@ class FairQueue:
             self._dispatch()  # slots may have grown (a replica came back)
         return turn
 
-    def _free(self) -> bool:
-        if self.in_flight == 0:
-            return True  # every llama-server has a slot: no need to know how many
-        slots = self.slots()
-        return slots is None or self.in_flight < slots
+    def claim_idle(self, slot) -> bool:
+        """Take an idle slot for the saver (numbered queues): False if a turn holds it, it is claimed already or
+        no slot is known to be idle. While claimed it is never granted and counts against the slots."""
+        with self._changed:
+            return self.numbered() and self._ids.claim(slot, self.slots())
 
-    def _grant(self, turn):
+    def unclaim(self, slot):
+        """Give back a slot claim_idle took, to the requests waiting; a slot not claimed: nothing."""
+        with self._changed:
+            if self._ids.unclaim(slot):
+                self._dispatch()
+
+    def idle_slots(self) -> list:
+        """The slot ids no turn holds and nobody claimed (numbered queues whose slot count is known; else [])."""
+        with self._changed:
+            return self._ids.idle(self.slots()) if self.numbered() else []
+
+    def _room(self):
+        """What a turn granted now would take: None while no slot is free; else the free slot ids to pick from,
+        () for a grant without an id (a queue not numbered, or the slot count unknown: no limit)."""
+        numbered = self.numbered()
+        if not numbered and self.in_flight == 0 and not self._ids.claimed:
+            return ()  # every llama-server has a slot: no need to know how many
+        slots = self.slots()
+        if slots is None:
+            return ()
+        if not numbered:
+            return () if self.in_flight + len(self._ids.claimed) < slots else None
+        return self._ids.free(slots) or None
+
+    def _grant(self, turn, room):
         turn.granted = True
         turn.waited_s = self.clock() - turn.entered
         self.in_flight += 1
+        if room:
+            turn.slot = self._ids.pick(room, turn.prefer)
+            self._ids.take(turn.slot)
+        else:
+            self._ids.anonymous += 1
 
     def _dispatch(self):
         """Hand free slots round robin to the clients waiting (under the lock)."""
         granted = False
-        while self._order and self._free():
+        while self._order:
+            room = self._room()
+            if room is None:
+                break
             client = self._order[0]
             waiting = self._waiting[client]
-            self._grant(waiting.popleft())
+            self._grant(waiting.popleft(), room)
             granted = True
             self._credit[client] -= 1
             if not waiting:
@@ -193,6 +237,10 @@ class FairQueue:
             if turn.granted:
                 turn.done = True
                 self.in_flight -= 1
+                if turn.slot is not None:
+                    self._ids.give_back(turn.slot)  # turn.slot stays: what ran where, for whoever asks after
+                else:
+                    self._ids.anonymous -= 1
                 self._dispatch()
             else:
                 self._leave(turn)
@@ -202,8 +250,10 @@ class Scheduler:
     """One FairQueue per model route; slot counts from the model's spec (slots), else the llama-servers' /props.
     A route a reload removed takes its queue with it once nothing holds the route (no request in flight)."""
 
-    def __init__(self, slots_of, *, timeout_s, max_per_client, weights=None, clock=time.monotonic):
+    def __init__(self, slots_of, *, timeout_s, max_per_client, weights=None, clock=time.monotonic, numbered=None):
         self.slots_of = slots_of  # slots_of(replica) -> int or None (unknown)
+        # numbered(route) -> True where the route's queue hands out slot ids (one llama-server the gateway runs).
+        self.numbered = numbered
         self.timeout = timeout_s
         self.max_per_client = max_per_client
         self.weights = weights or {}
@@ -221,9 +271,11 @@ class Scheduler:
             with self._lock:
                 queue = self._queues.get(route)
                 if queue is None:
-                    queue = self._queues[route] = FairQueue(route.name, self._slots_now(weakref.ref(route)),
+                    route_ref = weakref.ref(route)
+                    queue = self._queues[route] = FairQueue(route.name, self._slots_now(route_ref),
                                                             timeout_s=self.timeout,
-                                                            max_per_client=self.max_per_client, clock=self.clock)
+                                                            max_per_client=self.max_per_client, clock=self.clock,
+                                                            numbered=self._numbered_now(route_ref))
         return queue
 
     def _slots_now(self, route_ref):
@@ -233,12 +285,23 @@ class Scheduler:
             return None if route is None else self._route_slots(route, ask=False)
         return slots
 
-    def enter(self, route, client) -> Turn:
-        """A request's Turn for route's slots."""
+    def _numbered_now(self, route_ref):
+        if self.numbered is None:
+            return None
+
+        def numbered():
+            route = route_ref()
+            return route is not None and bool(self.numbered(route))
+        return numbered
+
+    def enter(self, route, client, prefer=()) -> Turn:
+        """A request's Turn for route's slots; prefer: slot ids in order of preference (numbered queues)."""
         queue = self.queue_for(route)
-        if queue.in_flight:  # the slot count matters: learn it here, not under the queue's lock (it may ask)
+        # The slot count matters (with concurrency, or for an id): learn it here, not under the queue's lock (it
+        # may ask).
+        if queue.in_flight or queue.numbered():
             self._route_slots(route, ask=True)
-        return queue.enter(client, self.weights.get(client, 1))
+        return queue.enter(client, self.weights.get(client, 1), prefer)
 
     def _route_slots(self, route, ask):
         """The slots of route's replicas in rotation (all of them while every one is out); None if unknown."""
@@ -300,8 +363,9 @@ class SlotCounts:
         return None
 
 
-def init_scheduler(app, settings):
-    """Give app its scheduler (app.extensions["scheduler"]): fair shares of the slots, or None for fifo."""
+def init_scheduler(app, settings, numbered=None):
+    """Give app its scheduler (app.extensions["scheduler"]): fair shares of the slots, or None for fifo;
+    numbered(route) -> True where a route's queue hands out slot ids."""
     if settings["SCHEDULER"] != "fair":
         app.extensions["scheduler"] = None
         return
@@ -313,4 +377,5 @@ def init_scheduler(app, settings):
     configured = {name: own["slots"] for name, own in (settings["MODEL_SETTINGS"] or {}).items() if "slots" in own}
     weights = {client: own["weight"] for client, own in (settings["RATE_LIMITS"] or {}).items() if "weight" in own}
     app.extensions["scheduler"] = Scheduler(SlotCounts(ask_props, configured), timeout_s=settings["QUEUE_TIMEOUT_S"],
-                                            max_per_client=settings["QUEUE_MAX_PER_CLIENT"], weights=weights)
+                                            max_per_client=settings["QUEUE_MAX_PER_CLIENT"], weights=weights,
+                                            numbered=numbered)

@@ -1,0 +1,73 @@
+"""One request's part in warm conversations (service/warm): the slot it prefers (the one holding its conversation),
+the saved state restored into the slot it was given, that slot named to llama.cpp (id_slot), and what the slot
+holds once it is done. Only for a generation on a model the gateway runs alone in one llama.cpp (its queue hands
+out slot ids); any other request costs nothing here."""
+import re
+
+from flask import current_app
+
+from .affinity import prefix_keys
+
+# The end of a JSON object: its closing brace and whatever blanks follow it.
+_OBJECT_END = re.compile(rb"}\s*$")
+
+
+class WarmRequest:
+    """What warm conversations know and do for one request."""
+
+    def __init__(self, warm, name, keys, record):
+        self.warm = warm  # the app's WarmConversations
+        self.name = name  # its model's id, as the pool and warm conversations know it
+        self.keys = keys  # its prompt's prefix keys (service/warm/prefix.py)
+        self.record = record
+        self.model = None  # its WarmModel, once its model is loaded
+        self.plan = None
+
+    def prefer(self) -> tuple:
+        """The slots to give this request, best first (asked once its model is loaded, before it queues)."""
+        self.model = self.warm.model(self.name)
+        if self.model is None:
+            return ()
+        self.plan = self.model.plan(self.keys)
+        return tuple(self.plan.prefer)
+
+    def before_send(self, slot, raw: bytes) -> bytes:
+        """Restore the saved state its plan found into slot (a failed restore only costs the computing of the
+        prompt), and return raw naming slot to llama.cpp."""
+        if self.model is None or slot is None:
+            return raw
+        if self.plan is not None and self.plan.restore is not None:
+            restored = self.model.restore(slot, self.plan)
+            if restored:
+                self.record.kv_restored = restored
+        return with_slot(raw, slot)
+
+    def release(self, turn, record):
+        """The request is over: tell warm conversations what its slot holds now (nothing sure if it failed), and
+        let another request restore what this one planned to, if it never did."""
+        if self.model is None:
+            return
+        if self.plan is not None:
+            self.model.abandon(self.plan)  # a restore done or never to be done: no longer under way
+        if turn.granted and not turn.done and turn.slot is not None:
+            ok = record.status is not None and record.status < 400 and record.error is None
+            self.model.finished(turn.slot, self.keys, record.total_tokens, ok)
+
+
+def with_slot(raw: bytes, slot: int) -> bytes:
+    """The JSON object raw with "id_slot": slot as its last member (llama.cpp takes the last of two: a client's
+    own id_slot never moves a request off the slot the gateway gave it)."""
+    match = _OBJECT_END.search(raw)
+    if match is None:
+        return raw  # not an object: the schema refused it before; nothing to name
+    head = raw[:match.start()].rstrip()
+    comma = b"" if head.endswith(b"{") else b","
+    return head + comma + b'"id_slot":' + str(int(slot)).encode() + b"}"
+
+
+def warm_request(route, endpoint, body, record):
+    """The request's WarmRequest, or None where warm conversations have no part in it."""
+    warm = current_app.extensions.get("warm")
+    if warm is None or not endpoint.reuses_prompt or not warm.numbered(route):
+        return None
+    return WarmRequest(warm, route.spec.id, prefix_keys(body), record)

@@ -1,7 +1,8 @@
 """bin/bench: the gateway's own overhead, measured against calling the upstream directly and against a bare
 Flask + waitress + requests passthrough, with every policy feature of the gateway switched on.
 
-    python bin/bench            # the full run (about eight minutes: overhead, flood, models on demand, scheduling)
+    python bin/bench            # the full run (about 15 minutes: overhead, flood, models on demand, scheduling, warm
+                                #  conversations, which pip-installs a 250 MB model on first use)
     python bin/bench --quick    # a smoke run (seconds); numbers are rough
     python bin/bench --json FILE
 """
@@ -26,6 +27,9 @@ from bench.models import verdicts as models_verdicts
 from bench.scheduling import report_lines as scheduling_report
 from bench.scheduling import scheduling_rounds
 from bench.scheduling import verdicts as scheduling_verdicts
+from bench.warm import report_lines as warm_report
+from bench.warm import verdicts as warm_verdicts
+from bench.warm import warm_round
 from service.llama.supervisor import free_port
 from service.paths import PROJECT_ROOT
 
@@ -200,9 +204,10 @@ def measure(quick=False) -> dict:
         llama = llama_round(3 if quick else 20, log)
         on_demand = models_rounds(KEY, quick)  # cold requests and swaps: models on demand (issue 11)
         scheduling = scheduling_rounds(quick)  # a noisy neighbour, conversations over replicas (issue 13)
+        warm = warm_round(KEY, quick)  # a long conversation back after a swap and a kill -9 (issue 22)
         return {"load": load, "generator": generator, "streaming": streaming, "memory": memory, "flood": flood,
-                "llama_stream": llama, **on_demand, **scheduling, "start_s": round(start_s, 3), "machine": machine(),
-                "quick": quick}
+                "llama_stream": llama, **on_demand, **scheduling, **warm, "start_s": round(start_s, 3),
+                "machine": machine(), "quick": quick}
     finally:
         for process in processes:
             process.terminate()
@@ -252,6 +257,7 @@ def verdicts(figures) -> dict:
                                 "met": flood["held"] == flood["connections"]}
     result.update(models_verdicts(figures))
     result.update(scheduling_verdicts(figures))
+    result.update(warm_verdicts(figures))
     return result
 
 
@@ -281,7 +287,7 @@ def report(figures) -> str:
     for i, name in enumerate(("without the flood", f"with the flood ({flood['held']} held)")):
         lines.append(f"| {name} | {flood['p50_ms'][i]:.3f} | {flood['rss_mib'][i]} |")
     lines.append(f"| per connection | | {flood['kib_per_connection']} KiB |")
-    lines += [""] + models_report(figures) + [""] + scheduling_report(figures)
+    lines += [""] + models_report(figures) + [""] + scheduling_report(figures) + [""] + warm_report(figures)
     memory = figures["memory"]
     lines += ["", f"Gateway RSS: {memory['rss_mib'][0]} MiB after {memory['requests'][0]} requests, "
               f"{memory['rss_mib'][1]} MiB after {memory['requests'][1]}. Start with an external upstream: "

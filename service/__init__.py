@@ -16,6 +16,7 @@ from .models.environment import upstream_models
 from .proxy.routing import Router, route_options, upstream_targets
 from .proxy.scheduler import init_scheduler
 from .proxy.upstream import Upstream
+from .store import init_store
 from .warm.wiring import init_warm
 
 
@@ -54,6 +55,7 @@ def create_app(config=None, pool=None, models=None, local_urls=None) -> Flask:
     app.extensions["disconnect_watch"] = watch = DisconnectWatch()
     app.extensions["lifecycle"] = Lifecycle(watch)
     register_error_handlers(app)
+    init_store(app, settings)  # before the policy, which asks it for the keys made at run time
     init_metrics(app, include_upstream=settings["METRICS_INCLUDE_UPSTREAM"])
     init_policy(app, settings)
     init_health(app, settings["HEALTH_CACHE_S"])

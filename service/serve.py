@@ -286,7 +286,7 @@ def check_models() -> int:
 
     load_dotenv(ENV_FILE, override=False)
     try:
-        settings = load_settings(os.environ)
+        settings = with_local_defaults(load_settings(os.environ))
         configure_logging(settings["LOG_LEVEL"], "text")  # a context capped to a model's trained length, say
         models = read_models(settings, check_args=args_check(settings))
         print(models_report(models, settings))

@@ -54,13 +54,13 @@ def run_bench(args, timeout) -> subprocess.CompletedProcess:
 
 
 # bin/bench --quick took 11 s on an idle 2-core machine and 36 s with both cores busy, before its models-on-demand
-# rounds added 10 to 15 s (and its scheduling rounds about 8 s more): too close to the suite's 60 s per test
-# (setup.cfg). Its own bound, with the run's timeout inside it.
+# rounds added 10 to 15 s (and its scheduling rounds about 8 s more, its warm-conversations round about 30 s more):
+# too close to the suite's 60 s per test (setup.cfg). Its own bound, with the run's timeout inside it.
 @pytest.mark.llama
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(270)
 def test_bench_quick_runs_and_reports(tmp_path):
     out = tmp_path / "bench.json"
-    result = run_bench(["--quick", "--json", str(out)], timeout=150)
+    result = run_bench(["--quick", "--json", str(out)], timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     figures = json.loads(out.read_text())
     assert set(figures["load"]) == {"direct", "bare", "gateway"}
@@ -102,3 +102,19 @@ def test_bench_quick_runs_and_reports(tmp_path):
     assert {"noisy_neighbour_b_ratio", "noisy_neighbour_b_speedup", "noisy_neighbour_a_total_ratio",
             "noisy_neighbour_all_done_ratio", "multi_turn_ttft_speedup"} <= set(figures["verdicts"])
     assert "| noisy neighbour: 2 slots" in result.stdout and "| multi-turn: 2 conversations" in result.stdout
+    warm = figures["warm"]
+    assert warm["model"] == "random" and warm["prompt_tokens"] > 512  # over the quick run's KV_SAVE_MIN_TOKENS
+    for side in ("without", "with"):
+        assert all(warm[side][figure] > 0 for figure in ("first_ttft_ms", "swap_ttft_ms", "swap_load_ms",
+                                                         "kill_ttft_ms", "short_p50_ms")), warm[side]
+        run = warm["sides"][side]
+        assert len(run["swaps"]) == 1 and len(run["short_ms"]) == 5 and run["kill"]["restart_s"] > 0
+    # Not speeds: without warm conversations a returning turn's prompt is computed whole again; with them, after
+    # the swap and after the kill -9 (once a save showed), most of it came from a restored state.
+    without, with_ = warm["sides"]["without"], warm["sides"]["with"]
+    assert without["swaps"][0]["returning"]["cached_tokens"] == without["kill"]["returning"]["cached_tokens"] == 0
+    assert with_["kill"]["saved_after_s"] is not None and with_["states_on_disk"] > 0
+    for returning in (with_["swaps"][0]["returning"], with_["kill"]["returning"]):
+        assert returning["cached_tokens"] > returning["prompt_tokens"] / 2, returning
+    assert {"warm_swap_ttft_speedup", "warm_kill_ttft_speedup", "warm_no_restore_cost"} <= set(figures["verdicts"])
+    assert "| warm conversations: random" in result.stdout

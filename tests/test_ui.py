@@ -5,6 +5,7 @@ import json
 import logging
 import pathlib
 import re
+import time
 
 import pytest
 
@@ -84,8 +85,11 @@ def test_the_page_is_public_holds_only_the_sign_in_form_and_forbids_inline_scrip
     # The key's input has no name: no form submission can ever carry it (nor put it in a URL).
     key_input = re.search(r"<input id=\"admin-key\"[^>]*>", html, re.S).group(0)
     assert " name=" not in key_input and 'type="password"' in key_input
-    scripts = re.findall(r"<script\b[^>]*>(.*?)</script>", html, re.S)
-    assert scripts == [""] and 'src="/ui/static/ui.js"' in html  # one script, from the gateway's own files
+    scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", html, re.S)
+    # Scripts from the gateway's own files only (the page's, and the vendored chart library), none inline.
+    assert scripts and all(body == "" and re.search(r'src="/ui/static/[^"]+\.js"', attributes)
+                           for attributes, body in scripts)
+    assert 'src="/ui/static/ui.js"' in html
     assert not re.search(r"\son[a-z]+\s*=", html) and "style=" not in html  # no inline handler or style
 
 
@@ -309,3 +313,87 @@ def test_a_flood_of_keyless_refusals_keeps_the_real_requests_and_long_paths_are_
     listed = [item["request_id"] for item in recent.latest()]
     assert "real" in listed and len(listed) <= 3 + 20
     assert shown_path("/" + "B" * 250_000) == "/" + "B" * (PATH_SHOWN - 1) + "…"
+
+
+# -- issue 24: what the page counts, the gateway's start, the charts' data, in flight, llama.cpp's log --------
+
+NEW_ROUTES = [("GET", "/ui/api/history"), ("GET", "/ui/api/inflight"), ("GET", "/ui/api/models/chat/log"),
+              ("POST", "/ui/api/requests/some-id/cancel")]
+
+
+@pytest.mark.parametrize("method, path", NEW_ROUTES)
+@pytest.mark.parametrize("headers, status, code", [
+    ({}, 401, "invalid_api_key"),
+    (TEAM, 403, "admin_key_required"),
+])
+def test_the_pages_new_data_needs_the_admin_key(gateway, method, path, headers, status, code):
+    error = assert_openai_envelope(send(gateway(), method, path, headers=headers), status)
+    assert error["code"] == code
+
+
+def test_the_state_says_when_the_gateway_started_so_that_the_page_can_tell_a_restart(gateway):
+    import service
+    client = gateway()
+    first, second = (send(client, "GET", STATE, headers=ADMIN).get_json()["gateway"] for _ in range(2))
+    assert first["started_at"] == second["started_at"] <= first["now"] <= second["now"]
+    assert first["version"] == service.__version__
+    before = time.time()
+    restarted = send(gateway(), "GET", STATE, headers=ADMIN).get_json()["gateway"]  # another start: another time
+    assert first["started_at"] <= before <= restarted["started_at"]
+
+
+def test_a_client_limited_to_3_a_minute_never_shows_4_of_3_and_every_refusal_is_a_failure(gateway):
+    client = gateway(RATE_LIMITS="team:rpm=3")
+    assert [chat(client).status_code for _ in range(4)] == [200, 200, 200, 429]
+    state = send(client, "GET", STATE, headers=ADMIN).get_json()
+    team = {entry["id"]: entry for entry in state["clients"]}["team"]
+    assert (team["requests"], team["failures"], team["window_requests"], team["limits"]["rpm"]) == (4, 1, 3, 3)
+    refused = state["recent"][0]
+    assert refused["error"] == "rate_limit_exceeded" and refused["request_id"] and refused["time"] > 0
+
+
+def test_a_failure_after_the_200_is_counted_as_a_failure():
+    recent = RecentRequests(clock=Clock())
+    recent.add({**entry(), "error": "upstream_bad_response"})  # a stream that broke after its 200
+    recent.add({**entry(), "error": "client_closed_request"})
+    recent.add(entry())
+    assert recent.by_client(60)["team"]["failures"] == 2
+
+
+def test_the_history_counts_the_traffic_per_model_and_not_the_pages_own_polls(gateway):
+    client = gateway()
+    assert chat(client).status_code == 200
+    assert chat(client, stream=True).status_code == 200
+    assert send(client, "POST", "/v1/chat/completions", headers=TEAM,
+                json={"model": "nope", "messages": [{"role": "user", "content": "x"}]}).status_code == 404
+    for _ in range(3):  # the page's polls: neither charted nor listed
+        hour = send(client, "GET", "/ui/api/history?window=hour", headers=ADMIN).get_json()
+        assert send(client, "GET", "/ui/api/inflight", headers=ADMIN).status_code == 200
+    assert (hour["window"], hour["step_s"], set(hour["series"])) == ("hour", 10, {"*", "chat"})
+    overall, model = hour["series"]["*"], hour["series"]["chat"]
+    assert len(overall["t"]) == 360 and hour["start"] == overall["t"][0]
+    assert sum(overall["requests_per_s"]) * 10 == pytest.approx(3) and sum(overall["errors"]) == 1
+    assert sum(model["requests_per_s"]) * 10 == pytest.approx(2) and sum(model["errors"]) == 0
+    assert sum(model["tokens_per_s"]) * 10 == pytest.approx(3)  # 2 + 1 completion tokens
+    assert [ms for ms in model["ttft_p50_ms"] if ms is not None]  # the stream's first token
+    day = send(client, "GET", "/ui/api/history?window=day", headers=ADMIN).get_json()
+    assert (day["step_s"], len(day["series"]["*"]["t"])) == (300, 288)
+    recent = send(client, "GET", STATE, headers=ADMIN).get_json()["recent"]
+    assert {item["path"] for item in recent} == {"/v1/chat/completions"}
+    assert [item["model"] for item in recent] == ["nope", "chat", "chat"]  # the 404's too: the name it asked for
+    error = assert_openai_envelope(send(client, "GET", "/ui/api/history?window=week", headers=ADMIN), 400)
+    assert error["param"] == "window"
+
+
+def test_nothing_in_flight_and_a_cancel_of_no_such_request_is_a_404(gateway):
+    client = gateway()
+    assert send(client, "GET", "/ui/api/inflight", headers=ADMIN).get_json() == {"data": []}
+    error = assert_openai_envelope(send(client, "POST", "/ui/api/requests/nope/cancel", headers=ADMIN), 404)
+    assert error["code"] == "request_not_in_flight"
+
+
+def test_the_log_of_a_model_the_gateway_does_not_run_is_a_404(gateway):
+    client = gateway()
+    for name in ("chat", "nope"):  # a llama-server run elsewhere: its log is not the gateway's to show
+        error = assert_openai_envelope(send(client, "GET", f"/ui/api/models/{name}/log", headers=ADMIN), 404)
+        assert error["code"] == "model_not_found"

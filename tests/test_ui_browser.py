@@ -31,7 +31,7 @@ HALFWAY = 4  # the fake's streams wait for the test after this many words
 PACE_S = 0.02
 HOSTILE = "<script>alert(1)</script>"
 HOSTILE_FAILURE = "llama.cpp exited: <img src=x onerror=alert(2)>"
-SCREENSHOT = pathlib.Path(__file__).parent.parent / "docs" / "ui.png"
+DOCS = pathlib.Path(__file__).parent.parent / "docs"
 WAIT_MS = 5000  # the longest a change may take to show: the page refreshes every 2 s, at once after an action
 
 
@@ -228,18 +228,49 @@ def test_the_playground_streams_an_answer_and_lists_its_request(page, gateway, u
     assert "✓ 200" in mine.first.inner_text() and f"14 + {len(WORDS)}" in mine.first.inner_text()
     clients = page.locator("#clients tbody")
     clients.locator("tr[data-client=team_a]").get_by_text("of 600").wait_for()
-    # The README's picture, refreshed with GATEWAY_UI_SCREENSHOT=1 (else every run would rewrite a tracked file).
-    target = SCREENSHOT if os.environ.get("GATEWAY_UI_SCREENSHOT") == "1" else tmp_path / "ui.png"
+    page.set_viewport_size({"width": 1440, "height": 900})
+    page.locator("#chart-requests").wait_for()
+    screenshot(page, "ui.png", tmp_path)
+
+
+def screenshot(page, name, tmp_path):
+    """The README's pictures, refreshed with GATEWAY_UI_SCREENSHOT=1 (else every run would rewrite a tracked file)."""
+    target = DOCS / name if os.environ.get("GATEWAY_UI_SCREENSHOT") == "1" else tmp_path / name
     target.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(target), full_page=True)
     assert target.read_bytes().startswith(b"\x89PNG")
 
 
-def test_at_phone_width_nothing_but_the_tables_scrolls_sideways(page, gateway):
-    page.set_viewport_size({"width": 360, "height": 740})
+def test_the_charts_draw_and_move_when_traffic_flows(page, gateway):
+    sign_in(page, gateway)
+    requests_chart = page.locator("#chart-requests")
+    requests_chart.locator("canvas").wait_for()
+    before = float(requests_chart.get_attribute("data-sum"))
+    assert int(requests_chart.get_attribute("data-points")) == 360  # an hour of 10 s steps
+    for key in ("sk-a", "sk-b"):
+        assert requests.post(gateway + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                             json={"model": "chat", "messages": [{"role": "user", "content": "hi"}]}, timeout=10).ok
+    page.wait_for_function("([sum]) => Number(document.querySelector('#chart-requests').dataset.sum) > sum",
+                           arg=[before])
+    assert "requests/s: last" in requests_chart.locator(".summary").inner_text()
+    page.locator("#chart-tokens").get_by_text("tokens/s: last").wait_for()
+    page.get_by_label("Of", exact=True).select_option("chat")  # one model's series
+    page.get_by_label("Over the last").select_option("day")
+    page.wait_for_function("() => document.querySelector('#chart-requests').dataset.points === '288'")
+
+
+def test_at_phone_width_every_column_is_in_reach(page, gateway, tmp_path):
+    page.set_viewport_size({"width": 390, "height": 844})
     sign_in(page, gateway)
     model_row(page, "chat").wait_for()
-    assert page.evaluate("document.documentElement.scrollWidth") <= 360
+    page.locator("#recent tbody tr").first.wait_for()
+    page.locator("#chart-requests canvas").wait_for()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    out_of_reach = page.evaluate("""() => [...document.querySelectorAll('td, caption, h2, .chart')]
+        .filter((node) => { const box = node.getBoundingClientRect(); return box.left < 0 || box.right > 390; })
+        .map((node) => node.dataset.label || node.tagName)""")
+    assert out_of_reach == []
+    screenshot(page, "ui-phone.png", tmp_path)
 
 
 def test_hostile_text_is_shown_as_text(page, hostile_gateway):
@@ -250,4 +281,4 @@ def test_hostile_text_is_shown_as_text(page, hostile_gateway):
     recent.get_by_text(f"GET /v1/models/{HOSTILE}").wait_for()
     recent.get_by_text(HOSTILE, exact=True).wait_for()  # the model of a chat request
     assert page.locator("#play-model option", has_text=HOSTILE).count() == 1
-    assert page.locator("script").count() == 1 and page.locator("img").count() == 0  # the page's own script only
+    assert page.locator("script").count() == 2 and page.locator("img").count() == 0  # uPlot's and the page's only

@@ -2,8 +2,8 @@
 from ..families import ANTHROPIC, LLAMA, OPENAI, RESPONSES
 from ..operations import openapi
 from ..ui import bp as ui_bp
-from . import (admin, chat, completions, embeddings, health, infill, messages, models, reload, rerank, responses, root,
-               tokens)
+from . import (admin, admin_keys, admin_usage, chat, completions, embeddings, health, infill, messages, models, reload,
+               rerank, responses, root, tokens)
 
 # Each blueprint and the family of its routes (None: no family; errors there are OpenAI-shaped).
 BLUEPRINTS = (
@@ -15,6 +15,8 @@ BLUEPRINTS = (
     (completions.bp, OPENAI),
     (embeddings.bp, OPENAI),
     (admin.bp, OPENAI),
+    (admin_keys.bp, OPENAI),
+    (admin_usage.bp, OPENAI),
     (reload.bp, OPENAI),
     (responses.bp, RESPONSES),
     (messages.bp, ANTHROPIC),

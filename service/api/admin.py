@@ -4,7 +4,7 @@ Only ADMIN_API_KEY reaches these views (policy/hooks.py checks it, as it checks 
 answer is llama-server's {"success": true}, with the model's status after the call: an unload still waiting for
 the model's requests when the bounded wait ends says "draining" (or "unloading"), and goes on by itself.
 """
-from flask import Blueprint, current_app, jsonify
+from flask import Blueprint, current_app, g, jsonify
 
 from ..errors import InvalidRequest
 from ..proxy.routing import ModelNotFound
@@ -38,6 +38,7 @@ def _pooled_model() -> tuple:
     name = model_id(router, body["model"])
     pool = current_app.extensions.get("model_pool")
     if pool is not None and pool.model_named(name) is not None:
+        g.record.model = name  # the operators' page lists the load or unload with its model
         return name, pool
     # Without a pool, the one route for any name is a llama-server someone else runs; with one, that route is
     # the pool's own model, which must be named as the pool knows it.
@@ -45,7 +46,9 @@ def _pooled_model() -> tuple:
         raise InvalidRequest("This model is served by a llama-server the gateway does not run (MODEL_UPSTREAMS or "
                              "LLAMA_SERVER_URL); the gateway never loads or unloads a llama-server it does not run",
                              param="model", code="model_not_managed")
-    raise ModelNotFound(name)
+    missing = ModelNotFound(name)
+    g.record.model = missing.shown
+    raise missing
 
 
 def model_id(router, name) -> str:

@@ -3,6 +3,7 @@ beside text ("capabilities": ["vision"] where the gateway gives it a projector).
 from flask import Blueprint, current_app, g, jsonify
 
 from ..errors import UpstreamBadResponse, UpstreamError
+from ..policy.model_access import check_model_allowed, key_allows
 from ..proxy.relay import get_upstream
 
 bp = Blueprint("models", __name__)
@@ -12,24 +13,29 @@ bp = Blueprint("models", __name__)
 @bp.get("/models")
 def list_models():
     """List the models in OpenAI's shape: {object: list, data: [{id, object, created, owned_by, ...}]}: the
-    configured ones where the gateway routes by model, else llama-server's own."""
+    configured ones where the gateway routes by model, else llama-server's own; for a stored key limited to some
+    models (g.stored_key), only those."""
     router = current_app.extensions["router"]
     fallback = router.fallback
+    key = g.get("stored_key")
     if fallback is not None:
-        entries = _fallback_entries(fallback)
+        entries = [entry for entry in _fallback_entries(fallback) if key_allows(key, fallback, entry["id"])]
         # llama.cpp adds an ollama-style "models" list beside "data"; OpenAI clients expect only "data".
         vision = _has_projector(fallback)
         return jsonify({"object": "list", "data": [_openai_model(entry, fallback.spec, vision) for entry in entries]})
-    return jsonify({"object": "list", "data": [_routed_model(route) for route in router.routes.values()]})
+    return jsonify({"object": "list", "data": [_routed_model(route) for route in router.routes.values()
+                                               if key_allows(key, route)]})
 
 
 @bp.get("/v1/models/<path:model>")
 @bp.get("/models/<path:model>")
 def retrieve_model(model):
     """One model in OpenAI's shape, by its id or an alias; 404 model_not_found for a name the gateway does not
-    route. With one llama-server for any name, every name is that server's model."""
+    route. With one llama-server for any name, every name is that server's model. A model the request's stored
+    key may not use is 403 model_not_allowed, as its use would be."""
     router = current_app.extensions["router"]
     fallback = router.fallback
+    check_model_allowed(fallback or router.route(model), model)
     if fallback is not None:
         entries = _fallback_entries(fallback)
         if not entries:

@@ -102,9 +102,14 @@ def keep_slot_states(supervisor, settings):
     supervisor.kv_identity = None
     if not settings.get("KV_CACHE_DIR") or not settings.get("KV_CACHE_DISK_MIB") or "--slot-save-path" in supervisor.args:
         return supervisor
-    identity = model_identity(supervisor.model_path, supervisor.flags, llama_build(supervisor.binary))
+    try:
+        identity = model_identity(supervisor.model_path, supervisor.flags, llama_build(supervisor.binary))
+    except OSError:  # a file not there (yet: bin/serve --check does not fetch): its load would fail anyway
+        return supervisor
     supervisor.kv_identity = identity
-    supervisor.flags += ["--slot-save-path", os.path.join(settings["KV_CACHE_DIR"], identity) + os.sep]
+    # Among the gateway's own flags, before the model's args (which come last, as written).
+    at = len(supervisor.flags) - len(supervisor.args)
+    supervisor.flags[at:at] = ["--slot-save-path", os.path.join(settings["KV_CACHE_DIR"], identity) + os.sep]
     return supervisor
 
 

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 RESTART_DELAY_S = 1.0
 RESTART_DELAY_MAX_S = 30.0
 HEALTHY_RUN_S = 60.0
+# llama.cpp's last lines (and at most how long each) for the operators' page, kept across restarts.
+LINES_KEPT, LINE_KEPT = 300, 2000
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -77,6 +79,12 @@ def first_error(lines) -> str:
             return " ".join(parts[2].split())
     found = next((line for line in lines if ERROR_WORDS.search(line)), lines[-1] if lines else "")
     return " ".join(found.split()) or "it printed nothing"
+
+
+def exit_reason(code: int) -> str:
+    """How a child ended, in words: its exit code, or the signal that killed it (POSIX: a negative code)."""
+    signals = {-number.value: number.name for number in signal.Signals} if os.name != "nt" else {}
+    return f"killed by {signals[code]}" if code in signals else f"exited with code {code}"
 
 
 def find_binary(configured: str = None):
@@ -131,7 +139,9 @@ class LlamaSupervisor:
         self.flags += self.args
         self.process = None
         self.restarts = 0  # restarts after the child died, over this supervisor's life; start() is not one
-        self.output = collections.deque(maxlen=40)
+        self.last_exit = self.last_exit_at = None  # how and when (epoch s) the last child died on its own
+        self.output = collections.deque(maxlen=40)  # the current child's lines, which say why a start failed
+        self.lines = collections.deque(maxlen=LINES_KEPT)  # every child's, for the operators' page
         # The child of service.llama.child says when it serves; a llama-server binary cannot.
         self.says_serving = binary is None
         self._ready = None  # the ReadyFile the current child writes once it serves
@@ -234,6 +244,7 @@ class LlamaSupervisor:
                     self._ready.remove()
                 raise
             self.output.clear()  # an error is told from this child's lines, never from one that died before
+            self.lines.append(f"[gateway] llama.cpp started, pid {self.process.pid}")
             self._reader = threading.Thread(target=self._read_output, args=(self.process,), daemon=True)
         self._reader.start()
         log.info("llama.cpp starting", extra={"fields": {"pid": self.process.pid, "backend": self.backend,
@@ -251,6 +262,7 @@ class LlamaSupervisor:
         for line in iter(process.stdout.readline, b""):
             text = line.decode("utf-8", "replace").rstrip()
             self.output.append(text)
+            self.lines.append(text[:LINE_KEPT])
             log.debug("llama.cpp output", extra={"fields": {"line": text}})
 
     def _exit_error(self) -> LlamaStartError:
@@ -318,6 +330,9 @@ class LlamaSupervisor:
             if time.monotonic() - started > HEALTHY_RUN_S:
                 delay = RESTART_DELAY_S
             log.warning("llama.cpp exited; restarting", extra={"fields": {"exit_code": code, "restart_in_s": delay}})
+            self.last_exit, self.last_exit_at = exit_reason(code), time.time()
+            self._reader.join(1)  # its last words first, then the gateway's
+            self.lines.append(f"[gateway] llama.cpp {self.last_exit}; restarting in {delay:g} s")
             self._tell("restarting", f"llama.cpp exited with code {code}")
             if self._stopping.wait(delay):
                 return

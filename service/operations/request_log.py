@@ -13,8 +13,8 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 # Polled often; their lines are DEBUG unless they fail, and they stay out of the operators' list of the last
 # requests (the page for operators, /ui, polls its state every couple of seconds).
-QUIET_PATHS = ("/health", "/metrics", "/ui", "/ui/api/state")
-QUIET_PREFIXES = ("/ui/static/",)
+QUIET_PATHS = ("/health", "/metrics", "/ui", "/ui/api/state", "/ui/api/history", "/ui/api/inflight")
+QUIET_PREFIXES = ("/ui/static/", "/ui/api/models/")  # a model's llama.cpp log, polled while its panel is open
 
 
 # Paths are logged and listed up to this many characters: a path (up to waitress's 256 KiB of headers) is the

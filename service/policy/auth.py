@@ -10,6 +10,8 @@ from ..errors import ApiError
 OPEN_ACCESS_CLIENT = "anonymous"
 # The client id of requests made with ADMIN_API_KEY (their log line and metrics say "admin", never the key).
 ADMIN_CLIENT = "admin"
+MISSING_KEY = "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+INCORRECT_KEY = "Incorrect API key provided"
 
 
 class Unauthorized(ApiError):
@@ -36,6 +38,10 @@ class AdminKeyRequired(ApiError):
 
     status = 403
     code = "admin_key_required"
+
+    def __init__(self, message, client=None):
+        super().__init__(message)
+        self.client = client  # the client the key belongs to, for the request's log line and metrics
 
 
 class AdminApiOff(ApiError):
@@ -97,10 +103,10 @@ def authenticate(keyring: KeyRing) -> str:
         return OPEN_ACCESS_CLIENT
     key = presented_key()
     if key is None:
-        raise Unauthorized("Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'")
+        raise Unauthorized(MISSING_KEY)
     client = keyring.client_for(key)
     if client is None:
-        raise Unauthorized("Incorrect API key provided")
+        raise Unauthorized(INCORRECT_KEY)
     return client
 
 
@@ -110,17 +116,26 @@ def admin_keyring(settings):
     return KeyRing([(key, ADMIN_CLIENT)]) if key else None
 
 
-def authenticate_admin(admin_ring, client_ring: KeyRing) -> str:
+def authenticate_admin(admin_ring, client_of, guard=None, address=None) -> str:
     """Return 'admin' for a request carrying ADMIN_API_KEY; else raise 404 while the admin API is off, 401 without
-    a key or with one the gateway does not know, 403 with a client's key."""
+    a key or with one the gateway does not know, 403 with a client's key (client_of(key) -> its client id, or None;
+    a KeyRing will do). guard (admin_guard.AdminGuard) counts wrong keys per address and refuses (429) a guesser."""
     if admin_ring is None:
         raise AdminApiOff()
     key = presented_key()
     if key is None:
         raise Unauthorized("Missing admin API key: send ADMIN_API_KEY as 'Authorization: Bearer <key>' or "
                            "'x-api-key: <key>'")
+    if guard is not None:
+        guard.check(address)
     if admin_ring.client_for(key) is not None:
+        if guard is not None:
+            guard.succeeded(address)
         return ADMIN_CLIENT
-    if client_ring.client_for(key) is not None:
-        raise AdminKeyRequired("This route needs the admin key (ADMIN_API_KEY); a client's API key may not use it")
-    raise Unauthorized("Incorrect API key provided")
+    client = (client_of.client_for if isinstance(client_of, KeyRing) else client_of)(key)
+    if client is not None:
+        raise AdminKeyRequired("This route needs the admin key (ADMIN_API_KEY); a client's API key may not use it",
+                               client=client)
+    if guard is not None:
+        guard.failed(address)
+    raise Unauthorized(INCORRECT_KEY)

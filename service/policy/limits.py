@@ -89,7 +89,7 @@ def refusal(client: str, limits: Limits, limit: str, retry_after_s: float, rate:
 
 
 class LimitTable:
-    """Every client's limits: the defaults, and the per-client overrides."""
+    """Every client's limits: the defaults, the per-client overrides, and the stored keys' own (set_own)."""
 
     def __init__(self, default: Limits, overrides=None):
         self.default = default
@@ -97,15 +97,28 @@ class LimitTable:
         self.overrides = {client: Limits(**{**default.__dict__,
                                             **{name: value for name, value in limits.items() if name != "weight"}})
                           for client, limits in (overrides or {}).items()}
+        self._configured_active = default.any or any(limits.any for limits in self.overrides.values())
+        self.own = {}  # client -> Limits of a stored key (service/store), set while the gateway runs
+        self._own_limited = set()  # the clients of self.own with any limit on: `active` stays one lookup
 
     def limits_for(self, client: str) -> Limits:
         """The limits that apply to client."""
-        return self.overrides.get(client, self.default)
+        own = self.own.get(client)
+        return own if own is not None else self.overrides.get(client, self.default)
+
+    def set_own(self, client: str, limits):
+        """Give client limits of its own (a stored key's), or None to go back to the configured ones."""
+        if limits is None:
+            self.own.pop(client, None)
+            self._own_limited.discard(client)
+            return
+        self.own[client] = limits
+        (self._own_limited.add if limits.any else self._own_limited.discard)(client)
 
     @property
     def active(self) -> bool:
         """True when any client has any limit."""
-        return self.default.any or any(limits.any for limits in self.overrides.values())
+        return self._configured_active or bool(self._own_limited)
 
 
 class RateLimiter(LimitTable):

@@ -25,6 +25,7 @@ class ClientGone(Exception):
 CLIENT_LEFT = "client_left"
 CLIENT_STALLED = "client_stalled"
 SHUTDOWN = "shutdown"
+CANCELLED = "cancelled_by_admin"  # the operators' page's Cancel: cut as a client that left is
 
 
 class UpstreamCall:
@@ -36,9 +37,11 @@ class UpstreamCall:
     once detach() has returned, no abort can shut that socket any more.
     """
 
-    def __init__(self):
+    def __init__(self, record=None, stream=False):
+        self.record = record  # the request's RequestRecord (the page's list of requests in flight), if known
+        self.stream = stream  # a streamed answer: the call stays watched while the stream is relayed
         self.sock = None  # the socket carrying it, once the request is sent; None between connections
-        self.aborted = None  # why it was cut: CLIENT_LEFT, CLIENT_STALLED or SHUTDOWN
+        self.aborted = None  # why it was cut: CLIENT_LEFT, CLIENT_STALLED, CANCELLED or SHUTDOWN
         # How its first failed try that llama.cpp may have taken ended (upstream.UpstreamRetry notes it): urllib3
         # reports only the last failure, and a retry refused by a dead port must not make it look never sent.
         self.reached = None
@@ -139,6 +142,24 @@ class DisconnectWatch:
         """Stop watching call."""
         with self._lock:
             self._watched.pop(call, None)
+
+    def calls(self) -> list:
+        """The calls in flight that belong to a request (have a record), for the operators' page."""
+        with self._lock:
+            return [call for call in self._watched if call.record is not None]
+
+    def cancel(self, request_id: str) -> int:
+        """Cut the calls of the requests in flight with that id (a client may reuse one), as a client disconnect
+        does: llama.cpp sees its connection close and frees the slot. Returns how many were cut."""
+        with self._lock:
+            cut = [call for call in self._watched if call.record is not None and call.record.request_id == request_id]
+            for call in cut:
+                del self._watched[call]
+        for call in cut:
+            log.info("cancelled from the operators' page; closing its llama-server call",
+                     extra={"fields": {"request_id": request_id}})
+            call.abort(CANCELLED)
+        return len(cut)
 
     def _run(self):
         while True:

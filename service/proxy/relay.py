@@ -20,10 +20,11 @@ from flask import Response, current_app, g, request, stream_with_context
 
 from ..errors import ApiError, ClientClosedRequest, ShuttingDown, UpstreamError, UpstreamUnavailable, current_family
 from ..families.family import StreamRequest
+from ..policy.model_access import check_model_allowed
 from . import sse
 from .admission import admit
 from .affinity import prefix_keys
-from .disconnect import CLIENT_STALLED, StallClock, UpstreamCall
+from .disconnect import CANCELLED, CLIENT_STALLED, StallClock, UpstreamCall
 from .request_rules import apply as apply_rules
 from .routing import ModelNotFound
 from .usage_request import ask_for_usage, asks_for_usage
@@ -69,7 +70,7 @@ def send_watched(route, endpoint: Endpoint, raw: bytes, body: dict, stream: bool
     if admission is not None and admission.warm is not None and admission.turn is not None:
         raw = admission.warm.before_send(admission.turn.slot, raw)  # its saved conversation restored, its slot named
     call = UpstreamCall()
-    call.record = record  # the operators' page lists the calls in flight, and cancels one
+    call.record, call.stream = record, stream  # the operators' page lists the calls in flight, and cancels one
     watch.watch(call, request.environ.get("waitress.client_disconnected"), stalled)
     headers = {"X-Request-Id": record.request_id}
     keys = prefix_keys(body) if endpoint.reuses_prompt and route.affinity is not None else None
@@ -105,6 +106,7 @@ def routed(endpoint: Endpoint, raw: bytes, body: dict) -> tuple:
         g.record.model = error.shown  # for the operators' page: the name asked, made safe to show
         raise
     g.record.model = route.name if route.name is not None else route.spec.id if route.spec is not None else None
+    check_model_allowed(route, body.get("model"))  # a key made for some models only: 403 for the others
     raw, body, lowered_from = apply_rules(route.rules, raw, body, endpoint.path)
     if lowered_from is not None:
         g.record.max_tokens_lowered_from = lowered_from
@@ -318,7 +320,8 @@ def relay_events(stream: Stream):
             if events:
                 yield events
     except ClientClosedRequest as gone:
-        record.error = gone.code  # nobody is left to tell
+        # Nobody is left to tell; an operator's Cancel is told apart in the log line.
+        record.error = CANCELLED if stream.call.aborted == CANCELLED else gone.code
     except (ShuttingDown, UpstreamError) as error:
         yield stream.fail(error)
 

@@ -9,6 +9,7 @@ import math
 import threading
 import time
 
+from ..operations.history import failed
 from ..policy.hooks import UNLIMITED_RULES
 
 HOUR_S = 3600.0
@@ -17,6 +18,16 @@ RECENT_SIZE = 100
 # Requests refused before anyone was known to have sent them (no key, a wrong one) have a ring of their own: a
 # flood of them, which needs no key, must not push the real requests off the page.
 REFUSED_SIZE = 20
+# Refused by the client's own limits: the limiter did not count them, and neither does the window shown beside
+# the limits (else a client limited to 3 a minute would show "4 of 3").
+LIMIT_REFUSALS = ("rate_limit_exceeded",)
+
+
+def counts_against_limits(entry) -> bool:
+    """Whether the limiter counted the request in its client's window: not a model listing (under no limit),
+    not one the limits themselves refused."""
+    return entry.get("route") not in UNLIMITED_RULES and not (
+        entry.get("status") == 429 and entry.get("error") in LIMIT_REFUSALS)
 
 
 class RecentRequests:
@@ -49,8 +60,8 @@ class RecentRequests:
             bucket = buckets[-1]
             bucket[1] += 1
             bucket[2] += entry.get("prompt_tokens", 0) + entry.get("completion_tokens", 0)
-            bucket[3] += entry.get("status", 500) >= 400
-            bucket[4] += entry.get("route") not in UNLIMITED_RULES  # model listings count against no limit
+            bucket[3] += failed(entry)  # a stream that broke after its 200 too
+            bucket[4] += counts_against_limits(entry)
             self._prune(buckets)
 
     def latest(self) -> list:

@@ -1,8 +1,12 @@
 """What the operators' page shows, gathered from what the gateway keeps anyway: the routes and their replicas,
 the model pool, the scheduler's queues, the health probe, the limiter's limits and the last requests' records.
 Plain data for JSON: the page escapes every value it shows."""
+import time
+
+from .. import __version__
 from ..policy.auth import ADMIN_CLIENT, OPEN_ACCESS_CLIENT
 from ..policy.limits import WINDOW_S
+from .model_life import local_life, remote_life, warm_stats
 
 # A local model's status is the pool's; a llama-server the gateway does not run is as its health probe says.
 REMOTE_STATUS = {"ok": "loaded", "degraded": "loaded", "down": "down"}
@@ -12,16 +16,19 @@ def gateway_state(app) -> dict:
     """Everything the page shows: models, clients and the last requests."""
     extensions = app.extensions
     window_s = app.config.get("RATE_LIMIT_WINDOW_S", WINDOW_S)  # as policy/hooks.py reads it
-    return {"models": models_state(extensions), "clients": clients_state(extensions, window_s),
+    # started_at: counts are kept in memory, and begin again at a restart; the page says so when it changes.
+    return {"gateway": {"started_at": extensions["ui_started_at"], "version": __version__, "now": time.time()},
+            "models": models_state(extensions), "clients": clients_state(extensions, window_s),
             "recent": extensions["recent_requests"].latest(), "window_s": window_s}
 
 
 def models_state(extensions) -> list:
-    """Each route: its name, status, health, replicas, requests in flight and queued, and whether the gateway
-    runs it (then the page offers to load and unload it)."""
+    """Each route: its name, status, health, replicas, requests in flight and queued, its life (model_life.py),
+    and whether the gateway runs it (then the page offers to load and unload it)."""
     router, pool, scheduler = extensions["router"], extensions.get("model_pool"), extensions.get("scheduler")
     report = extensions["health_probe"].report()
     queues = {queue.name: queue for queue in scheduler.queues} if scheduler is not None else {}
+    kv, book = warm_stats(extensions), extensions["model_life"]
     shown = []
     for route in router.all_routes:
         local = pool.model_for(route) if pool is not None else None
@@ -29,10 +36,12 @@ def models_state(extensions) -> list:
             {"status": report["status"], "replicas": [report["upstream"]]}
         queue = queues.get(route.name)
         failure = local.failure if local is not None and local.status == "failed" else None
+        own = local_life(pool, local, route, book, kv.get(local.name)) if local is not None else \
+            {"status": REMOTE_STATUS[probed["status"]], "life": remote_life(route, kv.get(route.name))}
         shown.append({"name": route.name if route.name is not None else local.name if local is not None else None,
                       "any_name": route.name is None,  # LLAMA_SERVER_URL: one llama-server takes any model name
                       "managed": local is not None,
-                      "status": local.status if local is not None else REMOTE_STATUS[probed["status"]],
+                      **own,
                       "health": probed["status"], "failure": failure,
                       "in_flight": sum(replica.in_flight for replica in route.replicas),
                       "queued": (queue.depth if queue is not None else 0) + (local.waiting if local else 0),
@@ -77,3 +86,15 @@ def waiting_by_client(scheduler) -> dict:
         for client, count in queue.waiting_by_client().items():
             waiting[client] = waiting.get(client, 0) + count
     return waiting
+
+
+def queue_depths(extensions) -> dict:
+    """Each model's requests waiting now: for a slot (the scheduler's queues) or for its load (the pool)."""
+    scheduler, pool = extensions.get("scheduler"), extensions.get("model_pool")
+    depths = {}
+    for queue in scheduler.queues if scheduler is not None else ():
+        if queue.name is not None:
+            depths[queue.name] = depths.get(queue.name, 0) + queue.depth
+    for name, model in (pool.models.items() if pool is not None else ()):
+        depths[name] = depths.get(name, 0) + model.waiting
+    return depths

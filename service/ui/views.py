@@ -1,18 +1,27 @@
 """GET /ui, the page for the people who run the gateway, and the JSON it reads and sends.
 
 The page and its static files are public: they hold no data, only the sign-in form. Everything the page shows
-comes from /ui/api/state and the playground's /ui/api/chat, which need ADMIN_API_KEY (policy/hooks.py checks it,
-as on the admin routes), sent by the page's script as Authorization: Bearer; the key lives in the tab's
-sessionStorage, never in a cookie or a URL. Loading and unloading use the admin routes themselves.
+comes from /ui/api/... (state, history, in flight, a model's llama.cpp log, cancel, the playground's chat), which
+need ADMIN_API_KEY (policy/hooks.py checks it, as on the admin routes), sent by the page's script as
+Authorization: Bearer; the key lives in the tab's sessionStorage, never in a cookie or a URL. Loading and
+unloading use the admin routes themselves.
 """
-from flask import Blueprint, current_app, jsonify, render_template
+import time
+
+from flask import Blueprint, current_app, g, jsonify, render_template, request
 
 from ..api.chat import CHAT
 from ..api.chat import schema as chat_schema
 from ..api.request_body import read_json_body
+from ..errors import InvalidRequest
+from ..operations.history import WINDOWS, History
+from ..policy.auth import ADMIN_CLIENT, AdminKeyRequired
 from ..proxy.relay import proxy_generation
+from ..proxy.routing import ModelNotFound
+from .inflight import cancel, in_flight
+from .model_life import LifeBook
 from .recent import RecentRequests
-from .state import gateway_state
+from .state import gateway_state, queue_depths
 
 bp = Blueprint("ui", __name__, template_folder="templates", static_folder="static", static_url_path="/ui/static")
 
@@ -23,10 +32,40 @@ SECURITY_HEADERS = {"Content-Security-Policy": CONTENT_SECURITY_POLICY, "X-Conte
                     "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
 
 
+# The page's own polls: kept out of its list of requests and its charts, as /ui/api/state is (request_log.py),
+# else an open log panel alone would fill both.
+PAGE_POLLS = ("/ui/api/history", "/ui/api/inflight", "/ui/api/models/<path:name>/log")
+
+
 @bp.record_once
-def _keep_recent(state):
-    recent = state.app.extensions["recent_requests"] = RecentRequests()
-    state.app.extensions["request_sinks"].append(lambda entry, record: recent.add(entry))
+def _keep_history(state):
+    app = state.app
+    extensions = app.extensions
+    extensions["ui_started_at"] = time.time()
+    recent = extensions["recent_requests"] = RecentRequests()
+    history = extensions["history"] = History(
+        models=lambda: [route.name for route in extensions["router"].all_routes if route.name is not None],
+        depths=lambda: queue_depths(extensions))
+    book = extensions["model_life"] = LifeBook()
+    if extensions.get("model_pool") is not None:
+        extensions["model_pool"].listeners.append(book.observe)
+
+    def keep(entry, record):
+        if entry["route"] in PAGE_POLLS and entry.get("status", 500) < 400:
+            return
+        recent.add(entry)
+        history.record(entry)
+
+    extensions["request_sinks"].append(keep)
+
+
+@bp.before_request
+def _admin_only():
+    """The page's data is the admin's alone, whatever policy/hooks.py's ADMIN_RULES list (a second lock: a route
+    missing there would otherwise answer any client key)."""
+    record = g.get("record")
+    if request.path.startswith("/ui/api/") and (record is None or record.client_id != ADMIN_CLIENT):
+        raise AdminKeyRequired("This route needs the admin key (ADMIN_API_KEY); a client's API key may not use it")
 
 
 @bp.after_request
@@ -51,6 +90,40 @@ def page():
 def state():
     """Models, clients and the last requests, for the page's refresh."""
     return jsonify(gateway_state(current_app))
+
+
+@bp.get("/ui/api/history")
+def history():
+    """Requests/s, errors, tokens/s, time to first token and queue depth over the last hour or day."""
+    window = request.args.get("window", "hour")
+    if window not in WINDOWS:
+        raise InvalidRequest(f"window must be one of {', '.join(WINDOWS)}, not {window[:40]!r}",
+                             type="invalid_request_error", param="window")
+    return jsonify(current_app.extensions["history"].series(window))
+
+
+@bp.get("/ui/api/inflight")
+def inflight():
+    """The requests llama.cpp is answering now."""
+    return jsonify({"data": in_flight(current_app.extensions["disconnect_watch"])})
+
+
+@bp.post("/ui/api/requests/<request_id>/cancel")
+def cancel_request(request_id):
+    """Cut a request in flight as its client's disconnect would: llama.cpp frees its slot."""
+    cancel(current_app.extensions["disconnect_watch"], request_id)
+    return jsonify({"cancelled": True})
+
+
+@bp.get("/ui/api/models/<path:name>/log")
+def model_log(name):
+    """The last lines its llama.cpp printed (a model the gateway runs): for this page only, never the log."""
+    pool = current_app.extensions.get("model_pool")
+    model = pool.model_named(name) if pool is not None else None
+    if model is None:
+        raise ModelNotFound(name)
+    lines = getattr(model.supervisor, "lines", None)
+    return jsonify({"model": name, "lines": list(lines.copy()) if lines is not None else []})
 
 
 @bp.post("/ui/api/chat")

@@ -126,7 +126,7 @@ class WarmModel:
                 return False
             temporary = os.path.join(self.index.directory, tmp_name(key))
             try:
-                saved = self._save(slot, key, temporary)
+                saved = self._save(slot, key, temporary, tokens)
             finally:
                 _remove_quietly(temporary)  # gone after a rename; a save cut short leaves nothing behind
             self.owner.count(self.name, "saves", "ok" if saved else "failed")
@@ -141,7 +141,7 @@ class WarmModel:
                 self.owner.budget.enforce()
             return saved
 
-    def _save(self, slot, key, temporary) -> bool:
+    def _save(self, slot, key, temporary, tokens) -> bool:
         try:
             self.index.make_directory()  # deleted by hand meanwhile: llama.cpp writes only into an existing one
             status, body = self.owner.post(self.base_url, f"/slots/{int(slot)}?action=save",
@@ -152,6 +152,11 @@ class WarmModel:
             size = os.path.getsize(temporary)
             if size != body.get("n_written") or not body.get("n_saved"):
                 self._report("save", "size mismatch")
+                return False
+            if body["n_saved"] < tokens // 2:
+                # Not what the gateway last ran there: a llama.cpp restarted meanwhile (its slots start empty).
+                # Saved under this conversation's key, it would replace the state that holds it.
+                self._report("save", "slot emptier than expected")
                 return False
             digest = file_digest(temporary)
             os.replace(temporary, self.index.path(key))

@@ -3,9 +3,13 @@ fair scheduler), told by the pool when a model's llama.cpp (re)starts or is abou
 which routes hand out slot ids, read by the request path (proxy/warm_request.py), the metrics and the page."""
 import json
 import logging
+import os
+import threading
 
 from ..errors import UpstreamError
+from ..llama.pooled_model import LOADED
 from .conversations import WarmConversations
+from .identity import llama_build, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +20,8 @@ class WarmGateway:
     def __init__(self, conversations, pool, scheduler, router):
         self.conversations = conversations
         self.pool, self.scheduler, self.router = pool, scheduler, router
+        self._processes = {}  # model name -> the llama.cpp process its WarmModel was attached for
+        self._lock = threading.Lock()
 
     def numbered(self, route) -> bool:
         """True where route's queue hands out slot ids: one llama.cpp, run by the gateway, keeping slot states."""
@@ -25,19 +31,52 @@ class WarmGateway:
         return model is not None and getattr(model.supervisor, "kv_identity", None) is not None
 
     def model(self, name):
-        """The WarmModel of model name while its llama.cpp serves, else None."""
-        return self.conversations.model(name)
+        """The WarmModel of model name while its llama.cpp serves, else None. Attached here, at the first request
+        that asks, as well as on the pool's load event: the requests that waited for a load go on before the pool
+        tells its listeners, and the first of them is the one a swap most likely brings back."""
+        with self._lock:
+            return self._attached(name)
 
     def on_model_event(self, event):
         """A pool event: a llama.cpp that (re)started holds nothing in its slots; one that stopped is forgotten."""
-        if event.kind == "load" and event.ok:
-            pooled = self.pool.model_named(event.model)
-            supervisor = pooled.supervisor if pooled is not None else None
-            if supervisor is not None and getattr(supervisor, "kv_identity", None) is not None:
-                self.conversations.attach(event.model, supervisor.url, supervisor.kv_identity,
-                                          parallel_of(supervisor.flags), LiveQueue(self, event.model))
-                return
-        self.conversations.detach(event.model)
+        with self._lock:
+            if event.kind != "load" or not event.ok or self._attached(event.model) is None:
+                self._processes.pop(event.model, None)
+                self.conversations.detach(event.model)
+
+    def _attached(self, name):
+        """name's WarmModel for the llama.cpp serving now, attached once per process (under the lock)."""
+        pooled = self.pool.model_named(name)
+        supervisor = pooled.supervisor if pooled is not None else None
+        process = supervisor.process if supervisor is not None else None
+        if process is None or pooled.state != LOADED or getattr(supervisor, "kv_identity", None) is None:
+            return None
+        model = self.conversations.model(name)
+        if model is not None and self._processes.get(name) is process:
+            return model
+        if not self._same_identity(name, supervisor):
+            return None
+        self._processes[name] = process  # a restarted llama.cpp is a new process: its slots start empty
+        return self.conversations.attach(name, supervisor.url, supervisor.kv_identity, parallel_of(supervisor.flags),
+                                         LiveQueue(self, name))
+
+    def _same_identity(self, name, supervisor) -> bool:
+        """Whether the model's file is still the one its llama.cpp was told to save states for. A file replaced
+        under the same path while the gateway runs: this llama.cpp's states would be filed under the old one's
+        identity, so none are saved or restored until its next start, which gets the new identity's folder."""
+        try:
+            now = model_identity(supervisor.model_path, supervisor.flags, llama_build(supervisor.binary))
+        except OSError:
+            return False
+        if now == supervisor.kv_identity:
+            return True
+        log.warning("model file changed since the gateway started: its conversation states wait for its next load",
+                    extra={"fields": {"model": name}})
+        flags = supervisor.flags
+        at = flags.index("--slot-save-path") + 1
+        flags[at] = os.path.join(os.path.dirname(os.path.dirname(flags[at])), now) + os.sep
+        supervisor.kv_identity = now
+        return False
 
     def before_stop(self, pooled):
         """Save the model's unsaved long slots (its requests are done: it has drained), then forget it."""
@@ -47,7 +86,9 @@ class WarmGateway:
                 log.info("conversation states saved before the model stops",
                          extra={"fields": {"model": pooled.name, "states": saved}})
         finally:
-            self.conversations.detach(pooled.name)
+            with self._lock:
+                self._processes.pop(pooled.name, None)
+                self.conversations.detach(pooled.name)
 
     def stats(self) -> dict:
         """Saved states per model: {model: {"states", "tokens", "bytes"}}."""

@@ -1,19 +1,20 @@
 // The playground: one chat message to a model, its answer streamed as the gateway relays it, with the time to the
 // first token and the tokens per second. It posts to /ui/api/chat with the admin key (client "admin").
 import { call, errorMessage } from "./api.js";
+import { shown } from "./dom.js";
 
 const EVENT_END = /\r?\n\r?\n/;
 
 // Fill the model list from the state's models, keeping the choice the user made.
 export function offerModels(select, models) {
   const names = models.map((model) => (model.name === null ? "default" : model.name));
-  const shown = [...select.options].map((option) => option.value);
-  if (names.length === shown.length && names.every((name, i) => name === shown[i])) return;
+  const offered = [...select.options].map((option) => option.value);
+  if (names.length === offered.length && names.every((name, i) => name === offered[i])) return;
   const chosen = select.value;
   select.replaceChildren(...models.map((model, i) => {
     const option = document.createElement("option");
     option.value = names[i];
-    option.textContent = model.name === null ? "any (the one llama-server)" : model.name;
+    option.textContent = model.name === null ? "any (the one llama-server)" : shown(model.name);
     return option;
   }));
   if (names.includes(chosen)) select.value = chosen;

@@ -1,18 +1,43 @@
-// The three tables: models, clients and the last requests, rebuilt from each state the gateway sends.
-import { el, hidden, num, replaceRows, row } from "./dom.js";
+// The models and clients tables, rebuilt from each state the gateway sends.
+import { actionButton, el, longText, num, replaceRows, row, shown } from "./dom.js";
+import { when } from "./time.js";
 
-// Each status as a mark and a word, so that it reads without colour.
-const STATUS_MARKS = { loaded: "✓", loading: "…", unloaded: "○", failed: "✗", down: "✗" };
+// Each status as a mark and a word, so that it reads without colour and without motion (no spinner): what the
+// model is doing now, in words.
+const STATUSES = {
+  loaded: { mark: "✓" }, unloaded: { mark: "○" },
+  failed: { mark: "✗", bad: true }, down: { mark: "✗", bad: true },
+  loading: { mark: "↑", busy: "starting llama.cpp and reading the model" },
+  unloading: { mark: "↓", busy: "letting its requests finish, then stopping llama.cpp" },
+  draining: { mark: "↓", busy: "taking no new requests; those in flight finish" },
+  restarting: { mark: "↻", busy: "llama.cpp exited; starting it again" },
+};
+// What the buttons can do in each status: a load of a model that is (being) loaded, an unload of one that is
+// (being) unloaded, would do nothing.
+const NO_LOAD = new Set(["loaded", "loading", "restarting"]);
+const NO_UNLOAD = new Set(["unloaded", "unloading"]);
 
-function modelLabel(model) {
+// The name people read for a model (the one llama-server of LLAMA_SERVER_URL takes any).
+export function modelLabel(model) {
   return model.name === null ? "any model name" : model.name;
 }
 
 function statusCell(model) {
-  const cell = el("span", `status status-${model.status}`, `${STATUS_MARKS[model.status] || "?"} ${model.status}`);
-  const parts = [cell];
-  if (model.health === "degraded" && model.status === "loaded") parts.push(el("span", "reason", "busy: requests queued"));
-  if (model.failure) parts.push(el("span", "reason", model.failure));
+  const known = STATUSES[model.status] || { mark: "?" };
+  const parts = [el("span", `status status-${model.status}`, `${known.mark} ${model.status}`)];
+  if (known.busy) {
+    const now = model.in_flight ? ` (${model.in_flight} in flight)` : "";
+    parts.push(el("span", "reason busy", `${known.busy}${now}`));
+  }
+  if (model.health === "degraded" && model.status === "loaded") {
+    parts.push(el("span", "reason", "busy: requests queued"));
+  }
+  if (model.failure) parts.push(el("span", "reason", shown(model.failure)));
+  const life = model.life;
+  if (life && life.restarts) {
+    const exit = life.last_exit ? `; last exit: ${shown(life.last_exit)} at ${when(life.last_exit_at)}` : "";
+    parts.push(el("span", "reason", `restarted ${life.restarts}×${exit}`));
+  }
   return el("div", "stack", ...parts);
 }
 
@@ -22,36 +47,34 @@ function replicaItem(replica) {
   words.push(`${replica.in_flight} in flight`);
   if (replica.slots) words.push(`${replica.slots} slots`);
   if (replica.ejected) words.push("out of rotation");
-  const item = el("li", null, el("span", "url", replica.url), ` — ${words.join(", ")}`);
-  if (replica.reason) item.append(el("span", "reason", replica.reason));
+  const item = el("li", null, longText(replica.url, "url"), ` — ${words.join(", ")}`);
+  if (replica.reason) item.append(el("span", "reason", shown(replica.reason)));
   return item;
 }
 
-function actionButton(model, action, label, disabled) {
-  const button = el("button", null, label, hidden(` ${modelLabel(model)}`));
-  button.type = "button";
-  button.dataset.action = action;
-  button.dataset.model = model.name;
-  button.dataset.key = `${action}\u0000${model.name}`;
-  button.disabled = disabled;
-  return button;
+function button(model, action, label, disabled) {
+  const node = actionButton(label, action, model.name, modelLabel(model));
+  node.dataset.model = model.name;
+  node.disabled = disabled;
+  return node;
 }
 
 function actions(model, pending) {
   if (!model.managed) return el("span", "note", "run elsewhere");
   const busy = pending.has(model.name);
   return el("div", "buttons",
-    actionButton(model, "load", "Load", busy || model.status === "loaded" || model.status === "loading"),
-    actionButton(model, "unload", "Unload", busy || model.status === "unloaded"));
+    button(model, "load", "Load", busy || NO_LOAD.has(model.status)),
+    button(model, "unload", "Unload", busy || NO_UNLOAD.has(model.status)),
+    button(model, "log", "Log", false));
 }
 
 // The models table; pending: names of models with a load or unload under way (their buttons stay disabled).
 export function renderModels(tbody, models, pending) {
   replaceRows(tbody, models.map((model) => {
-    const name = el("span", "name", modelLabel(model));
-    const tr = row([name, statusCell(model), el("ul", "replicas", ...model.replicas.map(replicaItem)),
-      num(model.in_flight), num(model.queued), actions(model, pending)],
-    model.status === "failed" || model.status === "down" ? "failed" : null);
+    const known = STATUSES[model.status] || {};
+    const tr = row([longText(modelLabel(model)), statusCell(model),
+      el("ul", "replicas", ...model.replicas.map(replicaItem)), num(model.in_flight), num(model.queued),
+      actions(model, pending)], known.bad ? "failed" : known.busy ? "working" : null);
     tr.dataset.model = model.name === null ? "" : model.name;
     return tr;
   }));
@@ -61,40 +84,14 @@ function usage(used, limit) {
   return limit ? `${num(used)} of ${num(limit)} (${num(Math.max(0, limit - used))} left)` : `${num(used)} (no limit)`;
 }
 
+// The clients table: the hour's requests, tokens and failures, and the limits' window.
 export function renderClients(tbody, clients) {
   replaceRows(tbody, clients.map((client) => {
     const limits = client.limits;
-    const tr = row([el("span", "name", client.id), num(client.requests), num(client.tokens), num(client.failures),
+    const tr = row([longText(client.id), num(client.requests), num(client.tokens), num(client.failures),
       limits ? usage(client.window_requests, limits.rpm) : `${num(client.window_requests)} (admin: no limits)`,
       limits ? usage(client.window_tokens, limits.tpm) : num(client.window_tokens), num(client.waiting)]);
     tr.dataset.client = client.id;
-    return tr;
-  }));
-}
-
-function clock(seconds) {
-  return new Date(seconds * 1000).toLocaleTimeString("en-GB", { hour12: false });
-}
-
-function statusText(entry) {
-  const failed = entry.status === undefined || entry.status >= 400 || entry.error !== undefined;
-  const words = [failed ? "✗" : "✓", entry.status === undefined ? "no answer" : String(entry.status)];
-  if (entry.error !== undefined) words.push(entry.error);
-  return [failed, words.join(" ")];
-}
-
-function tokens(entry) {
-  if (entry.prompt_tokens === undefined && entry.completion_tokens === undefined) return "—";
-  return `${num(entry.prompt_tokens || 0)} + ${num(entry.completion_tokens || 0)}`;
-}
-
-export function renderRecent(tbody, entries) {
-  replaceRows(tbody, entries.map((entry) => {
-    const [failed, status] = statusText(entry);
-    const tr = row([clock(entry.time), entry.client_id === undefined ? "—" : entry.client_id,
-      entry.model === undefined ? "—" : entry.model, `${entry.method} ${entry.path}`, el("span", "status", status),
-      num(entry.duration_ms), num(entry.ttft_ms), tokens(entry)], failed ? "failed" : null);
-    tr.dataset.requestId = entry.request_id;
     return tr;
   }));
 }

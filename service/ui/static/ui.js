@@ -1,14 +1,27 @@
-// The operators' page: sign in with the admin key, then refresh the tables from /ui/api/state every couple of
-// seconds, load and unload models with the admin routes, and run the playground.
+// The operators' page: sign in with the admin key, then refresh everything from /ui/api/state (and the requests in
+// flight, the charts' history) every couple of seconds; load and unload models with the admin routes, cancel a
+// request, read a model's llama.cpp log, and run the playground. Signing out forgets every value shown.
+import { wireActions } from "./actions.js";
 import { call, errorMessage, forgetKey, saveKey, savedKey } from "./api.js";
+import { charts, clearCharts, drawCharts, refreshCharts } from "./charts.js";
+import { dismissConfirm } from "./confirm.js";
+import { clearRecent, filters, showRecent } from "./filters.js";
+import { fetchInflight, renderInflight } from "./inflight.js";
+import { renderLife } from "./life.js";
+import { closeLog, logPanel } from "./logs.js";
 import { offerModels, playground } from "./playground.js";
-import { renderClients, renderModels, renderRecent } from "./tables.js";
+import { forgetReach, refreshFailed, refreshed } from "./reach.js";
+import { renderClients, renderModels } from "./tables.js";
+import { clock, onZoneChange, zoneSwitch } from "./time.js";
 
 const STATE = "/ui/api/state";
 const REFRESH_MS = 2000;
 const $ = (id) => document.getElementById(id);
 
 const pending = new Set(); // models with a load or unload under way
+const cancelling = new Set(); // requests with a cancel under way
+let last = null; // the last state and requests in flight shown, redrawn when the time zone changes
+let newest; // the newest request listed: when another ends, the charts are fetched at once
 let timer = null;
 let running = null;
 let again = false;
@@ -19,18 +32,39 @@ function show(signedIn) {
   $("signed-in").hidden = !signedIn;
 }
 
-function render(state) {
+function render(state, inflight) {
+  last = { state, inflight };
   renderModels($("models").tBodies[0], state.models, pending);
+  renderLife($("life"), state.models, state.gateway ? state.gateway.now : Date.now() / 1000);
   renderClients($("clients").tBodies[0], state.clients);
-  renderRecent($("recent").tBodies[0], state.recent);
+  showRecent(state.recent);
+  renderInflight($("inflight").tBodies[0], inflight, cancelling);
   offerModels($("play-model"), state.models);
   $("window").textContent = state.window_s === 60 ? "minute" : `${state.window_s} s`;
-  $("updated").textContent = `Updated ${new Date().toLocaleTimeString("en-GB", { hour12: false })}`;
+  $("updated").textContent = `Updated ${clock(Date.now() / 1000)}`;
+  refreshed(state.gateway);
+}
+
+// Forget every value shown: the tables, cards, charts, log and the playground's answer.
+function clearAll() {
+  last = null;
+  newest = undefined;
+  for (const id of ["models", "clients", "inflight"]) $(id).tBodies[0].replaceChildren();
+  clearRecent();
+  $("life").replaceChildren();
+  clearCharts();
+  closeLog();
+  dismissConfirm();
+  forgetReach();
+  $("play-model").replaceChildren();
+  for (const id of ["play-answer", "play-stats", "notice"]) $(id).textContent = "";
+  $("updated").textContent = "Not refreshed yet";
 }
 
 function signOut(message) {
   forgetKey();
   clearTimeout(timer);
+  clearAll();
   show(false);
   $("sign-in-error").textContent = message || "";
   $("admin-key").focus();
@@ -39,15 +73,23 @@ function signOut(message) {
 async function poll() {
   clearTimeout(timer);
   try {
-    const response = await call(STATE);
+    const [response, inflight] = await Promise.all([call(STATE), fetchInflight().catch(() => null)]);
+    if (savedKey() === null) return; // signed out while it was on its way: show nothing of it
     if (response.status === 401 || response.status === 403) {
       signOut(`The gateway no longer takes this key: ${await errorMessage(response)}`);
       return;
     }
-    if (!response.ok) $("updated").textContent = `Refresh failed: ${await errorMessage(response)}`;
-    else render(await response.json());
+    if (!response.ok) {
+      refreshFailed(`HTTP ${response.status}: ${await errorMessage(response)}`);
+    } else {
+      const state = await response.json();
+      render(state, inflight ?? (last ? last.inflight : []));
+      const top = state.recent.length ? state.recent[0].request_id : null;
+      await refreshCharts(top !== newest).catch(() => {});
+      newest = top;
+    }
   } catch (error) {
-    $("updated").textContent = "The gateway cannot be reached; retrying";
+    if (savedKey() !== null) refreshFailed("no answer");
   }
   if (savedKey() !== null && !document.hidden) timer = setTimeout(refresh, REFRESH_MS);
 }
@@ -89,49 +131,32 @@ async function signIn(event) {
   input.value = "";
   $("sign-in-error").textContent = "";
   show(true);
-  render(await response.json());
+  render(await response.json(), []);
   $("models-title").focus();
   refresh();
-}
-
-async function act(button) {
-  const { action, model } = button.dataset;
-  const verb = action === "load" ? "Loading" : "Unloading";
-  pending.add(model);
-  button.disabled = true;
-  $("notice").textContent = `${verb} ${model}…`;
-  try {
-    const response = await call(`/models/${action}`, { method: "POST", body: { model } });
-    $("notice").textContent = response.ok
-      ? `${model}: ${(await response.json()).status}`
-      : `Could not ${action} ${model}: ${await errorMessage(response)}`;
-  } catch (error) {
-    $("notice").textContent = `Could not ${action} ${model}: the gateway cannot be reached`;
-  } finally {
-    pending.delete(model);
-    refresh();
-  }
 }
 
 function start() {
   if (!$("sign-in")) return; // ADMIN_API_KEY is unset: the page only says how to turn it on
   $("sign-in-form").addEventListener("submit", signIn);
   $("sign-out").addEventListener("click", () => signOut("Signed out."));
-  $("models").addEventListener("click", (event) => {
-    const button = event.target.closest("button[data-action]");
-    if (button && !button.disabled) act(button);
-  });
+  wireActions({ models: () => (last ? last.state.models : []), pending, cancelling, refresh });
   document.addEventListener("visibilitychange", () => {
     if (!document.hidden && savedKey() !== null) refresh();
   });
+  zoneSwitch($("time-zone"));
+  onZoneChange(() => {
+    if (last) render(last.state, last.inflight);
+    clearCharts(false);
+    drawCharts();
+  });
+  filters();
+  charts();
+  logPanel();
   playground($("playground"), refresh);
   $("models-title").tabIndex = -1;
-  if (savedKey() !== null) {
-    show(true);
-    refresh();
-  } else {
-    show(false);
-  }
+  show(savedKey() !== null);
+  if (savedKey() !== null) refresh();
 }
 
 start();

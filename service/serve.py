@@ -23,6 +23,7 @@ from .models.models_file import ModelsFileError
 from .models.reload import Reloader, file_signature
 from .operations.logs import configure_logging, uses_json
 from .paths import MODELS_DIR, PROJECT_ROOT
+from .store import StoreError
 from .proxy.routing import replica_urls
 from .wsgi_server import make_server, stop_listening, stop_server
 
@@ -360,6 +361,9 @@ def main(check=False) -> int:
         run_until_stopped(app, server, settings, hangup, reloader and partial(reloader.reload_logged, "SIGHUP"))
     except ConfigError as error:  # the routes refused the models
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except StoreError as error:  # the key and usage database cannot be used (unreachable, newer than this gateway)
+        print(f"error: DATABASE_URL: {error}", file=sys.stderr)
         return 2
     except LlamaStartError as error:
         print(f"error: {error}", file=sys.stderr)

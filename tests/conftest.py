@@ -58,6 +58,8 @@ def make_app():
     yield build
     for app in apps:
         app.extensions["upstream"].close()
+        if app.extensions.get("store") is not None:  # DATABASE_URL given: its thread, its usage written
+            app.extensions["store"].close()
 
 
 @pytest.fixture

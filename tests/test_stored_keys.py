@@ -1,5 +1,7 @@
 """Keys made at run time, on a real store (SQLite): who they authenticate as, revoked and expired keys, open
 access once a key exists, a database that is down, their own limits and weight, and their models."""
+import time
+
 import pytest
 import sqlalchemy.exc
 
@@ -209,14 +211,11 @@ def test_check_model_allowed_takes_ids_aliases_and_route_names(fake_app):
         assert caught.value.status == 403 and "'chat'" in caught.value.message
 
 
-def test_the_relay_refuses_a_model_the_key_may_not_use(gateway):
-    import inspect
-
-    from service.proxy import relay
-    if "check_model_allowed" not in inspect.getsource(relay):
-        pytest.skip("service/proxy/relay.py routed() does not call check_model_allowed yet (the lead wires it)")
+def test_the_relay_refuses_a_model_the_key_may_not_use_and_counts_no_use(gateway):
     client, store = gateway(routes=["chat", "other"], **ENV_KEYS)
-    _, secret = store.keys.create("team-c", models=["chat"])
+    key, secret = store.keys.create("team-c", models=["chat"])
     assert post(client, bearer(secret), model="chat").status_code == 200
     error = assert_openai_envelope(post(client, bearer(secret), model="other"), 403)
     assert error["code"] == "model_not_allowed"
+    rows = store.usage.query(time.time() - 3600, time.time() + 3600, key=key.id)
+    assert [(row["model"], row["requests"]) for row in rows] == [("chat", 1)]  # the refusal used nothing

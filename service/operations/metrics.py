@@ -14,6 +14,7 @@ from prometheus_flask_exporter import PrometheusMetrics
 
 from ..proxy.disconnect import CLIENT_STALLED
 from .model_metrics import init_model_metrics
+from .store_metrics import StoreCollector
 from .warm_metrics import WarmCollector
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,8 @@ def init_metrics(app, include_upstream=False) -> GatewayMetrics:
     gateway.per_model = init_model_metrics(app, registry)
     if app.extensions.get("warm") is not None:
         registry.register(WarmCollector(app.extensions["warm"]))
+    if app.extensions.get("store") is not None:
+        registry.register(StoreCollector(app.extensions["store"]))
     if include_upstream:
         registry.register(UpstreamMetricsCollector(app.extensions["upstream"], app.extensions["router"]))
     app.extensions["metrics"] = exporter

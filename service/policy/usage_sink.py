@@ -3,11 +3,13 @@
 Counted: every request of a client key that the policy let through (its key known, under its limits and budget)
 to one of the API's routes, whatever its answer (an error counts as a request and an error). Not counted: the
 admin's (the admin routes, the page's playground), model listings (which no limit counts either), unknown routes,
-and requests the policy refused (401, 429 for a limit or a budget): a refusal is no use of the model, and must not
+and requests the policy refused (401, 429 for a limit or a budget, 403 for a model the key may not use): a refusal is no use of the model, and must not
 eat a budget of requests.
 """
 # Requests that are no use of the API: the probes', and those to no route at all.
 NOT_COUNTED_RULES = frozenset(("/metrics", "/health", "/", "/openapi.json", "unmatched"))
+# Refusals of the policy's own once the request was read: a model the key may not use.
+REFUSED_ERRORS = frozenset(("model_not_allowed",))
 
 
 def usage_key(record) -> str:
@@ -19,7 +21,7 @@ def usage_key(record) -> str:
 def counted(record, not_counted) -> bool:
     """Whether the request is a use of the API by a client; not_counted(rule) names the routes that never are."""
     return (record.client_id is not None and not record.rate_limited and record.route not in NOT_COUNTED_RULES
-            and not not_counted(record.route))
+            and record.error not in REFUSED_ERRORS and not not_counted(record.route))
 
 
 def usage_sink(usage, not_counted):

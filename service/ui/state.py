@@ -64,7 +64,7 @@ def clients_state(extensions, window_s) -> list:
     keyring, limiter = extensions["keyring"], extensions["limiter"]
     counts = extensions["recent_requests"].by_client(window_s)
     waiting = waiting_by_client(extensions.get("scheduler"))
-    ids = keyring.client_ids or [OPEN_ACCESS_CLIENT]
+    ids = keyring.client_ids + stored_clients(extensions.get("store")) or [OPEN_ACCESS_CLIENT]
     ids += [client for client in (*counts, *waiting) if client not in ids]
     empty = {"requests": 0, "tokens": 0, "failures": 0, "window_requests": 0, "window_tokens": 0}
     shown = []
@@ -75,6 +75,19 @@ def clients_state(extensions, window_s) -> list:
                       "limits": None if limits is None else {"rpm": limits.rpm, "tpm": limits.tpm,
                                                              "concurrent": limits.concurrent}})
     return shown
+
+
+# Keys made at run time listed even without traffic, at most (a team may hold thousands: those with traffic in the
+# last hour are listed all the same).
+STORED_CLIENTS_SHOWN = 100
+
+
+def stored_clients(store) -> list:
+    """The client ids (names) of the usable keys made at run time, the first STORED_CLIENTS_SHOWN by name."""
+    if store is None:
+        return []
+    now = time.time()
+    return sorted(key.name for key in store.keys.cached() if key.usable(now))[:STORED_CLIENTS_SHOWN]
 
 
 def waiting_by_client(scheduler) -> dict:

@@ -20,6 +20,9 @@ import time
 import requests
 
 from bench.flood import flood_round
+from bench.keys import keys_round
+from bench.keys import report_lines as keys_report
+from bench.keys import verdicts as keys_verdicts
 from bench.loadtest import Target, run
 from bench.models import models_rounds
 from bench.models import report_lines as models_report
@@ -201,12 +204,13 @@ def measure(quick=False) -> dict:
                      for name in ("direct", "bare", "gateway")}
         memory = memory_round(gateway.pid, urls["gateway"], *((500, 1000) if quick else (10000, 20000)))
         flood = flood_gateway_round(urls["upstream"], *((300, 200) if quick else (5000, 500)), log)
+        stored_keys = keys_round(urls["upstream"], KEY, _gateway_env, log, quick)  # 10,000 keys (issue 23)
         llama = llama_round(3 if quick else 20, log)
         on_demand = models_rounds(KEY, quick)  # cold requests and swaps: models on demand (issue 11)
         scheduling = scheduling_rounds(quick)  # a noisy neighbour, conversations over replicas (issue 13)
         warm = warm_round(KEY, quick)  # a long conversation back after a swap and a kill -9 (issue 22)
         return {"load": load, "generator": generator, "streaming": streaming, "memory": memory, "flood": flood,
-                "llama_stream": llama, **on_demand, **scheduling, **warm, "start_s": round(start_s, 3),
+                "llama_stream": llama, **on_demand, **scheduling, **warm, **stored_keys, "start_s": round(start_s, 3),
                 "machine": machine(), "quick": quick}
     finally:
         for process in processes:
@@ -258,6 +262,7 @@ def verdicts(figures) -> dict:
     result.update(models_verdicts(figures))
     result.update(scheduling_verdicts(figures))
     result.update(warm_verdicts(figures))
+    result.update(keys_verdicts(figures))
     return result
 
 
@@ -288,6 +293,7 @@ def report(figures) -> str:
         lines.append(f"| {name} | {flood['p50_ms'][i]:.3f} | {flood['rss_mib'][i]} |")
     lines.append(f"| per connection | | {flood['kib_per_connection']} KiB |")
     lines += [""] + models_report(figures) + [""] + scheduling_report(figures) + [""] + warm_report(figures)
+    lines += [""] + keys_report(figures)
     memory = figures["memory"]
     lines += ["", f"Gateway RSS: {memory['rss_mib'][0]} MiB after {memory['requests'][0]} requests, "
               f"{memory['rss_mib'][1]} MiB after {memory['requests'][1]}. Start with an external upstream: "

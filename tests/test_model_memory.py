@@ -11,6 +11,7 @@ import pytest
 
 from service.llama.supervisor import LlamaSupervisor, start_all
 from service.models import demo_model
+from service.models import gguf_header
 from service.models.demo_model import write_demo_model
 from service.models.model_memory import MIB, estimate, estimate_mib, fit_context, trained_context
 
@@ -221,3 +222,20 @@ def test_a_context_capped_to_the_trained_length_says_so_once(tmp_path, caplog):
               if record.getMessage() == "context capped to the model's trained length"]
     assert [(record.levelname, record.fields) for record in capped] == [
         ("WARNING", {"model": "short", "asked": 65536, "trained": 4096})]
+
+
+def test_a_model_file_is_read_once_for_its_traits_context_and_estimate(tmp_path, monkeypatch):
+    import gguf
+
+    reads = []
+
+    class CountedReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            reads.append(path)
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountedReader)
+    path = gguf_with_context(tmp_path / "model.gguf", 4096)
+    assert gguf_header.model_traits(path)["trained_ctx"] == fit_context("model", path, 8192) == 4096
+    assert estimate_mib(path, 4096) > estimate_mib(path, 1024) > 0 and trained_context(path) == 4096
+    assert len(reads) == 1

@@ -4,6 +4,7 @@ import os
 from typing import NamedTuple, Optional
 
 from ..converters import HUB_PREFIX
+from ..models.gguf_header import model_traits
 from ..models.model_file import is_gguf, resolve
 from ..models.model_memory import estimate_mib, fit_context
 from ..models.models_file import ModelsFileError
@@ -52,22 +53,6 @@ def _projector(spec, models_dir):
 def shown_files(spec) -> ModelFiles:
     """The spec's files as bin/serve --check shows them, nothing fetched: as written (an hf: name, "auto")."""
     return ModelFiles(spec.source, None if spec.mmproj in (None, "none") else spec.mmproj, spec.draft)
-
-
-def model_traits(path: str) -> dict:
-    """What a GGUF says of itself: whether it is an embedding model (it has a pooling type), and its trained
-    context length. Empty when the file cannot be read as GGUF: llama.cpp will say why."""
-    try:
-        from gguf import GGUFReader
-
-        fields = GGUFReader(path).fields
-        arch = fields["general.architecture"].contents()
-    except Exception:  # noqa: BLE001 - any unreadable file is llama.cpp's to report
-        return {}
-    traits = {"embedding_only": f"{arch}.pooling_type" in fields}
-    if f"{arch}.context_length" in fields:
-        traits["trained_ctx"] = int(fields[f"{arch}.context_length"].contents())
-    return traits
 
 
 def supervisor_for(spec, settings, files: ModelFiles = None, *, port=None, alias=None) -> LlamaSupervisor:

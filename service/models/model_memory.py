@@ -9,6 +9,8 @@ recurrent state is not counted.
 import logging
 from dataclasses import dataclass
 
+from .gguf_header import GgufHeader, read_header
+
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
@@ -42,59 +44,49 @@ class MemoryEstimate:
         return (self.tensors + self.kv_cache + self.compute) / MIB
 
 
-def _value(reader, key, default=None):
-    field = reader.get_field(key)
-    return default if field is None else field.contents()
-
-
 def _per_layer(value, layers: int) -> list:
     # Many hyperparameters are either one number or an array with one entry per layer.
     return list(value) if isinstance(value, list) else [value] * layers
 
 
-def kv_cache_bytes(reader, ctx: int, cache_type_bytes: float = 2.0) -> float:
+def kv_cache_bytes(header: GgufHeader, ctx: int, cache_type_bytes: float = 2.0) -> float:
     """Bytes of the KV cache for ctx tokens: every layer keeps a key and a value vector per token."""
-    arch = _value(reader, "general.architecture", "")
-    layers = _value(reader, f"{arch}.block_count", 0)
+    arch = header.architecture
+    layers = header.value(f"{arch}.block_count", 0)
     if arch in NO_KV_CACHE or not layers:
         return 0.0
-    heads = _per_layer(_value(reader, f"{arch}.attention.head_count", 0), layers)
-    heads_kv = _per_layer(_value(reader, f"{arch}.attention.head_count_kv", heads), layers)
+    heads = _per_layer(header.value(f"{arch}.attention.head_count", 0), layers)
+    heads_kv = _per_layer(header.value(f"{arch}.attention.head_count_kv", heads), layers)
     # As llama.cpp: a head is n_embd / n_head wide (the first layer's n_head) unless the file says otherwise.
-    head_width = _value(reader, f"{arch}.embedding_length", 0) // heads[0] if heads[0] else 0
-    key_width = _value(reader, f"{arch}.attention.key_length", head_width)
-    value_width = _value(reader, f"{arch}.attention.value_length", head_width)
+    head_width = header.value(f"{arch}.embedding_length", 0) // heads[0] if heads[0] else 0
+    key_width = header.value(f"{arch}.attention.key_length", head_width)
+    value_width = header.value(f"{arch}.attention.value_length", head_width)
     cells = -(-ctx // CTX_PAD) * CTX_PAD
     return cells * sum(n * (key_width + value_width) for n in heads_kv[:layers]) * cache_type_bytes
 
 
-def compute_bytes(reader, ctx: int) -> float:
+def compute_bytes(header: GgufHeader, ctx: int) -> float:
     """Bytes of llama.cpp's compute buffer (CPU, flash attention), an upper estimate."""
     # The f32 activations of one batch: the logits of each of its tokens (n_outputs is n_ubatch at worst), about
     # seven tensors as wide as the embedding around attention, three as wide as the feed-forward (gate, up, their
     # product); plus the f16 attention mask, a row per cached cell. llama.cpp's allocator reuses memory from one
     # phase to the next where this adds the phases up: measured, 1.04x its figure when the logits dominate (as in
     # real models), up to 2x on tiny ones. The mask assumes one slot, the most it can be.
-    arch = _value(reader, "general.architecture", "")
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    vocabulary = len(tokens.data) if tokens is not None else 0
-    embedding = _value(reader, f"{arch}.embedding_length", 0)
-    feed_forward = max(_per_layer(_value(reader, f"{arch}.feed_forward_length", 0), 1) or [0])
+    arch = header.architecture
+    vocabulary = header.length("tokenizer.ggml.tokens")
+    embedding = header.value(f"{arch}.embedding_length", 0)
+    feed_forward = max(_per_layer(header.value(f"{arch}.feed_forward_length", 0), 1) or [0])
     cells = -(-ctx // CTX_PAD) * CTX_PAD
     return UBATCH * (4 * (vocabulary + 7 * embedding + 3 * feed_forward) + 2 * cells)
 
 
 def estimate(path: str, ctx: int, *, cache_type_bytes: float = 2.0):
     """What llama.cpp needs to serve the GGUF at path with ctx tokens, part by part; None if it is not GGUF."""
-    from gguf import GGUFReader  # imported here: only this estimate needs it
-
-    try:
-        reader = GGUFReader(path)
-    except (OSError, ValueError, IndexError):  # missing, empty, not GGUF, truncated
+    header = read_header(path)
+    if header is None:  # missing, empty, not GGUF, truncated
         return None
-    return MemoryEstimate(tensors=sum(int(tensor.n_bytes) for tensor in reader.tensors),
-                          kv_cache=kv_cache_bytes(reader, ctx, cache_type_bytes),
-                          compute=compute_bytes(reader, ctx))
+    return MemoryEstimate(tensors=header.tensor_bytes, kv_cache=kv_cache_bytes(header, ctx, cache_type_bytes),
+                          compute=compute_bytes(header, ctx))
 
 
 def estimate_mib(path: str, ctx: int, *, cache_type_bytes: float = 2.0) -> float | None:
@@ -107,13 +99,10 @@ def estimate_mib(path: str, ctx: int, *, cache_type_bytes: float = 2.0) -> float
 def trained_context(path: str) -> int | None:
     """The context length the GGUF at path was trained for (its <arch>.context_length); None when it does not say
     or cannot be read as GGUF."""
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except (OSError, ValueError, IndexError):  # missing, empty, not GGUF, truncated
+    header = read_header(path)
+    if header is None:  # missing, empty, not GGUF, truncated
         return None
-    length = _value(reader, f"{_value(reader, 'general.architecture', '')}.context_length")
+    length = header.value(f"{header.architecture}.context_length")
     return int(length) if length else None
 
 

@@ -47,6 +47,8 @@ SETTINGS = (
             "(idle, or its headers never finished) is dropped"),
     Setting("STREAM_STALL_TIMEOUT_S", nonnegative_seconds, 30.0, "seconds a stream's client may take no bytes "
             "before the stream is cut and llama.cpp's slot freed; 0 = never"),
+    Setting("TRUSTED_PROXY", text, None, "the address of a reverse proxy in front (e.g. 127.0.0.1): its "
+            "X-Forwarded-For names each client (the admin key's lockout, the logs); unset = the peer's address"),
     Setting("SHUTDOWN_GRACE_S", nonnegative_seconds, 30.0, "on SIGTERM or Ctrl-C, how long requests may finish"),
     Setting("MAX_BODY_BYTES", positive_count, 8 * 1024 * 1024, "largest request body accepted (413 above it)"),
     Setting("HEALTH_CACHE_S", nonnegative_seconds, 1.0, "how long /health reuses its probe of llama-server; 0 = a new probe per poll"),

@@ -354,7 +354,8 @@ def main(check=False) -> int:
         server = make_server(app, host=settings["API_HOST"], port=settings["API_PORT"],
                              threads=settings["WAITRESS_THREADS"], max_body_bytes=settings["MAX_BODY_BYTES"],
                              max_connections=settings["MAX_CONNECTIONS"],
-                             idle_timeout_s=settings["IDLE_CONNECTION_TIMEOUT_S"])
+                             idle_timeout_s=settings["IDLE_CONNECTION_TIMEOUT_S"],
+                             trusted_proxy=settings["TRUSTED_PROXY"])
         announce(settings, models, fleet)
         if reloader is not None:
             reloader.watch()

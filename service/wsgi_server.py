@@ -106,9 +106,15 @@ OUTBUF_HIGH_WATERMARK = 1024 * 1024
 
 
 def make_server(app, *, host, port, threads, max_body_bytes, max_connections=4096, idle_timeout_s=30,
-                outbuf_high_watermark=OUTBUF_HIGH_WATERMARK):
-    """Create (not yet run) the waitress server for app."""
+                outbuf_high_watermark=OUTBUF_HIGH_WATERMARK, trusted_proxy=None):
+    """Create (not yet run) the waitress server for app; trusted_proxy: the address of a reverse proxy whose
+    X-Forwarded-For names the client (REMOTE_ADDR), as waitress reads it."""
     epoll = wsgi_loop.available()
+    # Behind a proxy every client would have the proxy's address: the admin key's lockout (policy/admin_guard.py)
+    # would then lock everyone out for one guesser. Headers from any other peer are dropped, never believed.
+    proxied = {"trusted_proxy": trusted_proxy, "trusted_proxy_count": 1,
+               "trusted_proxy_headers": {"x-forwarded-for"}, "clear_untrusted_proxy_headers": True} \
+        if trusted_proxy else {}
     server = waitress.create_server(app, host=host, port=port, threads=threads, ident="llama-gateway",
                                     # Linux: waitress's loop on epoll (wsgi_loop), over a map that tells it
                                     # which connections came and went.
@@ -127,7 +133,7 @@ def make_server(app, *, host, port, threads, max_body_bytes, max_connections=409
                                     cleanup_interval=min(10, idle_timeout_s),
                                     # A write blocks past this many unsent bytes, so that a slow reader's stream
                                     # waits (and the stall check sees it) instead of piling up in memory.
-                                    outbuf_high_watermark=outbuf_high_watermark)
+                                    outbuf_high_watermark=outbuf_high_watermark, **proxied)
     server.gateway_listeners = _listeners(server)
     for listener in server.gateway_listeners:
         listener.channel_class = EnvelopeChannel

@@ -160,3 +160,25 @@ def test_plain_chunked_body_still_reaches_the_upstream(make_app, httpserver, liv
     assert status.split()[1] == "200"
     assert answer["object"] == "chat.completion"
     assert json.loads(httpserver.log[0][0].data)["messages"] == [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("trusted, forwarded, seen", [
+    ("127.0.0.1", "10.1.2.3", "10.1.2.3"),  # the proxy says who the client is
+    (None, "10.1.2.3", "127.0.0.1"),  # no proxy configured: a client's own header is not believed
+    ("192.0.2.9", "10.1.2.3", "127.0.0.1"),  # not from the trusted proxy: not believed either
+])
+def test_a_trusted_proxy_names_the_client_and_nobody_else_does(trusted, forwarded, seen):
+    from flask import Flask, request
+
+    app = Flask(__name__)
+    app.get("/who")(lambda: request.remote_addr)
+    server = make_server(app, host="127.0.0.1", port=0, threads=2, max_body_bytes=1024, trusted_proxy=trusted)
+    loop = threading.Thread(target=server.run, daemon=True)
+    loop.start()
+    try:
+        answer = requests.get(f"http://127.0.0.1:{server.effective_port}/who",
+                              headers={"X-Forwarded-For": forwarded}, timeout=5)
+        assert answer.text == seen
+    finally:
+        stop_server(server)
+        loop.join(5)

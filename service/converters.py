@@ -343,9 +343,10 @@ def database_url(value):
     scheme = urlsplit(text).scheme.lower()
     if scheme.startswith("postgres"):
         return text
-    if scheme == "sqlite" and text[len("sqlite:///"):]:
-        return text
-    raise ValueError("must be sqlite:///PATH (a file, made on first start) or postgresql://USER:PASSWORD@HOST/DB")
+    if scheme == "sqlite" and text[len("sqlite:///"):] and ":memory:" not in text:
+        return text  # not :memory:, which is one empty database per connection (the gateway's threads' own)
+    raise ValueError("must be sqlite:///PATH (a file, made on first start; not :memory:) or "
+                     "postgresql://USER:PASSWORD@HOST/DB")
 
 
 def origins(value):

@@ -23,6 +23,7 @@ from .models.models_file import ModelsFileError
 from .models.reload import Reloader, file_signature
 from .operations.logs import configure_logging, uses_json
 from .paths import MODELS_DIR, PROJECT_ROOT
+from .policy.stored_keys import has_stored_keys
 from .store import StoreError
 from .proxy.routing import replica_urls
 from .wsgi_server import make_server, stop_listening, stop_server
@@ -50,7 +51,11 @@ def with_local_defaults(settings) -> dict:
     models_dir = settings["MODELS_DIR"] or MODELS_DIR
     filled = dict(settings)
     if not filled["DATABASE_URL"]:
-        filled["DATABASE_URL"] = "sqlite:///" + os.path.abspath(os.path.join(models_dir, "gateway.db"))
+        from sqlalchemy.engine import URL
+
+        # Built, not pasted: a folder named with '?' or '%' would otherwise be read as part of the URL.
+        filled["DATABASE_URL"] = URL.create("sqlite", database=os.path.abspath(os.path.join(models_dir, "gateway.db"))
+                                            ).render_as_string(hide_password=False)
     if not filled["KV_CACHE_DIR"]:
         filled["KV_CACHE_DIR"] = os.path.abspath(os.path.join(models_dir, ".kv"))
     return filled
@@ -162,7 +167,7 @@ def make_fleet(models, settings) -> Fleet:
         raise SystemExit(130) from None
 
 
-def startup_facts(settings, models, fleet) -> dict:
+def startup_facts(settings, models, fleet, store=None) -> dict:
     """What the gateway tells at startup: where to point a client and what answers behind it (no secrets)."""
     facts = {"base_url": f"{local_base_url(settings)}/v1"}
     specs = {spec.id: spec for spec in models.specs}
@@ -175,7 +180,8 @@ def startup_facts(settings, models, fleet) -> dict:
                        for spec in models.specs]
     if models.file:
         facts["models_file"] = models.file
-    facts["open_access"] = not (settings["OPENAI_API_KEY"] or settings["OPENAI_API_KEYS"])
+    # Keys made at run time (bin/keys, /admin/keys) close the gateway as configured ones do.
+    facts["open_access"] = not (settings["OPENAI_API_KEY"] or settings["OPENAI_API_KEYS"] or has_stored_keys(store))
     return facts
 
 
@@ -215,9 +221,9 @@ def banner(facts) -> str:
     return "\n".join(lines)
 
 
-def announce(settings, models, fleet):
+def announce(settings, models, fleet, store=None):
     """Say the gateway is ready: a banner on a terminal, JSON events otherwise."""
-    facts = startup_facts(settings, models, fleet)
+    facts = startup_facts(settings, models, fleet, store)
     if uses_json(settings["LOG_FORMAT"]):
         log.info("ready", extra={"fields": facts})
         if facts.get("demo_model"):
@@ -356,7 +362,7 @@ def main(check=False) -> int:
                              max_connections=settings["MAX_CONNECTIONS"],
                              idle_timeout_s=settings["IDLE_CONNECTION_TIMEOUT_S"],
                              trusted_proxy=settings["TRUSTED_PROXY"])
-        announce(settings, models, fleet)
+        announce(settings, models, fleet, app.extensions.get("store"))
         if reloader is not None:
             reloader.watch()
         run_until_stopped(app, server, settings, hangup, reloader and partial(reloader.reload_logged, "SIGHUP"))

@@ -15,6 +15,7 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # requests (the page for operators, /ui, polls its state every couple of seconds).
 QUIET_PATHS = ("/health", "/metrics", "/ui", "/ui/api/state", "/ui/api/history", "/ui/api/inflight")
 QUIET_PREFIXES = ("/ui/static/", "/ui/api/models/")  # a model's llama.cpp log, polled while its panel is open
+QUIET_READS = ("/admin/keys", "/admin/usage")  # read by the page every 10 s (a change to a key is logged)
 
 
 # Paths are logged and listed up to this many characters: a path (up to waitress's 256 KiB of headers) is the
@@ -83,7 +84,8 @@ class RequestRecord:
 
     def log(self):
         """Write the request's one log line."""
-        quiet = (self.path in QUIET_PATHS or self.path.startswith(QUIET_PREFIXES)) and (self.status or 500) < 400
+        quiet = (self.path in QUIET_PATHS or self.path.startswith(QUIET_PREFIXES)
+                 or (self.method == "GET" and self.path in QUIET_READS)) and (self.status or 500) < 400
         fields = {"request_id": self.request_id, "client_id": self.client_id, "method": self.method,
                   "path": shown_path(self.path), "status": self.status, "duration_ms": self.elapsed_ms(),
                   "upstream_ms": self.upstream_ms, "ttft_ms": self.ttft_ms, "prompt_tokens": self.prompt_tokens,

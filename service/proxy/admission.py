@@ -49,7 +49,12 @@ class Admission:
                 return True
             # Asked only now: which slots hold what is known once the model is loaded.
             prefer = self.warm.prefer() if self.warm is not None else ()
-            self.turn = self._scheduler.enter(self._route, self._client, prefer=prefer)
+            try:
+                self.turn = self._scheduler.enter(self._route, self._client, prefer=prefer)
+            except BaseException:
+                if self.warm is not None:
+                    self.warm.abandon()  # refused (queue full): its planned restore is free for another
+                raise
         elif self._record.queue_ms is not None:
             return True  # had already
         if not self.turn.granted and not self.turn.wait(timeout, self.gone):

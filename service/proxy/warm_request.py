@@ -8,6 +8,8 @@ from flask import current_app
 
 from .affinity import prefix_keys
 
+# llama.cpp's endpoints that take no id_slot (its Anthropic converter drops the field): it picks the slot itself.
+CHOOSES_SLOT = ("/v1/messages",)
 # The end of a JSON object: its closing brace and whatever blanks follow it.
 _OBJECT_END = re.compile(rb"}\s*$")
 
@@ -15,18 +17,21 @@ _OBJECT_END = re.compile(rb"}\s*$")
 class WarmRequest:
     """What warm conversations know and do for one request."""
 
-    def __init__(self, warm, name, keys, record):
-        self.warm = warm  # the app's WarmConversations
+    def __init__(self, warm, name, keys, record, chooses_slot=False):
+        self.warm = warm  # the app's WarmGateway
         self.name = name  # its model's id, as the pool and warm conversations know it
-        self.keys = keys  # its prompt's prefix keys (service/warm/prefix.py)
+        self.keys = keys  # its prompt's prefix keys (service/warm/prefix.py); None: it only overwrites a slot
         self.record = record
         self.model = None  # its WarmModel, once its model is loaded
         self.plan = None
+        # llama.cpp chooses the slot itself (Anthropic's /v1/messages drops id_slot): a restore goes into the
+        # slot the queue gave, where llama.cpp's own prefix match finds it; where the request ran is asked after.
+        self.chooses_slot = chooses_slot
 
     def prefer(self) -> tuple:
         """The slots to give this request, best first (asked once its model is loaded, before it queues)."""
         self.model = self.warm.model(self.name)
-        if self.model is None:
+        if self.model is None or self.keys is None:
             return ()
         self.plan = self.model.plan(self.keys)
         return tuple(self.plan.prefer)
@@ -34,13 +39,18 @@ class WarmRequest:
     def before_send(self, slot, raw: bytes) -> bytes:
         """Restore the saved state its plan found into slot (a failed restore only costs the computing of the
         prompt), and return raw naming slot to llama.cpp."""
-        if self.model is None or slot is None:
+        if self.model is None or slot is None or self.keys is None:
             return raw
         if self.plan is not None and self.plan.restore is not None:
             restored = self.model.restore(slot, self.plan)
             if restored:
                 self.record.kv_restored = restored
         return with_slot(raw, slot)
+
+    def abandon(self):
+        """The request will not run (it was refused a place in the queue): let another restore what it planned."""
+        if self.model is not None and self.plan is not None:
+            self.model.abandon(self.plan)
 
     def release(self, turn, record):
         """The request is over: tell warm conversations what its slot holds now (nothing sure if it failed), and
@@ -49,9 +59,20 @@ class WarmRequest:
             return
         if self.plan is not None:
             self.model.abandon(self.plan)  # a restore done or never to be done: no longer under way
+        if turn.granted and not turn.done and self.keys is None:
+            # An embedding or a rerank: it filled the slot llama.cpp chose with something no conversation reuses.
+            ran = self.warm.slot_that_ran(self.model, None)
+            if ran is not None:
+                self.model.finished(ran, (), 0, False)
+            return
         if turn.granted and not turn.done and turn.slot is not None:
             ok = record.status is not None and record.status < 400 and record.error is None
-            self.model.finished(turn.slot, self.keys, record.total_tokens, ok)
+            slot = turn.slot
+            if self.chooses_slot and ok:
+                slot = self.warm.slot_that_ran(self.model, record.prompt_tokens)
+                if slot is None:
+                    return  # not known where it ran: nothing recorded (what the gateway's slot held stays)
+            self.model.finished(slot, self.keys, record.total_tokens, ok)
 
 
 def with_slot(raw: bytes, slot: int) -> bytes:
@@ -68,6 +89,8 @@ def with_slot(raw: bytes, slot: int) -> bytes:
 def warm_request(route, endpoint, body, record):
     """The request's WarmRequest, or None where warm conversations have no part in it."""
     warm = current_app.extensions.get("warm")
-    if warm is None or not endpoint.reuses_prompt or not warm.numbered(route):
+    if warm is None or not endpoint.takes_slot or not warm.numbered(route):
         return None
-    return WarmRequest(warm, route.spec.id, prefix_keys(body), record)
+    if not endpoint.reuses_prompt:  # an embedding, a rerank: what it leaves in its slot is no conversation's
+        return WarmRequest(warm, route.spec.id, None, record)
+    return WarmRequest(warm, route.spec.id, prefix_keys(body), record, chooses_slot=endpoint.path in CHOOSES_SLOT)

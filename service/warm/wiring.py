@@ -1,26 +1,29 @@
 """Warm conversations in the gateway: made where the gateway runs its models and shares their slots (a pool and the
 fair scheduler), told by the pool when a model's llama.cpp (re)starts or is about to stop, asked by the scheduler
 which routes hand out slot ids, read by the request path (proxy/warm_request.py), the metrics and the page."""
-import json
 import logging
 import os
 import threading
 
-from ..errors import UpstreamError
 from ..llama.pooled_model import LOADED
 from .conversations import WarmConversations
 from .identity import llama_build, model_identity
+from .links import LiveQueue, parallel_of, poster
 
 log = logging.getLogger(__name__)
+
+# How far llama.cpp's count of a prompt's tokens (/slots) may be from the one its answer reported to the client.
+SLOT_TOKENS_SLACK = 8
 
 
 class WarmGateway:
     """The gateway's warm conversations over its pool, scheduler and routes."""
 
-    def __init__(self, conversations, pool, scheduler, router):
+    def __init__(self, conversations, pool, scheduler, router, upstream=None):
         self.conversations = conversations
-        self.pool, self.scheduler, self.router = pool, scheduler, router
+        self.pool, self.scheduler, self.router, self.upstream = pool, scheduler, router, upstream
         self._processes = {}  # model name -> the llama.cpp process its WarmModel was attached for
+        self._refused = {}  # model name -> a llama.cpp process started for a file since replaced
         self._lock = threading.Lock()
 
     def numbered(self, route) -> bool:
@@ -28,7 +31,11 @@ class WarmGateway:
         if len(route.replicas) != 1 or route.spec is None:
             return False
         model = self.pool.model_for(route)
-        return model is not None and getattr(model.supervisor, "kv_identity", None) is not None
+        if model is None or getattr(model.supervisor, "kv_identity", None) is None:
+            return False
+        # An id means a slot of llama.cpp's only where the queue's count is llama.cpp's (llama.cpp takes an id past
+        # its slots modulo their count: two requests would share one slot, their states saved under wrong names).
+        return route.spec.slots in (None, parallel_of(model.supervisor.flags))
 
     def model(self, name):
         """The WarmModel of model name while its llama.cpp serves, else None. Attached here, at the first request
@@ -54,11 +61,34 @@ class WarmGateway:
         model = self.conversations.model(name)
         if model is not None and self._processes.get(name) is process:
             return model
-        if not self._same_identity(name, supervisor):
+        if self._refused.get(name) is process or not self._same_identity(name, supervisor):
+            self._refused[name] = process  # saving into the old identity's folder: never, until it restarts
             return None
         self._processes[name] = process  # a restarted llama.cpp is a new process: its slots start empty
         return self.conversations.attach(name, supervisor.url, supervisor.kv_identity, parallel_of(supervisor.flags),
                                          LiveQueue(self, name))
+
+    def slot_that_ran(self, model, prompt_tokens):
+        """The slot a request just ran in, where llama.cpp chose it (Anthropic's /v1/messages takes no id_slot):
+        of the idle slots, the one that ran the latest task, if its prompt was this request's (within a few
+        tokens: the families count a template's tokens differently; any prompt where prompt_tokens is None); None
+        when /slots cannot tell."""
+        if self.upstream is None:
+            return None
+        try:
+            response = self.upstream.request("GET", "/slots?fields=all", group="models", base_url=model.base_url)
+            slots = response.json()
+        except Exception:  # noqa: BLE001 - llama.cpp without /slots (--no-slots), or busy: nothing learnt
+            return None
+        idle = [slot for slot in slots if isinstance(slot, dict) and not slot.get("is_processing")
+                and isinstance(slot.get("id"), int) and isinstance(slot.get("id_task"), int)]
+        if not idle:
+            return None
+        latest = max(idle, key=lambda slot: slot["id_task"])
+        if prompt_tokens is None:
+            return latest["id"]
+        ran = latest.get("n_prompt_tokens")
+        return latest["id"] if isinstance(ran, int) and abs(ran - prompt_tokens) <= SLOT_TOKENS_SLACK else None
 
     def _same_identity(self, name, supervisor) -> bool:
         """Whether the model's file is still the one its llama.cpp was told to save states for. A file replaced
@@ -99,61 +129,6 @@ class WarmGateway:
         self.conversations.stop()
 
 
-class LiveQueue:
-    """A model's fair queue as it is now: a reload may give the model a new route, and with it a new queue."""
-
-    def __init__(self, gateway, name):
-        self.gateway, self.name = gateway, name
-
-    def _queue(self):
-        return self.gateway.scheduler.queue_for(self.gateway.router.route(self.name))
-
-    def claim_idle(self, slot) -> bool:
-        """Take an idle slot for a save (False if busy, or the model has no route any more)."""
-        try:
-            return self._queue().claim_idle(slot)
-        except Exception:  # noqa: BLE001 - a model a reload removed: nothing to save into
-            return False
-
-    def unclaim(self, slot):
-        """Give a claimed slot back."""
-        try:
-            self._queue().unclaim(slot)
-        except Exception:  # noqa: BLE001
-            log.debug("unclaiming a slot of a model without a route", exc_info=True)
-
-    def idle_slots(self) -> list:
-        """The slots no request holds."""
-        try:
-            return self._queue().idle_slots()
-        except Exception:  # noqa: BLE001
-            return []
-
-
-def parallel_of(flags) -> int:
-    """llama.cpp's slot count from its flags (the last --parallel wins, as in llama.cpp); 1 when unset."""
-    count = 1
-    for flag, value in zip(flags, flags[1:]):
-        if flag in ("--parallel", "-np"):
-            count = int(value)
-    return count
-
-
-def poster(upstream):
-    """post(base_url, path, body, timeout) -> (status, parsed JSON or None) through the app's Upstream."""
-    def post(base_url, path, body, timeout=None):
-        try:
-            response = upstream.request("POST", path, group="completions", base_url=base_url,
-                                        body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-        except UpstreamError as error:
-            return error.upstream_status or 502, None
-        try:
-            return response.status_code, response.json()
-        except ValueError:
-            return response.status_code, None
-    return post
-
-
 def init_warm(app, settings):
     """Give app its warm conversations (app.extensions["warm"]): a WarmGateway where the gateway runs models and
     shares their slots (a pool, SCHEDULER=fair) and KV_CACHE_DIR and KV_CACHE_DISK_MIB allow; else None."""
@@ -164,7 +139,8 @@ def init_warm(app, settings):
     conversations = WarmConversations(settings["KV_CACHE_DIR"], settings["KV_CACHE_DISK_MIB"],
                                       settings["KV_SAVE_MIN_TOKENS"], settings["KV_SAVE_INTERVAL_S"],
                                       poster(app.extensions["upstream"]))
-    warm = app.extensions["warm"] = WarmGateway(conversations, pool, scheduler, app.extensions["router"])
+    warm = app.extensions["warm"] = WarmGateway(conversations, pool, scheduler, app.extensions["router"],
+                                                app.extensions["upstream"])
     scheduler.numbered = warm.numbered
     pool.listeners.append(warm.on_model_event)
     pool.before_stop.append(warm.before_stop)

@@ -7,6 +7,7 @@ import { charts, clearCharts, drawCharts, refreshCharts } from "./charts.js";
 import { dismissConfirm } from "./confirm.js";
 import { clearRecent, filters, showRecent } from "./filters.js";
 import { fetchInflight, renderInflight } from "./inflight.js";
+import { clearKeys, keysPanel, refreshKeys } from "./keys.js";
 import { renderLife } from "./life.js";
 import { closeLog, logPanel } from "./logs.js";
 import { offerModels, playground } from "./playground.js";
@@ -53,6 +54,7 @@ function clearAll() {
   clearRecent();
   $("life").replaceChildren();
   clearCharts();
+  clearKeys();
   closeLog();
   dismissConfirm();
   forgetReach();
@@ -85,6 +87,7 @@ async function poll() {
       const state = await response.json();
       render(state, inflight ?? (last ? last.inflight : []));
       const top = state.recent.length ? state.recent[0].request_id : null;
+      refreshKeys().catch(() => {}); // every 10 s, not waited for: the keys do not hold up this refresh
       await refreshCharts(top !== newest).catch(() => {});
       newest = top;
     }
@@ -152,6 +155,7 @@ function start() {
   });
   filters();
   charts();
+  keysPanel();
   logPanel();
   playground($("playground"), refresh);
   $("models-title").tabIndex = -1;

@@ -4,6 +4,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 
 from service.warm.budget import MIB, DiskBudget
 from service.warm.identity import model_identity, state_flags
@@ -41,6 +42,22 @@ def test_identity_changes_with_what_shapes_a_state_and_not_with_where_it_listens
     assert model_identity(model, base, "b1") != same
 
 
+def test_identity_changes_when_a_file_a_flag_names_is_replaced_in_place(tmp_path):
+    model, adapter, projector = tmp_path / "m.gguf", tmp_path / "a.gguf", tmp_path / "p.gguf"
+    for path in (model, adapter, projector):
+        path.write_bytes(b"GGUF" + b"\0" * 64)
+    flags = ["--ctx-size", "2048", "--lora", str(adapter), f"--mmproj={projector}", "--control-vector", "/none/cv"]
+    before = model_identity(model, flags, "b1")
+    assert model_identity(model, flags, "b1") == before
+    adapter.write_bytes(b"GGUF" + b"\1" * 64)  # the same size: only its mtime tells
+    stat = os.stat(adapter)
+    os.utime(adapter, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+    after_adapter = model_identity(model, flags, "b1")
+    assert after_adapter != before
+    projector.write_bytes(b"GGUF" + b"\0" * 99)  # named as --flag=path
+    assert model_identity(model, flags, "b1") != after_adapter
+
+
 def test_the_index_survives_a_reopen_and_drops_what_does_not_match(tmp_path):
     directory = str(tmp_path / "abcdef0123456789")
     index = StateIndex(directory, "abcdef0123456789", "demo")
@@ -76,6 +93,23 @@ def test_an_unreadable_index_is_empty_and_a_deleted_directory_is_fine(tmp_path):
     assert index.lookup(KEYS[:1]) is None and index.entries() == {}
     write_state(index, KEYS[1], 10)  # the next save makes it again
     assert StateIndex(str(directory), "abcdef0123456789").lookup(KEYS)[0] == KEYS[1]
+
+
+def test_states_deleted_with_their_directory_leave_the_index_and_the_budget(tmp_path):
+    budget = DiskBudget(str(tmp_path), limit_mib=1)
+    index = budget.index("abcdef0123456789", "demo")
+    for key in KEYS[:3]:
+        write_state(index, key, 100 * 1024)
+    assert budget.total_bytes() == 300 * 1024
+    shutil.rmtree(index.directory)  # by hand, while the gateway runs
+    assert budget.total_bytes() == 0 and index.entries() == {}
+    write_state(index, KEYS[3], 10)  # the next save makes it again: only what it holds is written
+    with open(os.path.join(index.directory, "index.json")) as file:
+        assert json.load(file)["entries"].keys() == {KEYS[3].hex()}
+    # Deleted and made again by someone else (the next load asks for its --slot-save-path) before anything looked.
+    shutil.rmtree(index.directory)
+    os.makedirs(index.directory)
+    assert budget.total_bytes() == 0 and index.lookup(KEYS) is None
 
 
 def test_the_budget_deletes_the_least_recently_used_states_of_any_model(tmp_path):

@@ -213,3 +213,65 @@ def test_a_full_disk_skips_the_save(warm_llama):
     keys = ran(warm, warm_llama, "nut", 1)
     assert not model.save(1) and model.index.lookup(keys) is None
     assert warm.counters()["demo"]["saves"]["skipped"] == 1
+
+
+def test_a_failed_or_skipped_save_waits_for_new_content_and_an_emptier_slot_is_forgotten(warm, warm_llama):
+    model, saver = warm.model("demo"), warm.saver
+    saver.idle_s = 0.0
+    keys = ran(warm, warm_llama, "cherry", 1)
+    warm.post = lambda *_: (500, None)  # llama.cpp refuses the save
+    assert saver.tick() == 0 and saver.tick() == 0
+    assert warm.counters()["demo"]["saves"]["failed"] == 1 and model.queue.claims == [1]  # tried once, not per tick
+    warm.post = post
+    assert saver.tick() == 0  # still the content that failed: not tried again
+    ran(warm, warm_llama, "cherry", 1)  # the next turn: new content, worth a save again
+    assert saver.tick() == 1 and model.index.lookup(keys)[0] == keys[-1]
+    warm.budget.margin_bytes = 2 ** 62  # a full disk
+    ran(warm, warm_llama, "cherry", 1)
+    assert saver.tick() == 0 and saver.tick() == 0
+    assert warm.counters()["demo"]["saves"]["skipped"] == 1
+    warm.budget.margin_bytes = 0
+    # The table says slot 1 holds far more than llama.cpp saves from it: it holds something else, now unknown.
+    model.finished(1, ran(warm, warm_llama, "quince", 1), 100000, ok=True)
+    assert saver.tick() == 0 and model.slots.content(1) is None
+    assert warm.counters()["demo"]["saves"] == {"ok": 1, "failed": 2, "skipped": 1}
+
+
+def test_save_all_waits_for_the_save_the_saver_thread_has_under_way(warm, warm_llama, monkeypatch):
+    model, saver = warm.model("demo"), warm.saver
+    saver.idle_s = 0.0
+    keys = ran(warm, warm_llama, "grape", 1)
+    entered, release, waiting = threading.Event(), threading.Event(), threading.Event()
+
+    def held_save(base_url, path, body, timeout):
+        if "action=save" in path:
+            entered.set()
+            release.wait(30)
+        return post(base_url, path, body, timeout)
+
+    def wait(timeout=None, real=saver._changed.wait):
+        if timeout is None or timeout > 0:  # blocked, not merely looking
+            waiting.set()
+        return real(timeout)
+
+    def save_all():
+        results["save_all"] = warm.save_all("demo")
+        results["saved by then"] = model.index.lookup(keys) is not None
+
+    warm.post = held_save
+    monkeypatch.setattr(saver._changed, "wait", wait)
+    results = {}
+    ticking = threading.Thread(target=lambda: results.update(tick=saver.tick()))
+    ticking.start()
+    assert entered.wait(30)  # the thread is saving slot 1 now, holding it claimed
+    unloading = threading.Thread(target=save_all)
+    unloading.start()
+    try:
+        assert waiting.wait(10)  # before an unload: waited for, not skipped (the unload would cut it short)
+    finally:
+        release.set()
+        ticking.join(30)
+        unloading.join(30)
+    # Returned once the thread's save was done; saved once, by the thread: nothing left unsaved.
+    assert results == {"tick": 1, "save_all": 0, "saved by then": True}
+    assert model.index.lookup(keys)[0] == keys[-1] and not model.slots.unsaved(1)

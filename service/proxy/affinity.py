@@ -3,8 +3,8 @@ earlier turns) goes back to the replica that served that one, where llama.cpp st
 prompt cache (a cached prompt costs a fraction of computing it afresh on a CPU).
 
 The reference is SGLang's cache-aware router, kept cheap: instead of a radix tree over the text, a chain of hashes
-of the prompt's leading parts (each message; or each 1 KiB of a plain prompt: service/warm/prefix.py), in a bounded
-table per model that maps a prefix's hash to the replica that last served it. The longest known prefix wins.
+of the prompt's leading parts (its tools, each message; or each whole 1 KiB of a plain prompt:
+service/warm/prefix.py), in a bounded table per model that maps a prefix's hash to the replica that last served it. The longest known prefix wins.
 """
 import collections
 import threading

@@ -1,6 +1,7 @@
 """A model's identity: what a saved slot state is only valid under. The model file (its real path, size and
-modification time), llama.cpp's flags that shape a slot's state (context size, cache types, parallel, ...) and the
-llama.cpp build. A state made under another identity lives in another directory and is never restored."""
+modification time), llama.cpp's flags that shape a slot's state (context size, cache types, parallel, ...) with the
+files they name (adapters, projector, draft: size and mtime too) and the llama.cpp build. A state made under
+another identity lives in another directory and is never restored."""
 import hashlib
 import json
 import os
@@ -41,12 +42,26 @@ def state_flags(flags) -> list:
 
 
 def model_identity(model_path, flags, build: str) -> str:
-    """16 hex characters naming this model file + state-shaping flags + llama.cpp build."""
+    """16 hex characters naming this model file + state-shaping flags (and the files they name) + llama.cpp build."""
     real = os.path.realpath(model_path)
     stat = os.stat(real)
+    kept = state_flags(flags)
     described = json.dumps({"model": real, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                            "flags": state_flags(flags), "build": build}, sort_keys=True)
+                            "flags": kept, "files": named_files(kept), "build": build}, sort_keys=True)
     return hashlib.blake2b(described.encode(), digest_size=8).hexdigest()
+
+
+def named_files(flags) -> list:
+    """[path, size, mtime_ns] of every existing file a flag names (--lora, --control-vector, --mmproj,
+    --model-draft, ...; also as --flag=path): an adapter replaced under the same path shapes states anew."""
+    files = []
+    for token in flags:
+        value = token.split("=", 1)[1] if token.startswith("-") and "=" in token else token
+        if value.startswith("-") or not os.path.isfile(value):
+            continue
+        stat = os.stat(value)
+        files.append([os.path.realpath(value), stat.st_size, stat.st_mtime_ns])
+    return files
 
 
 def llama_build(binary=None) -> str:

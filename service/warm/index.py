@@ -58,6 +58,7 @@ class StateIndex:
     def lookup(self, keys):
         """(key, entry) for the longest of keys that has a saved state whose file is still there, else None."""
         with self._lock:
+            self._present()
             for key in reversed(keys):
                 entry = self._entries.get(key)
                 if entry is None:
@@ -71,6 +72,7 @@ class StateIndex:
         """Record that key's state file (already at path(key)) holds tokens tokens in nbytes bytes (its
         file_digest: digest)."""
         with self._lock:
+            self._present()
             self._entries[key] = {"tokens": int(tokens), "bytes": int(nbytes), "blake2b": digest,
                                   "last_use": self._clock()}
             self._write()
@@ -84,6 +86,7 @@ class StateIndex:
     def touch(self, key: bytes):
         """Mark key as used now (the least recently used states are deleted first)."""
         with self._lock:
+            self._present()
             if key in self._entries:
                 self._entries[key]["last_use"] = self._clock()
                 self._write()
@@ -91,27 +94,43 @@ class StateIndex:
     def entries(self) -> dict:
         """A copy: {key: {"tokens", "bytes", "blake2b", "last_use"}}."""
         with self._lock:
+            self._present()
             return {key: dict(entry) for key, entry in self._entries.items()}
 
     def total_bytes(self) -> int:
         """The bytes the indexed states take on disk."""
         with self._lock:
+            self._present()
             return sum(entry["bytes"] for entry in self._entries.values())
 
     def make_directory(self):
         """Create the directory if it is missing (it may be deleted by hand at any time)."""
-        os.makedirs(self.directory, exist_ok=True)
+        with self._lock:
+            self._present()
+            os.makedirs(self.directory, exist_ok=True)
+
+    def _present(self):
+        """Forget the entries whose files are gone when index.json is (it is there whenever entries are): the
+        directory was deleted, or made again by someone else. Those must not count against the disk budget nor be
+        written into the next index.json."""
+        if not self._entries or os.path.isfile(os.path.join(self.directory, INDEX_FILE)):
+            return
+        gone = [key for key in self._entries if not os.path.isfile(self.path(key))]
+        for key in gone:
+            del self._entries[key]
+        if gone:
+            log.info("warm: %s: %d saved state(s) gone with their directory", self.identity, len(gone))
 
     def _forget(self, key):
         if self._entries.pop(key, None) is not None:
             self._write()
 
     def _write(self):
-        document = {"version": VERSION, "identity": self.identity, "model": self.model,
-                    "entries": {key.hex(): entry for key, entry in self._entries.items()}}
         target = os.path.join(self.directory, INDEX_FILE)
         try:
-            self.make_directory()
+            self.make_directory()  # first: a directory deleted meanwhile takes its entries with it
+            document = {"version": VERSION, "identity": self.identity, "model": self.model,
+                        "entries": {key.hex(): entry for key, entry in self._entries.items()}}
             with open(target + TMP_SUFFIX, "w", encoding="utf-8") as file:
                 json.dump(document, file)
             os.replace(target + TMP_SUFFIX, target)

@@ -16,6 +16,13 @@ RESTORE_TIMEOUT_S = 60.0
 # A restore planned but never done (its request gave up in the queue without abandon()) stops blocking others.
 RESTORING_STALE_S = 300.0
 
+# What the slot table learns from a save's result (_save's).
+AFTER_SAVE = {
+    "ok": lambda slots, slot, key: slots.saved(slot, key),
+    "failed": lambda slots, slot, key: slots.gave_up(slot, key),
+    "emptier": lambda slots, slot, key: slots.forget(slot),
+}
+
 # prefer: slot ids for the scheduler, best first; restore: (key, entry) to load into the granted slot, or None.
 Plan = collections.namedtuple("Plan", "prefer restore")
 
@@ -123,15 +130,18 @@ class WarmModel:
             key, tokens, held = content
             if not self.owner.budget.room_for(tokens * self._bytes_per_token()):
                 self.owner.count(self.name, "saves", "skipped")
+                self.slots.gave_up(slot, key)
                 return False
             temporary = os.path.join(self.index.directory, tmp_name(key))
             try:
-                saved = self._save(slot, key, temporary, tokens)
+                result = self._save(slot, key, temporary, tokens)
             finally:
                 _remove_quietly(temporary)  # gone after a rename; a save cut short leaves nothing behind
+            saved = result == "ok"
             self.owner.count(self.name, "saves", "ok" if saved else "failed")
+            # A slot emptier than the table says holds something else: unknown. Any other failure: given up.
+            AFTER_SAVE[result](self.slots, slot, key)
             if saved:
-                self.slots.saved(slot, key)
                 # Earlier turns of this conversation: the state just saved holds them too (llama.cpp reuses the
                 # common part of a restored state), so they would only take disk.
                 for older in held - {key}:
@@ -141,36 +151,38 @@ class WarmModel:
                 self.owner.budget.enforce()
             return saved
 
-    def _save(self, slot, key, temporary, tokens) -> bool:
+    def _save(self, slot, key, temporary, tokens) -> str:
+        """"ok", "failed", or "emptier" (the slot holds less than the gateway last ran there)."""
         try:
             self.index.make_directory()  # deleted by hand meanwhile: llama.cpp writes only into an existing one
             status, body = self.owner.post(self.base_url, f"/slots/{int(slot)}?action=save",
                                            {"filename": tmp_name(key)}, SAVE_TIMEOUT_S)
             if status != 200 or not isinstance(body, dict):
                 self._report("save", f"HTTP {status}")
-                return False
+                return "failed"
             size = os.path.getsize(temporary)
-            if size != body.get("n_written") or not body.get("n_saved"):
+            if size != body.get("n_written") or not isinstance(body.get("n_saved"), int):
                 self._report("save", "size mismatch")
-                return False
-            if body["n_saved"] < tokens // 2:
-                # Not what the gateway last ran there: a llama.cpp restarted meanwhile (its slots start empty).
+                return "failed"
+            if body["n_saved"] < max(1, tokens // 2):
+                # Not what the gateway last ran there (empty, or another prompt): a llama.cpp restarted meanwhile
+                # (its slots start empty), or it ran the request in another slot than the gateway thought.
                 # Saved under this conversation's key, it would replace the state that holds it.
                 self._report("save", "slot emptier than expected")
-                return False
+                return "emptier"
             digest = file_digest(temporary)
             os.replace(temporary, self.index.path(key))
         except OSError as error:
             self._report("save", error.strerror or type(error).__name__)
-            return False
+            return "failed"
         except Exception as error:  # noqa: BLE001 - the transport's errors: saving is best effort, never fatal
             self._report("save", type(error).__name__)
-            return False
+            return "failed"
         self.index.add(key, body["n_saved"], size, digest)
         self._reported.clear()
         log.info("warm: %s slot %s saved %d tokens, %d bytes (%s)", self.name, slot, body["n_saved"], size,
                  key.hex()[:8])
-        return True
+        return "ok"
 
     def _bytes_per_token(self) -> float:
         entries = self.index.entries().values()

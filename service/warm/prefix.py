@@ -1,12 +1,17 @@
-"""A prompt's prefixes as a chain of stable hashes: the system prompt, then each message (or each PROMPT_PART
-characters of a plain prompt). key_n = blake2b(key_{n-1} + part), so two prompts share keys exactly up to where they
-diverge, and the same body gives the same keys in every process (the saved states on disk are named by them)."""
+"""A prompt's prefixes as a chain of stable hashes: the tools, the system prompt, then each message (or each whole
+PROMPT_PART characters of a plain prompt). key_n = blake2b(key_{n-1} + part), so two prompts share keys exactly up
+to where they diverge, and the same body gives the same keys in every process (the saved states on disk are named
+by them) and in every turn of one conversation (the next turn's keys begin with this turn's)."""
 import hashlib
 import json
 
-# A plain prompt (completions, a string input) is cut into parts of this many characters.
+# A plain prompt (completions, a string input) is cut into parts of this many characters; only whole parts make
+# keys, so a prompt that grows keeps the keys it had (a trailing partial part would change with every character).
 PROMPT_PART = 1024
 KEY_BYTES = 16
+# Fields a client sends that llama.cpp's prompt never shows, and that move between turns of one conversation:
+# Anthropic's cache_control marks the newest block each turn (Claude Code sends it on system, messages and tools).
+NOT_RENDERED = frozenset({"cache_control"})
 
 
 def prefix_keys(body: dict) -> list:
@@ -20,13 +25,16 @@ def prefix_keys(body: dict) -> list:
 
 
 def _parts(body):
+    if body.get("tools"):  # rendered first, into the system part of the prompt
+        yield _text(body["tools"])
     for name in ("system", "instructions"):  # Anthropic's system prompt, the Responses API's instructions
         if body.get(name):
             yield _text(body[name])
     for name in ("messages", "input", "prompt"):
         value = body.get(name)
         if isinstance(value, str):
-            yield from (value[start:start + PROMPT_PART] for start in range(0, len(value), PROMPT_PART))
+            yield from (value[start:start + PROMPT_PART] for start in range(0, len(value) - PROMPT_PART + 1,
+                                                                              PROMPT_PART))
         elif isinstance(value, list):
             yield from (_text(item) for item in value)
 
@@ -36,4 +44,13 @@ def _text(item) -> str:
         return item
     if isinstance(item, dict) and isinstance(item.get("content"), str):
         return f"{item.get('role')}\0{item['content']}"
-    return json.dumps(item, sort_keys=True)  # parts with images, tool calls: rare, and the exact form matters
+    return json.dumps(_rendered(item), sort_keys=True)  # parts with images, tool calls, blocks: the exact form matters
+
+
+def _rendered(value):
+    """value without the fields llama.cpp never renders (NOT_RENDERED), at any depth."""
+    if isinstance(value, dict):
+        return {name: _rendered(field) for name, field in value.items() if name not in NOT_RENDERED}
+    if isinstance(value, list):
+        return [_rendered(field) for field in value]
+    return value

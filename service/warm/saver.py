@@ -9,6 +9,8 @@ log = logging.getLogger(__name__)
 
 TICK_S = 1.0
 IDLE_S = 1.0  # a slot this long without a request is saved (an agent's next turn rarely comes sooner)
+# How long a save before an unload waits for the thread's save of the same slot to end (a state of hundreds of MB).
+SAVE_ALL_WAIT_S = 30.0
 
 
 class Saver:
@@ -19,6 +21,8 @@ class Saver:
         self.tick_s, self.idle_s, self._clock = tick_s, idle_s, clock
         self._stop = threading.Event()
         self._thread = None
+        self._saving = set()  # (model, slot) of the saves under way, by the thread or save_all
+        self._changed = threading.Condition()
 
     def start(self):
         """Start the thread (once)."""
@@ -50,18 +54,35 @@ class Saver:
                 saved += self._save_claimed(model, slot)
         return saved
 
-    def save_all(self, model) -> int:
+    def save_all(self, model, wait_s=SAVE_ALL_WAIT_S) -> int:
         """Save every unsaved slot of model that holds at least min_tokens (before it is unloaded, after its
-        drain); returns how many were saved."""
+        drain); a slot the thread is saving now is waited for (up to wait_s), then saved if still unsaved.
+        Returns how many were saved."""
         slots = model.slots.to_save(self._clock(), 0.0, 0.0, self.conversations.min_tokens)
-        return sum(self._save_claimed(model, slot) for slot in slots)
+        return sum(self._save_claimed(model, slot, wait_s) for slot in slots)
 
-    @staticmethod
-    def _save_claimed(model, slot) -> bool:
-        # Claimed: the queue grants no request this slot while llama.cpp writes it out (a save needs it idle).
-        if model.queue is None or not model.queue.claim_idle(slot):
+    def _save_claimed(self, model, slot, wait_s=0.0) -> bool:
+        if not self._begin(model, slot, wait_s):
             return False
         try:
-            return model.save(slot)
+            if not model.slots.unsaved(slot):  # saved (or given up on) by the save just waited for
+                return False
+            # Claimed: the queue grants no request this slot while llama.cpp writes it out (a save needs it idle).
+            if model.queue is None or not model.queue.claim_idle(slot):
+                return False
+            try:
+                return model.save(slot)
+            finally:
+                model.queue.unclaim(slot)
         finally:
-            model.queue.unclaim(slot)
+            with self._changed:
+                self._saving.discard((model, slot))
+                self._changed.notify_all()
+
+    def _begin(self, model, slot, wait_s) -> bool:
+        """Mark slot's save as under way; when another is, wait up to wait_s for it to end (0: do not wait)."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: (model, slot) not in self._saving, wait_s):
+                return False
+            self._saving.add((model, slot))
+            return True

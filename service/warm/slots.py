@@ -54,6 +54,17 @@ class SlotTable:
             if state is not None and state.top == key:
                 state.dirty = False
 
+    def gave_up(self, slot, key: bytes):
+        """slot's save under key failed or was skipped: not tried again until its content changes (a full disk or
+        a refusing llama.cpp would otherwise cost a whole state's write every tick)."""
+        self.saved(slot, key)
+
+    def unsaved(self, slot) -> bool:
+        """Whether slot holds content the gateway can name that is not saved (nor given up on) yet."""
+        with self._lock:
+            state = self._slot(slot)
+            return state is not None and state.dirty and state.top is not None
+
     def forget(self, slot):
         """slot's content is unknown (a request failed in it, a restore failed)."""
         with self._lock:

@@ -52,10 +52,11 @@ def next_turn(messages, answer) -> list:
 class Gateway:
     """The gateway app over a started Fleet of models ({name: GGUF path}), keeping slot states under kv_dir."""
 
-    def __init__(self, models: dict, kv_dir, upstreams=None, **settings):
-        """models: {name: GGUF path} run here; upstreams: {name: URL} of models run elsewhere."""
+    def __init__(self, models: dict, kv_dir, upstreams=None, spec_fields=None, **settings):
+        """models: {name: GGUF path} run here; upstreams: {name: URL} of models run elsewhere; spec_fields:
+        {name: {ModelSpec field: value}} for models run here (as a models file would say)."""
         config = {**FAST_SETTINGS, **WARM_SETTINGS, "KV_CACHE_DIR": str(kv_dir), **settings}
-        specs = [ModelSpec(name, source=path) for name, path in models.items()]
+        specs = [ModelSpec(name, source=path, **(spec_fields or {}).get(name, {})) for name, path in models.items()]
         specs += [ModelSpec(name, upstreams=(url,)) for name, url in (upstreams or {}).items()]
         model_set = ModelSet(tuple(specs), file="models.toml")
         self.fleet = Fleet(model_set, load_settings(config))

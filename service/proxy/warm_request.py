@@ -27,6 +27,7 @@ class WarmRequest:
         # llama.cpp chooses the slot itself (Anthropic's /v1/messages drops id_slot): a restore goes into the
         # slot the queue gave, where llama.cpp's own prefix match finds it; where the request ran is asked after.
         self.chooses_slot = chooses_slot
+        self.tasks = 1  # llama.cpp's tasks for it: an embedding of several texts runs one per text
 
     def prefer(self) -> tuple:
         """The slots to give this request, best first (asked once its model is loaded, before it queues)."""
@@ -60,18 +61,19 @@ class WarmRequest:
         if self.plan is not None:
             self.model.abandon(self.plan)  # a restore done or never to be done: no longer under way
         if turn.granted and not turn.done and self.keys is None:
-            # An embedding or a rerank: it filled the slot llama.cpp chose with something no conversation reuses.
-            ran = self.warm.slot_that_ran(self.model, None)
-            if ran is not None:
+            # An embedding or a rerank: it filled the slots llama.cpp chose with what no conversation reuses.
+            for ran in self.warm.slots_that_ran(self.model, self.tasks):
                 self.model.finished(ran, (), 0, False)
             return
         if turn.granted and not turn.done and turn.slot is not None:
             ok = record.status is not None and record.status < 400 and record.error is None
             slot = turn.slot
             if self.chooses_slot and ok:
-                slot = self.warm.slot_that_ran(self.model, record.prompt_tokens)
-                if slot is None:
-                    return  # not known where it ran: nothing recorded (what the gateway's slot held stays)
+                ran = self.warm.slot_that_ran(self.model, record.prompt_tokens)
+                if ran is None:  # not known where it ran: the slot it was given may have been overwritten
+                    self.model.finished(slot, (), 0, False)
+                    return
+                slot = ran
             self.model.finished(slot, self.keys, record.total_tokens, ok)
 
 
@@ -92,5 +94,15 @@ def warm_request(route, endpoint, body, record):
     if warm is None or not endpoint.takes_slot or not warm.numbered(route):
         return None
     if not endpoint.reuses_prompt:  # an embedding, a rerank: what it leaves in its slot is no conversation's
-        return WarmRequest(warm, route.spec.id, None, record)
+        overwriting = WarmRequest(warm, route.spec.id, None, record)
+        overwriting.tasks = texts_in(body)
+        return overwriting
     return WarmRequest(warm, route.spec.id, prefix_keys(body), record, chooses_slot=endpoint.path in CHOOSES_SLOT)
+
+
+def texts_in(body) -> int:
+    """How many texts an embedding's input (or a rerank's documents) holds: llama.cpp runs a task per text."""
+    texts = body.get("input", body.get("documents"))
+    if isinstance(texts, list) and texts and not isinstance(texts[0], int):  # a list of token ids is one text
+        return len(texts)
+    return 1

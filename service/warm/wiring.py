@@ -73,22 +73,32 @@ class WarmGateway:
         of the idle slots, the one that ran the latest task, if its prompt was this request's (within a few
         tokens: the families count a template's tokens differently; any prompt where prompt_tokens is None); None
         when /slots cannot tell."""
-        if self.upstream is None:
+        latest = self._latest_idle(model)
+        if not latest:
             return None
+        if prompt_tokens is None:
+            return latest[0]["id"]
+        ran = latest[0].get("n_prompt_tokens")
+        return latest[0]["id"] if isinstance(ran, int) and abs(ran - prompt_tokens) <= SLOT_TOKENS_SLACK else None
+
+    def slots_that_ran(self, model, tasks: int) -> list:
+        """The slots the latest tasks ran in (an embedding of several texts is a task per text)."""
+        return [slot["id"] for slot in self._latest_idle(model)[:max(1, tasks)]]
+
+    def _latest_idle(self, model) -> list:
+        """llama.cpp's idle slots, the one that ran the latest task first; [] when /slots cannot tell."""
+        if self.upstream is None:
+            return []
         try:
             response = self.upstream.request("GET", "/slots?fields=all", group="models", base_url=model.base_url)
             slots = response.json()
         except Exception:  # noqa: BLE001 - llama.cpp without /slots (--no-slots), or busy: nothing learnt
-            return None
+            return []
+        if not isinstance(slots, list):
+            return []
         idle = [slot for slot in slots if isinstance(slot, dict) and not slot.get("is_processing")
                 and isinstance(slot.get("id"), int) and isinstance(slot.get("id_task"), int)]
-        if not idle:
-            return None
-        latest = max(idle, key=lambda slot: slot["id_task"])
-        if prompt_tokens is None:
-            return latest["id"]
-        ran = latest.get("n_prompt_tokens")
-        return latest["id"] if isinstance(ran, int) and abs(ran - prompt_tokens) <= SLOT_TOKENS_SLACK else None
+        return sorted(idle, key=lambda slot: slot["id_task"], reverse=True)
 
     def _same_identity(self, name, supervisor) -> bool:
         """Whether the model's file is still the one its llama.cpp was told to save states for. A file replaced

@@ -111,6 +111,17 @@ class ShuttingDown(ApiError):
         super().__init__(message, headers={"Retry-After": "5"})
 
 
+class CancelledByOperator(ApiError):
+    """An operator cancelled the request on the gateway's page: its llama.cpp call was cut. The client is told
+    so (never a silent end, never a 499 that blames it), and its SDK is told not to send it again."""
+
+    status = 503
+    code = "cancelled_by_admin"
+
+    def __init__(self, message="An operator cancelled this request on the gateway's page"):
+        super().__init__(message, type="server_error", headers={"x-should-retry": "false"})
+
+
 # Kinds of upstream failure after which llama.cpp may have read the request and died of it. The openai and
 # anthropic SDKs resend a 5xx (twice by default) unless the answer says not to (PROTOCOL.md "SDK retries"): the
 # resend would wait out llama.cpp's restart and run the prompt that crashed it again.

@@ -8,8 +8,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from service.errors import ShuttingDown
-from service.proxy.disconnect import (CLIENT_LEFT, CLIENT_STALLED, SHUTDOWN, DisconnectWatch, StallClock,
+from service.errors import CancelledByOperator, ShuttingDown
+from service.operations.request_log import RequestRecord
+from service.proxy.disconnect import (CANCELLED, CLIENT_LEFT, CLIENT_STALLED, SHUTDOWN, DisconnectWatch, StallClock,
                                      UpstreamCall)
 from service.proxy.upstream import Upstream
 from tests.fakes import SSE_HEAD, BrokenPeer, Clock, chunk
@@ -72,6 +73,36 @@ def test_after_abort_all_a_new_call_is_cut_before_it_is_sent():
         peer.close()
         upstream.close()
     assert late.aborted == SHUTDOWN and peer.requests == 0
+
+
+def test_cancel_cuts_the_one_call_its_handle_names_though_its_request_id_is_shared():
+    # A request id is the client's choice: two requests (two clients) may send the same one.
+    watch = DisconnectWatch(interval_s=60)
+    calls = [UpstreamCall(RequestRecord("req-1", "POST", CHAT, time.perf_counter())) for _ in range(2)]
+    for call in calls:
+        watch.watch(call)
+    assert len({call.handle for call in calls}) == 2
+    assert watch.cancel("req-1") is False and not any(call.aborted for call in calls)
+    assert watch.cancel(calls[0].handle) is True
+    assert (calls[0].aborted, calls[1].aborted) == (CANCELLED, None) and watch.calls() == [calls[1]]
+    assert watch.cancel(calls[0].handle) is False  # cut once: no longer in flight
+    watch.unwatch(calls[1])
+
+
+def test_a_call_cancelled_on_the_page_raises_the_error_its_client_is_told():
+    peer = BrokenPeer(wait_for_close)
+    upstream = Upstream({peer.url: 2}, timeouts={"chat": (5, 5)})
+    call = UpstreamCall()
+    call.abort(CANCELLED)  # before it is sent: its connection is shut at once
+    try:
+        with pytest.raises(CancelledByOperator) as raised:
+            upstream.request("POST", CHAT, group="chat", body=b"{}", call=call)
+    finally:
+        peer.close()
+        upstream.close()
+    error = raised.value
+    assert (error.status, error.code, error.type) == (503, CANCELLED, "server_error")
+    assert error.headers == {"x-should-retry": "false"}
 
 
 def test_stall_clock_counts_only_a_write_in_progress():

@@ -61,6 +61,19 @@ def test_the_environment_as_specs(tmp_path, files, env, expected, monkeypatch):
     assert summary(read_env(tmp_path, **values)) == expected
 
 
+@pytest.mark.skipif(os.name != "posix", reason="a backslash is a folder separator on Windows")
+def test_two_files_that_come_out_with_one_name_are_served_once_with_a_warning_naming_both(tmp_path, caplog):
+    # One file holds a right-to-left override; the other's name spells the escape out: both become the same name.
+    first, second = write_gguf(tmp_path / "rtl-\\u202egnp.exe.gguf"), write_gguf(tmp_path / "rtl-\u202egnp.exe.gguf")
+    write_gguf(tmp_path / "other.gguf")
+    caplog.set_level(logging.WARNING)
+    models = read_models(load_settings({"MODELS_DIR": str(tmp_path)}), default_file=str(tmp_path / "none.toml"))
+    assert [(spec.id, spec.source) for spec in models.specs] == [("other", str(tmp_path / "other.gguf")),
+                                                                 ("rtl-\\u202egnp.exe", first)]
+    [warning] = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    assert repr(first) in warning and repr(second) in warning and "\u202e" not in warning
+
+
 def test_model_settings_become_the_specs_own_options(tmp_path):
     values = {"MODEL_PATHS": f"chat={write_gguf(tmp_path / 'c.gguf')}", "MODEL_UPSTREAMS": "far=http://h:1",
               "MODEL_SETTINGS": "chat:ctx=512:parallel=4:threads=3:embeddings=off:rerank=on:ttl=0:preload=on:"

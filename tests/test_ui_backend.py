@@ -1,7 +1,7 @@
 """The operators' page's data about models and requests: the requests in flight and their Cancel (llama.cpp's own
-/slots says the slot is free), llama.cpp's own log lines per model (never in the gateway's log), a llama.cpp that
-died and came back (its restarts and last exit), each model's life in the pool (fake llama.cpps where the pool's
-states are the point), and names from files that would pass for others."""
+/slots says the slot is free; the client is told), llama.cpp's own log lines per model (never in the gateway's log),
+a llama.cpp that died and came back (its restarts and last exit), each model's life in the pool (fake llama.cpps
+where the pool's states are the point), names from files that would pass for others, and the limits' window."""
 import http.client
 import json
 import logging
@@ -18,12 +18,15 @@ from service.llama.pool import ModelPool
 from service.llama.pooled_model import PooledModel
 from service.llama.supervisor import LlamaSupervisor
 from tests.apps import FAST_SETTINGS
-from tests.fakes import FakeSupervisor
+from service.ui.recent import RecentRequests
+from tests.fakes import SSE_HEAD, BrokenPeer, Clock, FakeSupervisor, chunk
 from tests.processes import LONG
 
 ADMIN_KEY = "sk-admin-backend"
-KEYS = {"ADMIN_API_KEY": ADMIN_KEY, "OPENAI_API_KEYS": "sk-team-backend:team"}
+KEYS = {"ADMIN_API_KEY": ADMIN_KEY, "OPENAI_API_KEYS": "sk-team-backend:team,sk-other-backend:other"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+CANCELLED = {"message": "An operator cancelled this request on the gateway's page", "type": "server_error",
+             "param": None, "code": "cancelled_by_admin"}
 
 
 def until(check, timeout=15, what="the condition"):
@@ -54,19 +57,119 @@ def test_cancel_from_the_page_ends_the_stream_and_frees_llama_cpps_slot(slow_lla
             "long-story-1", "team", "/v1/completions")
         assert running["age_s"] >= 0 and running["chunks_sent"] >= 0 and running["stream"] is True
         assert until(lambda: any(slot["is_processing"] for slot in slots(slow_llama)), what="a busy slot")
-        cancelled = requests.post(base + "/ui/api/requests/long-story-1/cancel", headers=ADMIN, timeout=5)
+        cancel = f"{base}/ui/api/requests/{running['handle']}/cancel"
+        cancelled = requests.post(cancel, headers=ADMIN, timeout=5)
         assert cancelled.status_code == 200 and cancelled.json() == {"cancelled": True}
         # llama.cpp's own word: the slot is idle again (it notices a closed connection within about a second).
         until(lambda: not any(slot["is_processing"] for slot in slots(slow_llama)), timeout=10,
               what="llama.cpp's slot going idle")
         rest = read_to_end(response)
-        assert b"data: [DONE]" not in rest  # cut short: the stream ended without finishing
+        assert b"data: [DONE]" not in rest  # cut short: the stream ended without finishing, and says why
+        assert last_event(rest) == {"error": CANCELLED}
     finally:
         response.close()
         conn.close()
     assert requests.get(base + "/ui/api/inflight", headers=ADMIN, timeout=5).json() == {"data": []}
-    again = requests.post(base + "/ui/api/requests/long-story-1/cancel", headers=ADMIN, timeout=5)
+    again = requests.post(cancel, headers=ADMIN, timeout=5)
     assert again.status_code == 404
+
+
+def last_event(stream: bytes):
+    """The JSON of a stream's last data event."""
+    return json.loads(stream.strip().split(b"\n\n")[-1].removeprefix(b"data: "))
+
+
+# -- Cancel on fake llama.cpps: by the gateway's handle, and what the client is told -------------------------
+
+CHAT = "/v1/chat/completions"
+EVENT = b'data: {"choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
+ASK = {"messages": [{"role": "user", "content": "x"}]}
+FIFO = {**KEYS, "SCHEDULER": "fifo"}  # no slot count asked of the fake (it answers nothing)
+
+
+def then_silent(first=b""):
+    """A llama-server's script: send first (an answer's head and events), then nothing until the gateway closes
+    the connection (a long generation, a long prompt)."""
+    def script(peer, conn):
+        conn.sendall(first)
+        conn.settimeout(10)
+        try:
+            conn.recv(1)
+        finally:
+            peer.closed_by_client.set()
+    return script
+
+
+def post(base, key, request_id, body):
+    """(connection, response) of a POST to the chat route with that key and x-request-id; the body unread."""
+    parts = urlsplit(base)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    conn.request("POST", CHAT, body=json.dumps(body), headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {key}", "x-request-id": request_id})
+    return conn, conn.getresponse()
+
+
+def in_flight(base, count):
+    """/ui/api/inflight's data once it lists count requests."""
+    def listed():
+        data = requests.get(base + "/ui/api/inflight", headers=ADMIN, timeout=5).json()["data"]
+        return data if len(data) == count else None
+    return until(listed, what=f"{count} requests in flight")
+
+
+def test_cancel_cuts_the_one_call_its_handle_names_and_its_stream_ends_saying_so(make_app, live_gateway,
+                                                                                  access_log):
+    # Two clients stream with the same x-request-id (the client's choice): the page cancels one of them.
+    peer, streams = BrokenPeer(then_silent(SSE_HEAD + chunk(EVENT))), []
+    try:
+        base = live_gateway(make_app(peer.url, **FIFO))
+        streams += [post(base, key, "shared-1", {**ASK, "stream": True})
+                   for key in ("sk-team-backend", "sk-other-backend")]
+        for _, response in streams:
+            assert response.read1(65536).startswith(EVENT)
+        listed = {request["client_id"]: request for request in in_flight(base, 2)}
+        assert {request["request_id"] for request in listed.values()} == {"shared-1"}
+        handles = {request["handle"] for request in listed.values()}
+        assert len(handles) == 2 and all(len(handle) >= 8 for handle in handles)
+        cancelled = requests.post(f"{base}/ui/api/requests/{listed['team']['handle']}/cancel", headers=ADMIN,
+                                  timeout=5)
+        assert cancelled.status_code == 200 and cancelled.json() == {"cancelled": True}
+        rest = read_to_end(streams[0][1])
+        assert last_event(rest) == {"error": CANCELLED} and b"[DONE]" not in rest
+        assert access_log.line("shared-1")["client_id"] == "team"
+        assert access_log.line("shared-1")["error"] == "cancelled_by_admin"
+        [other] = in_flight(base, 1)  # the other client's stream goes on
+        assert (other["client_id"], other["handle"]) == ("other", listed["other"]["handle"])
+    finally:
+        for conn, response in streams:
+            response.close()
+            conn.close()
+        peer.close()
+
+
+def test_a_whole_answer_cancelled_on_the_page_answers_503_cancelled_by_admin(make_app, live_gateway, access_log):
+    import threading
+
+    peer = BrokenPeer(then_silent())  # reads the request, never answers
+    answers = []
+    try:
+        base = live_gateway(make_app(peer.url, **FIFO))
+        waiting = threading.Thread(target=lambda: answers.append(
+            requests.post(base + CHAT, json=ASK, timeout=10,
+                          headers={"Authorization": "Bearer sk-team-backend", "x-request-id": "whole-1"})))
+        waiting.start()
+        [running] = in_flight(base, 1)
+        assert running["stream"] is False
+        requests.post(f"{base}/ui/api/requests/{running['handle']}/cancel", headers=ADMIN, timeout=5)
+        waiting.join(10)
+        assert peer.closed_by_client.wait(5)  # llama.cpp sees its connection close
+    finally:
+        peer.close()
+    [answer] = answers
+    assert answer.status_code == 503 and answer.json() == {"error": CANCELLED}
+    assert answer.headers["x-should-retry"] == "false"  # the SDKs would send it again otherwise
+    assert access_log.line("whole-1")["error"] == "cancelled_by_admin"
+    assert peer.requests == 1
 
 
 def slots(llama) -> list:
@@ -230,3 +333,15 @@ def test_a_model_file_named_to_pass_for_another_is_named_with_its_tricks_shown(t
         app.extensions["upstream"].close()
     assert shown == ["line\\nbreak", "rtl-\\u202egnp.exe"]  # the escapes as text, for any page to show
     assert all(name.isprintable() for name in shown)
+
+
+def test_the_limits_window_leaves_out_every_refusal_that_never_reached_the_limiter():
+    clock = Clock()
+    recent = RecentRequests(clock=clock)
+    refusals = [(429, "rate_limit_exceeded"), (429, "budget_exceeded"),  # a stored key's budget: before the limiter
+                (403, "admin_key_required"),  # a client key on an admin route
+                (429, "rate_limit_error")]  # llama.cpp's own 429, passed on: the limiter counted that one
+    for status, code in refusals:
+        recent.add({"client_id": "team", "time": clock.now, "status": status, "error": code, "route": CHAT})
+    counts = recent.by_client(60)["team"]
+    assert (counts["requests"], counts["failures"], counts["window_requests"]) == (4, 4, 1)

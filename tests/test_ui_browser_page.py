@@ -25,7 +25,8 @@ RTL_SHOWN = "rtl-\\u202egnp.exe.gguf"  # as the page writes it: the override spe
 LONG = "q" * 235 + ".gguf"
 FAILURE = "llama.cpp exited: <img src=x onerror=window.__pwned=2>"
 REQUEST_ID = "5f1c2d3e4b5a69788796a5b4c3d2e1f0"
-CANCEL_ID = "req-cancel-me-123456"
+CANCEL_ID = "req-cancel-me-123456"  # two requests in flight send it (the client chooses it)
+HANDLES = ("3f9a1c2b7d4e", "0b8e6d5c4a31")  # the gateway's name for each of their calls
 REFRESH_MS = 2000  # the page's refresh (ui.js), and the log panel's
 
 
@@ -79,42 +80,57 @@ def state():
     }
 
 
-def history(window):
-    """/ui/api/history: an hour of 10 s steps with some traffic at the end, overall and of "chat"."""
+def history(window, ttft_scale=1):
+    """/ui/api/history: an hour of 10 s steps with some traffic at the end, overall and of "chat"; times to
+    first token up to 171 ms times ttft_scale."""
     step, size = (10, 360) if window == "hour" else (300, 288)
     t = [NOW - step * (size - 1 - i) for i in range(size)]
     wave = [max(0.0, (i % 30) / 10 - 1) for i in range(size)]
     series = {"t": t, "requests_per_s": wave, "errors": [int(v > 1.5) for v in wave],
-              "tokens_per_s": [v * 20 for v in wave], "ttft_p50_ms": [v * 40 or None for v in wave],
-              "ttft_p95_ms": [v * 90 or None for v in wave], "queue_depth": [int(v) for v in wave]}
+              "tokens_per_s": [v * 20 for v in wave], "ttft_p50_ms": [v * 40 * ttft_scale or None for v in wave],
+              "ttft_p95_ms": [v * 90 * ttft_scale or None for v in wave], "queue_depth": [int(v) for v in wave]}
     return {"window": window, "step_s": step, "start": t[0], "series": {"*": series, "chat": series, IMG: series}}
 
 
 class Stub:
-    """The gateway's JSON as the test says it; the requests the page sent, in order."""
+    """The gateway's JSON as the test says it; the requests the page sent, in order. Requests to the paths in
+    hold wait (in held) until release()."""
 
-    def __init__(self):
-        self.state, self.down, self.sent = state(), False, []
-        self.inflight = [{"request_id": CANCEL_ID, "client_id": "team_a", "model": RTL, "path": "/v1/chat/completions",
-                          "age_s": 12, "chunks_sent": 7, "stream": True}]
+    def __init__(self, ttft_scale=1):
+        self.state, self.down, self.sent, self.ttft_scale = state(), False, [], ttft_scale
+        self.inflight = [{"handle": HANDLES[n], "request_id": CANCEL_ID, "client_id": f"team_{n}", "model": name,
+                          "path": "/v1/chat/completions", "age_s": 12 - n, "chunks_sent": 7, "stream": True}
+                         for n, name in enumerate((RTL, "chat"))]
         self.log_lines = ["main: server is listening on http://127.0.0.1:8081", f"load failed: {IMG} {RTL}"]
+        self.hold, self.held = set(), []
 
     def answer(self, route):
         request = route.request
         url = urllib.parse.urlsplit(request.url)
         self.sent.append((request.method, url.path, request.post_data))
+        if url.path in self.hold:
+            return self.held.append(route)
+        return self.respond(route, request, url)
+
+    def release(self):
+        """Answer the requests held, and hold no more."""
+        self.hold.clear()
+        for route in self.held:
+            self.respond(route, route.request, urllib.parse.urlsplit(route.request.url))
+
+    def respond(self, route, request, url):
         if self.down:
             return route.abort("connectionrefused")
         if url.path == "/ui/api/state":
             body = self.state
         elif url.path == "/ui/api/history":
-            body = history(urllib.parse.parse_qs(url.query)["window"][0])
+            body = history(urllib.parse.parse_qs(url.query)["window"][0], self.ttft_scale)
         elif url.path == "/ui/api/inflight":
             body = {"data": self.inflight}
         elif url.path.endswith("/log"):
             body = {"model": urllib.parse.unquote(url.path.split("/")[4]), "lines": self.log_lines}
         elif url.path.endswith("/cancel"):
-            self.inflight = []
+            self.inflight = [request for request in self.inflight if request["handle"] != url.path.split("/")[4]]
             body = {"cancelled": True}
         elif url.path == "/models/load":
             body = {"model": json.loads(request.post_data)["model"], "status": "loaded"}
@@ -148,7 +164,7 @@ def shell():
 
 
 @contextlib.contextmanager
-def opened(chromium, url, width=1440, height=900, timezone="Asia/Kolkata"):
+def opened(chromium, url, width=1440, height=900, timezone="Asia/Kolkata", ttft_scale=1):
     """A signed-in tab on the stubbed page; fails on any script error, policy violation or native dialog."""
     context = chromium.new_context(viewport={"width": width, "height": height}, timezone_id=timezone)
     tab = context.new_page()
@@ -158,7 +174,7 @@ def opened(chromium, url, width=1440, height=900, timezone="Asia/Kolkata"):
     tab.on("console", lambda message: "Content Security Policy" in message.text and problems.append(message.text))
     tab.on("dialog", lambda dialog: (problems.append(dialog.message), dialog.dismiss()))
     tab.clock.install(time=NOW * 1000)  # the page's timers run when the test says (and as time goes by)
-    stub = Stub()
+    stub = Stub(ttft_scale)
     tab.route("**/ui/api/**", stub.answer)
     tab.route("**/models/load", stub.answer)
     sign_in(tab, url)
@@ -169,6 +185,15 @@ def opened(chromium, url, width=1440, height=900, timezone="Asia/Kolkata"):
     finally:
         context.close()
     assert problems == []
+
+
+def until(tab, check):
+    """Let the page run until check() is true (at most WAIT_MS)."""
+    for _ in range(WAIT_MS // 50):
+        if check():
+            return
+        tab.wait_for_timeout(50)
+    raise AssertionError("the page never got there")
 
 
 def row_of(tab, table, text):
@@ -262,14 +287,16 @@ def test_a_load_that_unloads_others_or_failed_last_time_asks_first_naming_them(b
         assert not dialog.is_visible()
 
 
-def test_cancel_calls_the_cancel_route_of_that_request(browser, shell):
+def test_cancel_names_the_gateways_handle_of_that_call_not_the_shared_request_id(browser, shell):
     with opened(browser, shell) as (tab, stub):
         request = row_of(tab, "inflight", RTL_SHOWN)
         request.get_by_text("12 s").wait_for()
+        assert request.locator(".request-id").get_attribute("title") == CANCEL_ID  # the id is still what is shown
         request.get_by_role("button", name="Cancel").click()
         tab.get_by_role("status").get_by_text(f"Cancelled request {CANCEL_ID}.").wait_for()
-        assert len(stub.posts(f"/ui/api/requests/{CANCEL_ID}/cancel")) == 1
-        tab.get_by_text("Nothing in flight.").wait_for()
+        assert [sent for method, sent, _ in stub.sent if method == "POST"] == [f"/ui/api/requests/{HANDLES[0]}/cancel"]
+        row_of(tab, "inflight", RTL_SHOWN).wait_for(state="detached")  # the other request with that id goes on:
+        assert tab.locator("#inflight tbody tr").evaluate_all("rows => rows.map(r => r.dataset.handle)") == [HANDLES[1]]
 
 
 def test_filters_and_the_csv_of_the_filtered_list(browser, shell):
@@ -322,13 +349,26 @@ def test_an_unreachable_gateway_dims_the_page_and_a_restart_is_noticed(browser, 
         assert banner.is_hidden() and "stale" not in tab.locator("#dashboard").get_attribute("class")
 
 
-def test_sign_out_clears_every_table_card_chart_and_log(browser, shell):
+def test_sign_out_clears_every_table_card_chart_and_log_and_what_is_answered_after_it(browser, shell):
     with opened(browser, shell) as (tab, stub):
         row_of(tab, "models", "chat").get_by_role("button", name="Log").click()
         tab.locator("#log-lines").get_by_text("server is listening", exact=False).wait_for()
-        tab.locator("#inflight tbody tr").first.wait_for()
+        tab.locator("#chart-model option", has_text=IMG).wait_for(state="attached")
+        # A history and a Cancel on their way when the admin signs out: their answers come after it.
+        stub.hold = {"/ui/api/history", f"/ui/api/requests/{HANDLES[0]}/cancel"}
+        tab.locator("#chart-window").select_option("day")  # the history, at once
+        row_of(tab, "inflight", RTL_SHOWN).get_by_role("button", name="Cancel").click()
+        until(tab, lambda: len(stub.held) == 2)
         tab.get_by_role("button", name="Sign out").click()
         tab.locator("#sign-in").wait_for()
+        finished = []
+        tab.on("requestfinished", lambda request: finished.append(request.url))
+        stub.release()
+        until(tab, lambda: len(finished) == 2)
+        # Nothing says that a page did nothing: it reads both answers (a task or two) meanwhile.
+        tab.evaluate("() => new Promise((done) => setTimeout(done, 300))")
+        assert tab.locator("#chart-model option").all_inner_texts() == ["every model"]
+        assert tab.locator("#notice").inner_text() == ""
         html = tab.evaluate("document.body.outerHTML")
         for gone in (">chat<", "team_a", "gnp.exe", "onerror", REQUEST_ID[:8], CANCEL_ID, "server is listening"):
             assert gone not in html, gone
@@ -336,8 +376,8 @@ def test_sign_out_clears_every_table_card_chart_and_log(browser, shell):
         assert tab.locator("#log-panel").is_hidden() and tab.evaluate("sessionStorage.length") == 0
 
 
-def test_at_phone_width_every_column_is_in_reach_and_no_caption_is_clipped(browser, shell):
-    with opened(browser, shell, width=390, height=844) as (tab, stub):
+def test_at_phone_width_every_column_is_in_reach_and_no_caption_or_label_is_clipped(browser, shell):
+    with opened(browser, shell, width=390, height=844, ttft_scale=30) as (tab, stub):  # ttft up to 5130 ms
         row_of(tab, "models", LONG).wait_for()
         tab.locator("#inflight tbody tr").first.wait_for()
         assert tab.evaluate("document.documentElement.scrollWidth") <= 390
@@ -353,3 +393,7 @@ def test_at_phone_width_every_column_is_in_reach_and_no_caption_is_clipped(brows
             assert labels == [json.dumps(head.strip()) for head in heads]
         row_of(tab, "models", LONG).locator("button[data-action=unload]").click(trial=True)  # in reach
         row_of(tab, "inflight", RTL_SHOWN).get_by_role("button", name="Cancel").click(trial=True)
+        # A y label that does not fit its axis ("4000 ms") is cut at the canvas's left edge: no ink may be there.
+        tab.locator("#chart-ttft .summary").get_by_text("highest 5130 ms", exact=False).wait_for()
+        assert tab.locator("#chart-ttft canvas").evaluate("""(canvas) => canvas.getContext("2d")
+            .getImageData(0, 0, 2, canvas.height).data.filter((value, i) => i % 4 === 3 && value > 0).length""") == 0

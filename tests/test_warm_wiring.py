@@ -19,30 +19,34 @@ def slot(number, task, tokens=100, busy=False) -> dict:
     return {"id": number, "id_task": task, "n_prompt_tokens": tokens, "is_processing": busy}
 
 
-# /slots answer (status, JSON), the prompt tokens the client was told (None: any prompt) -> the slot that ran.
+# /slots answer (status, JSON), the prompt and completion tokens the client was told (None: any prompt) -> the
+# slot that ran. After a request llama.cpp counts its prompt and what it generated together (less the last token).
 SLOTS_ANSWERS = {
-    "the idle slot of the latest task": ((200, [slot(0, 5), slot(1, 9)]), 100, 1),
-    "a busy slot's later task is another request's": ((200, [slot(0, 5), slot(1, 12, busy=True)]), 100, 0),
-    "a prompt counted a few tokens apart": ((200, [slot(0, 7, tokens=100 + SLOT_TOKENS_SLACK)]), 100, 0),
-    "a prompt of another size ran last": ((200, [slot(0, 7, tokens=101 + SLOT_TOKENS_SLACK)]), 100, None),
-    "any prompt (an embedding)": ((200, [slot(0, 3, tokens=4), slot(1, 2)]), None, 0),
-    "a slot without a task": ((200, [{"id": 0, "is_processing": False}]), None, None),
-    "every slot busy": ((200, [slot(0, 5, busy=True), slot(1, 6, busy=True)]), None, None),
+    "the idle slot of the latest task": ((200, [slot(0, 5), slot(1, 9)]), (100, 0), 1),
+    "a busy slot's later task is another request's": ((200, [slot(0, 5), slot(1, 12, busy=True)]), (100, 0), 0),
+    "a prompt counted a few tokens apart": ((200, [slot(0, 7, tokens=100 + SLOT_TOKENS_SLACK)]), (100, 0), 0),
+    "a prompt and what it generated": ((200, [slot(0, 7, tokens=100 + 207 - 1)]), (100, 207), 0),
+    "more than it generated": ((200, [slot(0, 7, tokens=101 + 207 + SLOT_TOKENS_SLACK)]), (100, 207), None),
+    "a shorter prompt ran last": ((200, [slot(0, 7, tokens=99 - SLOT_TOKENS_SLACK)]), (100, 207), None),
+    "any prompt (an embedding)": ((200, [slot(0, 3, tokens=4), slot(1, 2)]), (None, None), 0),
+    "a slot without a task": ((200, [{"id": 0, "is_processing": False}]), (None, None), None),
+    "every slot busy": ((200, [slot(0, 5, busy=True), slot(1, 6, busy=True)]), (None, None), None),
     "no /slots (--no-slots)": ((501, {"error": {"code": 501, "message": "This server does not support slots"}}),
-                               None, None),
-    "not a list": ((200, {"slots": []}), None, None),
+                               (None, None), None),
+    "not a list": ((200, {"slots": []}), (None, None), None),
 }
 
 
 @pytest.mark.parametrize("case", list(SLOTS_ANSWERS))
 def test_the_slot_that_ran_is_the_idle_one_of_the_latest_task(httpserver, case):
-    (status, answer), prompt_tokens, expected = SLOTS_ANSWERS[case]
+    (status, answer), (prompt_tokens, completion_tokens), expected = SLOTS_ANSWERS[case]
     httpserver.expect_request("/slots", method="GET", query_string="fields=all").respond_with_json(answer, status)
     base_url = httpserver.url_for("").rstrip("/")
     upstream = Upstream({base_url: 0}, timeouts={"models": (2, 2)})
     try:
         warm = WarmGateway(None, None, None, None, upstream)
-        assert warm.slot_that_ran(types.SimpleNamespace(base_url=base_url), prompt_tokens) == expected
+        model = types.SimpleNamespace(base_url=base_url)
+        assert warm.slot_that_ran(model, prompt_tokens, completion_tokens) == expected
     finally:
         upstream.close()
 

@@ -2,13 +2,17 @@
 when there is one) or the environment (service/models/environment.py). Never both: a models file beside a setting
 that names models is refused, as the gateway cannot tell which one was meant.
 """
+import logging
 import os
+from dataclasses import replace
 
 from ..config import ConfigError
 from ..paths import PROJECT_ROOT
 from .environment import models_from_environment
 from .models_file import read_models_file
 from .spec import ModelSet
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODELS_FILE = os.path.join(PROJECT_ROOT, "models.toml")
 
@@ -36,7 +40,7 @@ def read_models(settings, *, check_args=None, fetch=False, default_file: str = D
     ConfigError (a ModelsFileError carries every problem of the file, one line each)."""
     path = models_file_path(settings, default_file)
     if path is None:
-        return models_from_environment(settings, fetch=fetch)
+        return one_per_name(models_from_environment(settings, fetch=fetch))
     named = [name for name in MODEL_DEFINING if settings[name]]
     if named:
         other = "unset MODELS_FILE" if settings["MODELS_FILE"] else "move the file away"
@@ -48,3 +52,21 @@ def read_models(settings, *, check_args=None, fetch=False, default_file: str = D
 def models_of_file(path: str, *, check_args=None) -> ModelSet:
     """The models of the models file at path, every one routed by its name; ModelsFileError with every problem."""
     return ModelSet(tuple(read_models_file(path, check_args=check_args)), any_name=False, file=path)
+
+
+def one_per_name(model_set: ModelSet) -> ModelSet:
+    """model_set with one model per name. Two files in models/ can come out with one name (names.model_name: a
+    file named with the escape "\\u202e" written out and one holding U+202E itself; a split model beside a whole
+    one): the router would keep one and the other file would be served under no name, without a word. The first
+    is kept, and each other is skipped with a warning that names both files."""
+    kept, specs = {}, []
+    for spec in model_set.specs:
+        first = kept.setdefault(spec.id, spec)
+        if first is spec:
+            specs.append(spec)
+            continue
+        # As Python writes them (%r): a file's name may hold the very characters (an override, a newline) that
+        # forge a log line, and a backslash is doubled, so that the two names never read the same.
+        log.warning("model files %r and %r are both named %s: serving the first, skipping the second; rename one",
+                    first.source, spec.source, spec.id)
+    return model_set if len(specs) == len(model_set.specs) else replace(model_set, specs=tuple(specs))

@@ -21,7 +21,8 @@ def escaped(text: str) -> str:
 
 def model_name(path: str) -> str:
     """A model's name from its file: models/llama-8b.gguf is llama-8b; a split model's first part,
-    qwen-7b-00001-of-00003.gguf, is qwen-7b. Characters that are not printable are escaped (escaped())."""
+    qwen-7b-00001-of-00003.gguf, is qwen-7b. Characters that are not printable are escaped (escaped()), so two
+    files can come out with one name: catalog.one_per_name serves the first and warns of the other."""
     base = os.path.basename(path)
     split = SPLIT_PART.search(base)
     return escaped(base[:split.start()] if split else os.path.splitext(base)[0])

@@ -21,7 +21,9 @@ class Unauthorized(ApiError):
     code = "invalid_api_key"
 
     def __init__(self, message):
-        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+        # The same key is refused again however often it is sent: the SDKs (and Claude Code, which would otherwise
+        # try for three minutes) must not resend it.
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer", "x-should-retry": "false"})
 
 
 def derived_client_id(key: str) -> str:

@@ -7,6 +7,7 @@ gone, shuts the call's socket, so the blocked read ends at once and llama.cpp se
 The same thread cuts a stream whose client has stopped reading (a StallClock says so), to free llama.cpp's slot.
 """
 import logging
+import secrets
 import socket
 import threading
 import time
@@ -25,7 +26,8 @@ class ClientGone(Exception):
 CLIENT_LEFT = "client_left"
 CLIENT_STALLED = "client_stalled"
 SHUTDOWN = "shutdown"
-CANCELLED = "cancelled_by_admin"  # the operators' page's Cancel: cut as a client that left is
+# The operators' page's Cancel: cut as a client that left is, but its client is told (errors.CancelledByOperator).
+CANCELLED = "cancelled_by_admin"
 
 
 class UpstreamCall:
@@ -38,6 +40,9 @@ class UpstreamCall:
     """
 
     def __init__(self, record=None, stream=False):
+        # The gateway's own name for this call, for the page's Cancel: a request id is the client's choice, and
+        # two clients (or one, twice) may send the same one.
+        self.handle = secrets.token_hex(6)
         self.record = record  # the request's RequestRecord (the page's list of requests in flight), if known
         self.stream = stream  # a streamed answer: the call stays watched while the stream is relayed
         self.sock = None  # the socket carrying it, once the request is sent; None between connections
@@ -148,18 +153,18 @@ class DisconnectWatch:
         with self._lock:
             return [call for call in self._watched if call.record is not None]
 
-    def cancel(self, request_id: str) -> int:
-        """Cut the calls of the requests in flight with that id (a client may reuse one), as a client disconnect
-        does: llama.cpp sees its connection close and frees the slot. Returns how many were cut."""
+    def cancel(self, handle: str) -> bool:
+        """Cut the request's call in flight with that handle (UpstreamCall.handle), as a client disconnect does:
+        llama.cpp sees its connection close and frees the slot. Returns whether there was one."""
         with self._lock:
-            cut = [call for call in self._watched if call.record is not None and call.record.request_id == request_id]
-            for call in cut:
+            found = [call for call in self._watched if call.record is not None and call.handle == handle]
+            for call in found:
                 del self._watched[call]
-        for call in cut:
+        for call in found:
             log.info("cancelled from the operators' page; closing its llama-server call",
-                     extra={"fields": {"request_id": request_id}})
+                     extra={"fields": {"request_id": call.record.request_id, "handle": handle}})
             call.abort(CANCELLED)
-        return len(cut)
+        return bool(found)
 
     def _run(self):
         while True:

@@ -18,13 +18,14 @@ from dataclasses import dataclass
 
 from flask import Response, current_app, g, request, stream_with_context
 
-from ..errors import ApiError, ClientClosedRequest, ShuttingDown, UpstreamError, UpstreamUnavailable, current_family
+from ..errors import (ApiError, CancelledByOperator, ClientClosedRequest, ShuttingDown, UpstreamError,
+                      UpstreamUnavailable, current_family)
 from ..families.family import StreamRequest
 from ..policy.model_access import check_model_allowed
 from . import sse
 from .admission import admit
 from .affinity import prefix_keys
-from .disconnect import CANCELLED, CLIENT_STALLED, StallClock, UpstreamCall
+from .disconnect import CLIENT_STALLED, StallClock, UpstreamCall
 from .request_rules import apply as apply_rules
 from .routing import ModelNotFound
 from .usage_request import ask_for_usage, asks_for_usage
@@ -320,9 +321,10 @@ def relay_events(stream: Stream):
             if events:
                 yield events
     except ClientClosedRequest as gone:
-        # Nobody is left to tell; an operator's Cancel is told apart in the log line.
-        record.error = CANCELLED if stream.call.aborted == CANCELLED else gone.code
-    except (ShuttingDown, UpstreamError) as error:
+        record.error = gone.code  # nobody is left to tell
+    except (ShuttingDown, CancelledByOperator, UpstreamError) as error:
+        # The client is still there: an operator's Cancel, as a shutdown's cut, ends its stream with the family's
+        # error event (SDKs take a stream that just stops for a finished answer).
         yield stream.fail(error)
 
 

@@ -18,9 +18,9 @@ from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, ProtocolError
 from urllib3.util.retry import Retry
 
 from ..converters import public_url
-from ..errors import (ClientClosedRequest, ShuttingDown, UpstreamBadResponse, UpstreamError, UpstreamTimeout,
-                     UpstreamUnavailable)
-from .disconnect import SHUTDOWN, ClientGone, UpstreamCall, current_call
+from ..errors import (CancelledByOperator, ClientClosedRequest, ShuttingDown, UpstreamBadResponse, UpstreamError,
+                     UpstreamTimeout, UpstreamUnavailable)
+from .disconnect import CANCELLED, SHUTDOWN, ClientGone, UpstreamCall, current_call
 from .upstream_errors import status_error
 
 # What a relayed non-chunked stream reads at most per socket read; read1 returns as soon as any bytes arrive.
@@ -302,8 +302,10 @@ def _translate(error, base_url, path, connect_timeout, read_timeout, reached=Non
 
 
 def _cut(call):
-    """The error for a call that another thread cut."""
-    return ShuttingDown() if call.aborted == SHUTDOWN else ClientClosedRequest()
+    """The error for a call that another thread cut, by why it was cut: its client left (or stopped reading),
+    the gateway is stopping, or an operator cancelled it on the page."""
+    errors = {SHUTDOWN: ShuttingDown, CANCELLED: CancelledByOperator}
+    return errors.get(call.aborted, ClientClosedRequest)()
 
 
 def _arriving_bytes(raw):

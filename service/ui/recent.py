@@ -18,16 +18,18 @@ RECENT_SIZE = 100
 # Requests refused before anyone was known to have sent them (no key, a wrong one) have a ring of their own: a
 # flood of them, which needs no key, must not push the real requests off the page.
 REFUSED_SIZE = 20
-# Refused by the client's own limits: the limiter did not count them, and neither does the window shown beside
-# the limits (else a client limited to 3 a minute would show "4 of 3").
-LIMIT_REFUSALS = ("rate_limit_exceeded",)
+# Refused by the limits themselves or before them (policy/hooks.py begin_request): the client's rate limits, a
+# stored key's spent budget, the shared limits' store out of reach, a client key on an admin route. The limiter
+# never counted them, and neither does the window shown beside the limits (else a client limited to 3 a minute
+# would show "4 of 3"). The gateway's own codes: llama.cpp's 429 is passed on as rate_limit_error.
+NOT_COUNTED_BY_LIMITS = ("rate_limit_exceeded", "budget_exceeded", "rate_limit_store_unavailable",
+                         "admin_key_required")
 
 
 def counts_against_limits(entry) -> bool:
-    """Whether the limiter counted the request in its client's window: not a model listing (under no limit),
-    not one the limits themselves refused."""
-    return entry.get("route") not in UNLIMITED_RULES and not (
-        entry.get("status") == 429 and entry.get("error") in LIMIT_REFUSALS)
+    """Whether the limiter counted the request in its client's window, as its log line tells: not a model listing
+    (under no limit), not one refused by the limits or before it reached them."""
+    return entry.get("route") not in UNLIMITED_RULES and entry.get("error") not in NOT_COUNTED_BY_LIMITS
 
 
 class RecentRequests:

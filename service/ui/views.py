@@ -108,10 +108,11 @@ def inflight():
     return jsonify({"data": in_flight(current_app.extensions["disconnect_watch"])})
 
 
-@bp.post("/ui/api/requests/<request_id>/cancel")
-def cancel_request(request_id):
-    """Cut a request in flight as its client's disconnect would: llama.cpp frees its slot."""
-    cancel(current_app.extensions["disconnect_watch"], request_id)
+@bp.post("/ui/api/requests/<handle>/cancel")
+def cancel_request(handle):
+    """Cut the request in flight with that handle (/ui/api/inflight's) as its client's disconnect would: llama.cpp
+    frees its slot, and the client is told that an operator cancelled it."""
+    cancel(current_app.extensions["disconnect_watch"], handle)
     return jsonify({"cancelled": True})
 
 

@@ -14,6 +14,8 @@ log = logging.getLogger(__name__)
 
 # How far llama.cpp's count of a prompt's tokens (/slots) may be from the one its answer reported to the client.
 SLOT_TOKENS_SLACK = 8
+# Where the caller did not say how many tokens the request generated: the most it is taken to have.
+MAX_UNKNOWN_COMPLETION = 32768
 
 
 class WarmGateway:
@@ -68,18 +70,20 @@ class WarmGateway:
         return self.conversations.attach(name, supervisor.url, supervisor.kv_identity, parallel_of(supervisor.flags),
                                          LiveQueue(self, name))
 
-    def slot_that_ran(self, model, prompt_tokens):
+    def slot_that_ran(self, model, prompt_tokens, completion_tokens=None):
         """The slot a request just ran in, where llama.cpp chose it (Anthropic's /v1/messages takes no id_slot):
-        of the idle slots, the one that ran the latest task, if its prompt was this request's (within a few
-        tokens: the families count a template's tokens differently; any prompt where prompt_tokens is None); None
-        when /slots cannot tell."""
+        of the idle slots, the one that ran the latest task, if it holds this request's tokens (its prompt, then
+        what it generated: llama.cpp counts them together, within a few tokens, as the families count a
+        template's tokens differently; any count where prompt_tokens is None); None when /slots cannot tell."""
         latest = self._latest_idle(model)
         if not latest:
             return None
         if prompt_tokens is None:
             return latest[0]["id"]
-        ran = latest[0].get("n_prompt_tokens")
-        return latest[0]["id"] if isinstance(ran, int) and abs(ran - prompt_tokens) <= SLOT_TOKENS_SLACK else None
+        held = latest[0].get("n_prompt_tokens")
+        most = prompt_tokens + (completion_tokens if completion_tokens is not None else MAX_UNKNOWN_COMPLETION)
+        fits = isinstance(held, int) and prompt_tokens - SLOT_TOKENS_SLACK <= held <= most + SLOT_TOKENS_SLACK
+        return latest[0]["id"] if fits else None
 
     def slots_that_ran(self, model, tasks: int) -> list:
         """The slots the latest tasks ran in (an embedding of several texts is a task per text)."""

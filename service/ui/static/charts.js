@@ -2,7 +2,7 @@
 // Over time: requests/s, errors, tokens/s, time to first token and queue depth, overall or of one model, over the
 // last hour (10 s steps) or day (5 min steps), from /ui/api/history, drawn with uPlot (vendor/, a global script).
 // Each chart has a caption in words too (its last and highest value): a canvas says nothing to a screen reader.
-import { call } from "./api.js";
+import { call, savedKey } from "./api.js";
 import { el, shown } from "./dom.js";
 import { when, zone } from "./time.js";
 
@@ -18,11 +18,23 @@ const CHARTS = [
   ["ttft", "Time to first token", " ms", [["ttft_p50_ms", "p50", "--accent"], ["ttft_p95_ms", "p95", "--warn"]], true],
   ["queue", "Queue depth", "", [["queue_depth", "queued", "--fg"]]],
 ];
+// uPlot's own axis font, set on the y axes so that each is made as wide as its longest label measures in it: a
+// guess per character clipped "4000 ms" on the left in a wider font (Debian's).
+const AXIS_FONT = '12px system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "Noto Sans", sans-serif';
+const Y_AXIS_EDGE = 10 + 5 + 4; // uPlot's tick and gap between a y label and the plot, and a margin at the left
 const $ = (id) => document.getElementById(id);
 
 let plots = {}; // chart id -> uPlot
 let history = null;
 let fetchedAt = 0;
+
+let ruler = null; // a canvas context that measures labels
+
+function labelWidth(text) {
+  ruler = ruler || document.createElement("canvas").getContext("2d");
+  ruler.font = AXIS_FONT;
+  return ruler.measureText(text).width;
+}
 
 function colour(variable) {
   return getComputedStyle(document.documentElement).getPropertyValue(variable).trim() || "#888";
@@ -45,8 +57,8 @@ function options(chart, width) {
     tzDate: (ts) => (zone() === "utc" ? uPlot.tzDate(new Date(ts * 1000), "Etc/UTC") : new Date(ts * 1000)),
     scales: { y: { range: (u, min, max) => [0, Math.max(1, max)] } },
     axes: [{ ...axis, values: timeTicks, size: 44 },
-      { ...axis, values: (u, ticks) => ticks.map((v) => `${+v.toFixed(2)}${unit}`),
-        size: (u, values) => 16 + 7 * Math.max(3, ...(values || []).map((v) => v.length)) }],
+      { ...axis, font: AXIS_FONT, values: (u, ticks) => ticks.map((v) => `${+v.toFixed(2)}${unit}`),
+        size: (u, values) => Math.ceil(Y_AXIS_EDGE + Math.max(labelWidth("000"), ...(values || []).map(labelWidth))) }],
     series: [{ label: "time", value: (u, v) => (v === null || v === undefined ? "—" : when(v)) },
       ...series.map(([, label, variable]) => ({
         label, stroke: colour(variable), width: 2, spanGaps: false, points: { show: Boolean(dots), size: 5 },
@@ -113,11 +125,14 @@ export async function refreshCharts(force = false) {
   if (!force && Date.now() - fetchedAt < EVERY_MS[window]) return;
   fetchedAt = Date.now();
   const response = await call(`${HISTORY}?window=${window}`);
+  if (savedKey() === null) return; // signed out while it was on its way: draw nothing of it
   if (!response.ok) {
     $("charts-status").textContent = `The history is not available (HTTP ${response.status}).`;
     return;
   }
-  history = await response.json();
+  const fetched = await response.json();
+  if (savedKey() === null) return;
+  history = fetched;
   $("charts-status").textContent = "";
   offerModels();
   drawCharts();

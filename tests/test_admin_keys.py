@@ -119,10 +119,29 @@ def test_rotate_without_a_body_keeps_the_old_secret_an_hour(admin):
     ({"name": "a", "expires_at": "tomorrow"}, "expires_at"),
     ({"name": "a", "expires_at": 1000}, "expires_at"),  # in the past
     ({"name": "a", "expires_at": True}, "expires_at"),
+    ({"name": "a", "expires_at": 1e30}, "expires_at"),  # past 9999-12-31: no time a key can be shown to end at
+    ({"name": "a", "rpm": 99999999999999999999}, "rpm"),  # larger than the database's columns hold
+    ({"name": "a", "tpm": 2**31}, "tpm"),
+    ({"name": "a", "concurrent": 2**31}, "concurrent"),
+    ({"name": "a", "weight": 2**31}, "weight"),
+    ({"name": "a", "budget": {"tokens": 2**63, "per": "day"}}, "budget.tokens"),
+    ({"name": "a", "budget": {"requests": 10**23, "per": "day"}}, "budget.requests"),
 ])
 def test_a_bad_field_is_a_400_naming_it(admin, body, param):
     error = assert_openai_envelope(admin().post("/admin/keys", json=body, headers=ADMIN), 400)
     assert error["param"] == param, error
+
+
+def test_the_largest_numbers_the_database_holds_on_postgresql(postgres_url, admin):
+    client = admin(postgres_url)
+    made = create(client, name="team-a", rpm=2**31 - 1, weight=2**31 - 1, budget={"tokens": 2**63 - 1, "per": "day"})
+    assert (made["rpm"], made["weight"], made["budget"]["tokens"]) == (2**31 - 1, 2**31 - 1, 2**63 - 1)
+    for body, param in (({"rpm": 99999999999999999999}, "rpm"), ({"budget": {"requests": 2**63, "per": "day"}},
+                                                                  "budget.requests")):
+        error = assert_openai_envelope(client.patch(f"/admin/keys/{made['id']}", json=body, headers=ADMIN), 400)
+        assert error["param"] == param, error
+    assert client.application.extensions["store"].healthy
+    assert client.get(f"/admin/keys/{made['id']}", headers=ADMIN).get_json()["rpm"] == 2**31 - 1
 
 
 def test_names_the_environment_or_another_key_has_are_409(admin):
@@ -182,7 +201,8 @@ def test_usage_per_key_model_and_period(admin):
     assert recent["object"] == "list" and recent["group_by"] == "month"
     rows = {}
     for row in recent["data"]:  # the 24 h may span two months
-        total = rows.setdefault((row["key"], row["name"], row["model"]), {"requests": 0, "prompt_tokens": 0, "errors": 0})
+        total = rows.setdefault((row["key"], row["name"], row["model"]),
+                                {"requests": 0, "prompt_tokens": 0, "errors": 0})
         for name in total:
             total[name] += row[name]
     assert rows == {(made["id"], "team-u", "chat"): {"requests": 2, "prompt_tokens": 30, "errors": 1},
@@ -213,7 +233,7 @@ def test_usage_refuses_a_bad_query_naming_it(admin, query, param):
     assert error["param"] == param
 
 
-def test_keys_and_usage_on_postgresql(admin, postgres_url):
+def test_keys_and_usage_on_postgresql(postgres_url, admin):  # postgres_url first: the database outlives the app
     client = admin(postgres_url)
     now = time.time()
     made = _flushed_usage(client, now)

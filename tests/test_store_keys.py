@@ -174,3 +174,14 @@ def test_sqlite_file_made_with_wal_and_many_threads(tmp_path, open_stores):
         thread.join(30)
     assert failures == []
     assert len(store.keys.list()) == 40
+
+
+def test_a_row_read_before_a_change_here_never_undoes_it(database_url, open_stores):
+    store = open_stores(database_url)
+    key, secret = store.keys.create("team-a")
+    with store.engine.begin() as connection:  # a refresh's read, just before the revoke commits
+        connection.execute(text("UPDATE keys SET updated_at = updated_at - 1"))  # (a clock's tick before it)
+        read_before = connection.execute(select(schema.keys).where(schema.keys.c.id == key.id)).all()
+    revoked = store.keys.revoke(key.id)
+    assert store.keys.cache.apply(read_before) == []  # then applied: older than the cached row, ignored
+    assert store.keys.lookup(secret) == revoked and store.keys.cached() == [revoked]

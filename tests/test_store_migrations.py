@@ -1,6 +1,9 @@
 """The schema, migrated at open on real SQLite and PostgreSQL: from nothing, from the previous revision with its
 data kept, and a database newer than the code refused with one line."""
 import hashlib
+import subprocess
+import sys
+import time
 
 import pytest
 from sqlalchemy import text
@@ -8,6 +11,7 @@ from sqlalchemy import text
 from service.llama.supervisor import free_port
 from service.store import StoreError, open_store
 from service.store.engine import make_engine, migrate, schema_revision
+from tests.processes import ROOT
 
 SECRET = "sk-gw-" + "m" * 40
 
@@ -68,3 +72,42 @@ def test_unreachable_or_unknown_databases_are_one_line():
     assert message.startswith("database unreachable at start") and "\n" not in message and "hunter2" not in message
     with pytest.raises(StoreError, match="unsupported database 'mysql'"):
         open_store("mysql://localhost/gateway")
+
+
+# One gateway of several starting together: once imported, it says so and waits for the time to start at; then it
+# opens a new file every STEP_S (the others open the same file at the same moments) and prints each failure.
+STARTING_GATEWAY = """
+import sys, time
+from service.store import open_store
+print("ready", flush=True)
+start = float(sys.stdin.readline())
+for index, path in enumerate(sys.argv[2:]):
+    time.sleep(max(0.0, start + index * float(sys.argv[1]) - time.time()))
+    try:
+        open_store("sqlite:///" + path).close()
+    except Exception as error:
+        print(f"{index}: {error!r}"[:300], flush=True)
+"""
+GATEWAYS, FILES, STEP_S = 3, 8, 0.2
+
+
+def test_gateways_starting_together_on_a_new_sqlite_file(tmp_path):
+    paths = [(tmp_path / f"gateway-{number}.db").as_posix() for number in range(FILES)]
+    gateways = [subprocess.Popen([sys.executable, "-c", STARTING_GATEWAY, str(STEP_S), *paths], cwd=ROOT, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                for _ in range(GATEWAYS)]
+    try:
+        assert [gateway.stdout.readline() for gateway in gateways] == ["ready\n"] * GATEWAYS
+        start = time.time() + 0.2
+        for gateway in gateways:
+            gateway.stdin.write(f"{start}\n")
+            gateway.stdin.flush()
+        failures = [gateway.communicate(timeout=60)[0] for gateway in gateways]
+    finally:
+        for gateway in gateways:
+            gateway.kill()
+    assert "".join(failures) == ""
+    for path in paths:
+        engine = make_engine(f"sqlite:///{path}")
+        assert schema_revision(engine) == "0002"
+        engine.dispose()

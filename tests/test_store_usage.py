@@ -112,3 +112,12 @@ def test_pending_is_bounded_and_drops_are_counted(tmp_path, open_stores, monkeyp
     store.sync()
     assert sorted((row["model"], row["requests"]) for row in store.usage.query(0, store.clock() + 3600)) == [
         ("a", 2), ("b", 1), ("c", 1)]
+
+
+def test_spent_is_read_before_open_returns(database_url, open_stores):
+    one = open_stores(database_url)
+    key, _ = one.keys.create("team-a", budget_tokens=1000, budget_per="day")
+    one.usage.record(key.id, "chat", 10, 5, False, None, None)
+    one.usage.flush()
+    other = open_stores(database_url)  # its first round is a second away: the budget counts from the first request
+    assert other.usage.spent(key.id, "day") == (15, 1) and other.usage.spent(key.id, "month") == (15, 1)

@@ -1,12 +1,13 @@
 """marshmallow schemas of the key admin API's bodies and queries (POST/PATCH /admin/keys, rotate, GET /admin/usage),
 shared with bin/keys, and the keys' public JSON: never a secret, a stored key's prefix only."""
+import math
 import re
 import time
 from datetime import datetime, timezone
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from .fields import JsonInteger, JsonNumber, optional
+from .fields import INT32_MAX, JsonInteger, JsonNumber, optional
 
 # A key's name is the client id of its requests (logs, metrics, limits): the same characters OPENAI_API_KEYS allows.
 KEY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")  # \Z: Regexp only matches from the start
@@ -16,6 +17,10 @@ PERIODS = ("day", "month")
 GROUPS = ("hour", "day", "month")
 FORMATS = ("json", "csv")
 MAX_GRACE_S = 30 * 86400
+# The database's columns: limits are 32-bit (INTEGER), budgets 64-bit (BIGINT); a larger number is a 400 here.
+INT64_MAX = 2**63 - 1
+# The first and last seconds ISO-8601 can write (0001-01-01T00:00:00Z, 9999-12-31T23:59:59Z).
+FIRST_MOMENT, LAST_MOMENT = -62135596800, 253402300799
 # The key fields that null clears (each one then falls back to the gateway's default: all models, RATE_LIMIT_*).
 LIMIT_FIELDS = ("rpm", "tpm", "concurrent", "weight")
 
@@ -26,18 +31,28 @@ def moment(value) -> float:
     if isinstance(value, bool):
         raise ValueError("not a time")
     if isinstance(value, (int, float)):
-        return float(value)
+        return _in_range(value)
     text = str(value).strip()
     try:
-        return float(text)
+        epoch = float(text)
     except ValueError:
-        pass
+        epoch = None
+    if epoch is not None:
+        return _in_range(epoch)
     try:
         when = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith(("Z", "z")) else text)
     except ValueError:
         raise ValueError(f"{text!r} is neither epoch seconds nor ISO-8601 (2025-06-01 or 2025-06-01T12:00:00Z)") \
             from None
     return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def _in_range(epoch) -> float:
+    # Checked before float(): a JSON integer too large for a float would else raise OverflowError.
+    if not (isinstance(epoch, int) or math.isfinite(epoch)) or not FIRST_MOMENT <= epoch <= LAST_MOMENT:
+        raise ValueError("Is out of range: a time is from 0001-01-01 to 9999-12-31T23:59:59Z "
+                         f"(epoch seconds {FIRST_MOMENT} to {LAST_MOMENT}).")
+    return float(epoch)
 
 
 def iso(epoch) -> str:
@@ -75,8 +90,8 @@ class BudgetSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    tokens = optional(JsonInteger, validate=validate.Range(min=1))
-    requests = optional(JsonInteger, validate=validate.Range(min=1))
+    tokens = optional(JsonInteger, validate=validate.Range(min=1, max=INT64_MAX))
+    requests = optional(JsonInteger, validate=validate.Range(min=1, max=INT64_MAX))
     per = fields.String(required=True, validate=validate.OneOf(PERIODS))
 
     @validates_schema
@@ -94,10 +109,10 @@ class KeyFieldsSchema(Schema):
     name = fields.String(validate=NAME_RULES)
     models = fields.List(fields.String(validate=validate.Length(min=1)), allow_none=True,
                          validate=validate.Length(min=1, error="Must name at least one model (null: every model)."))
-    rpm = optional(JsonInteger, validate=validate.Range(min=0))
-    tpm = optional(JsonInteger, validate=validate.Range(min=0))
-    concurrent = optional(JsonInteger, validate=validate.Range(min=0))
-    weight = optional(JsonInteger, validate=validate.Range(min=1))
+    rpm = optional(JsonInteger, validate=validate.Range(min=0, max=INT32_MAX))
+    tpm = optional(JsonInteger, validate=validate.Range(min=0, max=INT32_MAX))
+    concurrent = optional(JsonInteger, validate=validate.Range(min=0, max=INT32_MAX))
+    weight = optional(JsonInteger, validate=validate.Range(min=1, max=INT32_MAX))
     budget = fields.Nested(BudgetSchema, allow_none=True)
     expires_at = Moment(allow_none=True, validate=_future)
 

@@ -46,21 +46,30 @@ class Store:
         return self.health.healthy
 
     def start(self):
-        """Read every key, then keep memory and database in step every second."""
+        """Read every key and the budgets' totals, then keep memory and database in step every second."""
         with self.engine.connect() as connection:
-            self.keys.cache.refresh(connection)
+            self._read(connection)  # a budget counts what was spent from the first request on, not a second later
         self._thread.start()
         return self
 
     def sync(self):
         """One round: write the usage, read the changed keys and the budgets' totals. Raises on a failure."""
         with self._one_round:
-            self.usage.flush()
+            unwritten = None
+            try:
+                self.usage.flush()
+            except Exception as error:
+                unwritten = error  # the keys are read all the same: a revoke never waits on the usage
             with self.engine.connect() as connection:
-                self.keys.cache.refresh(connection)
-                if any(key.has_budget for key in self.keys.cached()):
-                    self.usage.refresh_spent(connection)
+                self._read(connection)
+            if unwritten is not None:
+                raise unwritten
         self.health.succeeded()
+
+    def _read(self, connection):
+        self.keys.cache.refresh(connection)
+        if any(key.has_budget for key in self.keys.cached()):
+            self.usage.refresh_spent(connection)
 
     def _run(self):
         while not self._stop.wait(SYNC_EVERY_S):

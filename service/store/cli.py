@@ -69,7 +69,8 @@ def _key_options(parser):
 
 def build_parser() -> argparse.ArgumentParser:
     """bin/keys's command line."""
-    parser = argparse.ArgumentParser(prog="bin/keys", description=DESCRIPTION, epilog="Exit codes: 0 done, 1 not found or refused, 2 bad arguments or "
+    parser = argparse.ArgumentParser(prog="bin/keys", description=DESCRIPTION,
+                                     epilog="Exit codes: 0 done, 1 not found or refused, 2 bad arguments or "
                                      "settings. KEY is a key's id or its name.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     create = commands.add_parser("create", help="make a key and print its secret, this once")

@@ -1,6 +1,8 @@
 """The database engine (SQLite or PostgreSQL from one URL) and its schema migrations (Alembic, run in-process)."""
 import logging
 import os
+import sqlite3
+import time
 
 from alembic import command
 from alembic.config import Config
@@ -16,6 +18,7 @@ MIGRATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "migration
 CONNECT_TIMEOUT_S = 2
 # How long SQLite waits for another writer (another thread, or another gateway on the same file).
 SQLITE_BUSY_MS = 5000
+WAL_RETRY_S = 0.01
 # Two gateways migrating one PostgreSQL database at once take turns on this lock (any constant of ours).
 MIGRATION_LOCK = 2300023
 
@@ -45,7 +48,17 @@ def make_engine(url: str):
 def _sqlite_pragmas(connection, _record):
     # WAL: readers (the key refresh, admin reads) never wait for the usage writer, nor it for them.
     cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
+    # Switching a new file to WAL takes its exclusive lock, and SQLite answers "locked" at once, without waiting
+    # its busy timeout, while another gateway opening it too holds a lock: so it is tried again until then.
+    deadline = time.monotonic() + SQLITE_BUSY_MS / 1000
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(WAL_RETRY_S)
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
@@ -73,6 +86,10 @@ def migrate(engine, revision="head"):
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(:lock)"), {"lock": MIGRATION_LOCK})
+        else:
+            # SQLite's write lock before the revision is read: gateways opening a new file together take turns
+            # (else two read "no schema" and the second's CREATE TABLE fails); the others wait up to SQLITE_BUSY_MS.
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
         current = MigrationContext.configure(connection).get_current_revision()
         if current is not None and current not in known:
             raise StoreError(f"database is at schema {current}, this gateway knows up to {newest}: "

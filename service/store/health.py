@@ -2,15 +2,21 @@
 import logging
 import threading
 
-from sqlalchemy.exc import DBAPIError, IntegrityError, TimeoutError as PoolTimeout
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, TimeoutError as PoolTimeout
 
 log = logging.getLogger(__name__)
 
+# What says the database cannot be reached: connection refused, lost or timed out (SQLite: locked too long), the
+# driver's interface failing, no pool connection in time. Anything else is a statement the database refused (a
+# duplicate name, a value too long or out of range): that one statement failed, the database is up.
+OUTAGES = (OperationalError, InterfaceError, PoolTimeout)
+
+
 def is_outage(error) -> bool:
-    """True for a failure to reach the database (not for a refused statement, such as a duplicate name)."""
-    if isinstance(error, PoolTimeout):
+    """True for a failure to reach the database; False for a refused statement (it says nothing of the database)."""
+    if isinstance(error, OUTAGES):
         return True
-    return isinstance(error, DBAPIError) and not isinstance(error, IntegrityError)
+    return isinstance(error, DBAPIError) and bool(error.connection_invalidated)  # a disconnect SQLAlchemy saw
 
 
 def reason(error) -> str:

@@ -45,7 +45,7 @@ class KeyCache:
     def __init__(self, engine, health, failure, clock):
         self.engine, self.health, self.failure, self.clock = engine, health, failure, clock
         self.by_digest = {}    # digest -> (StoredKey, digest, valid until or None)
-        self.by_id = {}        # key id -> (StoredKey, digest, old digest, old digest's end)
+        self.by_id = {}        # key id -> (StoredKey, digest, old digest, old digest's end, row's updated_at)
         self.listeners = []
         self._write = threading.Lock()
         self._misses = OrderedDict()
@@ -121,12 +121,15 @@ class KeyCache:
         changed = []
         with self._write:
             for row in rows:
-                entry = (key_from_row(row), row.digest, row.old_digest, row.old_digest_until)
-                if self.by_id.get(row.id) == entry:
+                stale = self.by_id.get(row.id)
+                if stale is not None and row.updated_at < stale[4]:
+                    continue  # read before a change this cache has already (a refresh racing a revoke here)
+                entry = (key_from_row(row), row.digest, row.old_digest, row.old_digest_until, row.updated_at)
+                if stale is not None and stale[:4] == entry[:4]:
+                    self.by_id[row.id] = entry
                     continue
                 # The new digests are in before the stale ones go: a lookup meanwhile never misses the key.
-                key, digest, old_digest, old_until = entry
-                stale = self.by_id.get(row.id)
+                key, digest, old_digest, old_until, _ = entry
                 self.by_digest[digest] = (key, digest, None)
                 if old_digest and old_until is not None:
                     self.by_digest[old_digest] = (key, old_digest, old_until)
@@ -142,7 +145,7 @@ class KeyCache:
         return changed
 
     def _forget(self, key_id):
-        _, digest, old_digest, _ = self.by_id.pop(key_id)
+        _, digest, old_digest, *_ = self.by_id.pop(key_id)
         for gone in (digest, old_digest):
             if gone:
                 self.by_digest.pop(gone, None)

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 EDITABLE = ("name", "models", "rpm", "tpm", "concurrent", "weight", "budget_tokens", "budget_requests",
             "budget_per", "expires_at", "revoked_at")
 BUDGET_PERIODS = ("day", "month")
+# The largest number each numeric column holds (INTEGER, BIGINT): past it, SQLite raises OverflowError and
+# PostgreSQL refuses the statement, so such a value is refused before it reaches either.
+COLUMN_MAX = {"rpm": 2**31 - 1, "tpm": 2**31 - 1, "concurrent": 2**31 - 1, "weight": 2**31 - 1,
+              "budget_tokens": 2**63 - 1, "budget_requests": 2**63 - 1}
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,9 @@ def column_values(fields: dict) -> dict:
         raise ValueError(f"budget_per must be one of {BUDGET_PERIODS}")
     if "name" in fields and not fields["name"]:
         raise ValueError("a key needs a name")
+    for name, largest in COLUMN_MAX.items():
+        if fields.get(name) is not None and not 0 <= fields[name] <= largest:
+            raise ValueError(f"{name} must be from 0 to {largest}")
     values = dict(fields)
     if "models" in values and values["models"] is not None:
         values["models"] = json.dumps(list(values["models"]))

@@ -23,6 +23,9 @@ __all__ = ["UsageStore", "period_end"]
 log = logging.getLogger(__name__)
 
 MAX_PENDING = 100_000
+# The usage table's name columns hold this many characters; a longer name (a model a client named) is cut to fit.
+KEY_CHARS = schema.usage.c.key.type.length
+MODEL_CHARS = schema.usage.c.model.type.length
 UPSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
 
 
@@ -42,6 +45,11 @@ def _merge(into: dict, rows: dict) -> int:
     return added
 
 
+def _row(key, model_hour, counters) -> dict:
+    """The usage table's row of one pending (key, (model, hour)) and its counters."""
+    return {"key": key, "model": model_hour[0], "hour": model_hour[1], **dict(zip(schema.USAGE_COUNTERS, counters))}
+
+
 class UsageStore:
     """Usage counted here and kept in the database."""
 
@@ -57,9 +65,9 @@ class UsageStore:
 
     def record(self, key, model, prompt_tokens, completion_tokens, error, queue_ms, upstream_ms, when=None):
         """Count one finished request (never waits on the database)."""
-        model_hour = (model or "", hour_of(self.clock() if when is None else when))
+        model_hour = ((model or "")[:MODEL_CHARS], hour_of(self.clock() if when is None else when))
         with self._lock:
-            by_model_hour = self._pending.setdefault(key, {})
+            by_model_hour = self._pending.setdefault(key[:KEY_CHARS], {})
             counters = by_model_hour.get(model_hour)
             if counters is None:
                 if self._rows >= MAX_PENDING:
@@ -80,31 +88,65 @@ class UsageStore:
         return self._rows + sum(len(rows) for rows in list(self._writing.values()))
 
     def flush(self) -> int:
-        """Write what is pending in one transaction; return the rows written. On failure it stays pending."""
+        """Write what is pending in one transaction; return the rows written. When the database cannot be reached,
+        it stays pending; a row the database refuses (and only it) is dropped, counted in dropped and logged."""
         with self._one_writer:
             return self._flush()
 
     def _flush(self) -> int:
         with self._lock:
             self._writing, self._pending, self._rows = self._pending, {}, 0
-        rows = [{"key": key, "model": model, "hour": hour, **dict(zip(schema.USAGE_COUNTERS, counters))}
-                for key, by_model_hour in self._writing.items() for (model, hour), counters in by_model_hour.items()]
         try:
-            if rows:
-                upsert = UPSERTS[self.engine.dialect.name](schema.usage)
-                upsert = upsert.on_conflict_do_update(
-                    index_elements=["key", "model", "hour"],
-                    set_={name: schema.usage.c[name] + upsert.excluded[name] for name in schema.USAGE_COUNTERS})
-                with self.engine.begin() as connection:
-                    connection.execute(upsert, rows)
-                self.totals.written(self._writing)
+            rows = [_row(key, model_hour, counters) for key, by_model_hour in self._writing.items()
+                    for model_hour, counters in by_model_hour.items()]
+            if not rows:
+                return 0
+            try:
+                self._upsert(rows)
+            except Exception as error:
+                if is_outage(error):
+                    raise
+                return self._write_one_by_one()
+            self.totals.written(self._writing)
+            self._writing = {}
+            return len(rows)
         except BaseException:
             with self._lock:
                 self._rows += _merge(self._pending, self._writing)
                 self._writing = {}
             raise
-        self._writing = {}
-        return len(rows)
+
+    def _upsert(self, rows):
+        upsert = UPSERTS[self.engine.dialect.name](schema.usage)
+        upsert = upsert.on_conflict_do_update(
+            index_elements=["key", "model", "hour"],
+            set_={name: schema.usage.c[name] + upsert.excluded[name] for name in schema.USAGE_COUNTERS})
+        with self.engine.begin() as connection:
+            connection.execute(upsert, rows)
+
+    def _write_one_by_one(self) -> int:
+        # The database refused the batch: each row in its own transaction, so that one bad row (PostgreSQL aborts
+        # the whole transaction at the first) costs only itself. Done rows leave _writing as they go: an outage
+        # midway puts back only the others. The model may be a client's text: only its length is logged.
+        written = 0
+        for key, by_model_hour in list(self._writing.items()):
+            for model_hour, counters in list(by_model_hour.items()):
+                try:
+                    self._upsert([_row(key, model_hour, counters)])
+                    self.totals.written({key: {model_hour: counters}})
+                    written += 1
+                except Exception as error:
+                    if is_outage(error):
+                        raise
+                    self.dropped += 1
+                    log.error("usage row dropped, refused by the database (%s): key %s, hour %d, model of %d "
+                              "characters", type(getattr(error, "orig", None) or error).__name__, key,
+                              model_hour[1], len(model_hour[0]))
+                with self._lock:  # query() reads _writing under it
+                    del by_model_hour[model_hour]
+            with self._lock:
+                del self._writing[key]
+        return written
 
     def refresh_spent(self, connection):
         """Read the database's totals for budgets (the store's thread, every second)."""

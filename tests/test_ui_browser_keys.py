@@ -229,6 +229,12 @@ def test_without_a_database_one_line_says_so_and_sign_out_clears_the_keys(browse
         status = tab.locator("#keys-status")
         status.get_by_text(STORE_OFF, exact=True).wait_for()  # one line, the page's own words
         assert tab.locator("#keys-shown").is_hidden() and tab.locator("#keys tbody tr").count() == 0
+        asked = []
+        tab.on("request", lambda sent: "/admin/" in sent.url and asked.append(sent.url))
+        for _ in range(5):  # 25 s of the page's refreshes: the keys' 10 s twice over
+            with tab.expect_response(lambda answer: "/ui/api/state" in answer.url):
+                tab.clock.run_for(5_000)
+        assert asked == []  # a gateway without a database is not asked again: each ask would be a failed request
 
 
 def test_at_phone_width_each_key_is_a_card_in_reach(browser, shell):

@@ -10,6 +10,7 @@ import { clock, onZoneChange, when } from "./time.js";
 const KEYS = "/admin/keys";
 const USAGE = "/admin/usage";
 export const EVERY_MS = 10000;
+let storeOff = false; // the gateway said it has no database (store_off)
 const STORE_OFF = "This gateway runs without a database: keys made at run time, budgets and kept usage need "
   + "DATABASE_URL.";
 // Each status as a mark, a word and when it came (or comes), so that it reads without colour.
@@ -145,7 +146,7 @@ function showOnly(line) {
 
 // Read the keys and their usage when 10 s have passed since the last read (or at once: force), then draw them.
 export async function refreshKeys(force = false) {
-  if (!force && Date.now() - fetchedAt < EVERY_MS) return;
+  if (storeOff || (!force && Date.now() - fetchedAt < EVERY_MS)) return;
   fetchedAt = Date.now();
   const asked = generation;
   const now = Date.now() / 1000;
@@ -155,6 +156,7 @@ export async function refreshKeys(force = false) {
   const [keyList, usageRows] = [keys.ok ? (await keys.json()).data : null, usage.ok ? (await usage.json()).data : null];
   if (asked !== generation || savedKey() === null) return; // signed out meanwhile: show nothing of it
   if (keysError && keysError.code === "store_off") {
+    storeOff = true; // not asked again until the next sign-in: each ask would be a failed request in the list
     showOnly(STORE_OFF);
   } else if (keysError) {
     $("keys-status").textContent = `The keys are not available: ${shown(keysError.message)}`;
@@ -167,6 +169,7 @@ export async function refreshKeys(force = false) {
 // Forget every key and usage shown (signing out).
 export function clearKeys() {
   generation += 1;
+  storeOff = false;
   fetchedAt = 0;
   showOnly("");
   $("keys-updated").textContent = "";

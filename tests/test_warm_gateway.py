@@ -7,6 +7,7 @@ import os
 import threading
 
 import pytest
+import requests
 from werkzeug import Response
 
 from service.warm.prefix import prefix_keys
@@ -94,6 +95,26 @@ def test_a_truncated_state_is_dropped_and_the_request_still_answers(gateway):
     assert not os.path.exists(path)  # dropped: never tried again
     assert gateway.chat("a", [{"role": "user", "content": "still there?"}]).status_code == 200
     assert gateway.supervisor("a").restarts == 0  # the file never reached llama.cpp, which it could bring down
+
+
+def test_a_new_session_with_the_same_system_prompt_restores_anothers_state(gateway, access_log):
+    # Claude Code's `claude -p` run again: the same long system prompt, other messages. Its first turn has no
+    # state of its own; the first session's begins with the same system prompt, and llama.cpp reuses that part.
+    system = conversation("beacon")[0]["content"]
+    first = {"model": "a", "max_tokens": 4, "system": system, "messages": [{"role": "user", "content": "Hello."}]}
+    gateway.post("/v1/messages", first)
+    gateway.swap_to("b")
+    folder = os.path.join(gateway.app.config["KV_CACHE_DIR"], gateway.supervisor("a").kv_identity)
+    assert os.path.isfile(os.path.join(folder, prefix_keys(first)[-1].hex() + ".state"))
+    hits = restores(gateway, "hit")
+    second = {**first, "messages": [{"role": "user", "content": "Tell me a story about a lighthouse."}]}
+    response = gateway.post("/v1/messages", second)
+    tokenized = requests.post(gateway.supervisor("a").url + "/tokenize", json={"content": system}, timeout=30)
+    system_tokens = len(tokenized.json()["tokens"])
+    assert system_tokens > 500
+    assert response.get_json()["usage"]["cache_read_input_tokens"] >= system_tokens  # restored, not computed
+    assert restores(gateway, "hit") == hits + 1
+    assert access_log.line(response.headers["x-request-id"])["kv_restored"] >= system_tokens
 
 
 def test_a_clients_own_id_slot_does_not_move_the_request_off_the_gateways_slot(gateway):

@@ -168,3 +168,63 @@ def test_the_slot_table_knows_holders_and_what_to_save():
     assert table.holder(conversation) == (1, 1)
     table.clear()
     assert table.holder(conversation) is None and table.content(1) is None
+
+
+def test_a_state_is_also_found_under_its_preamble_alias_the_newest_winning(tmp_path):
+    budget = DiskBudget(str(tmp_path), limit_mib=1)
+    index = budget.index("abcdef0123456789", "demo")
+    index._clock = counting_clock()
+    preamble, first, second = KEYS[0], KEYS[1], KEYS[2]
+    index.make_directory()
+    for key, nbytes in ((first, 300 * 1024), (second, 400 * 1024)):
+        with open(index.path(key), "wb") as file:
+            file.write(b"\1" * nbytes)
+        index.add(key, nbytes // 1024, nbytes, alias=preamble)
+    # A new conversation knows only the preamble: the newest state that begins with it.
+    assert index.lookup([preamble, KEYS[3]]) == (second, index.entries()[second])
+    assert index.lookup([preamble, first])[0] == first  # a conversation's own state wins over the alias
+    assert set(index.entries()) == {first, second} and budget.total_bytes() == 700 * 1024  # counted once
+    reopened = StateIndex(index.directory, "abcdef0123456789")  # a restart keeps the alias
+    assert reopened.aliases() == {preamble: second} and reopened.lookup([preamble])[0] == second
+    index.drop(second)  # its alias goes with it: never found pointing at a deleted file
+    assert index.aliases() == {} and index.lookup([preamble]) is None and index.lookup([first])[0] == first
+    with open(os.path.join(index.directory, "index.json")) as file:
+        assert json.load(file)["aliases"] == {}
+    index.add(first, 300, 300 * 1024, alias=preamble)
+    index.touch(first)
+    write_state(index, KEYS[4], 900 * 1024)  # over the budget: the least recently used (first) goes
+    assert budget.enforce() == 1 and index.aliases() == {} and index.lookup([preamble]) is None
+
+
+def test_an_alias_to_a_state_dropped_on_open_is_dropped_and_a_version_1_index_is_read(tmp_path):
+    directory = str(tmp_path / "abcdef0123456789")
+    index = StateIndex(directory, "abcdef0123456789")
+    write_state(index, KEYS[1], 10)
+    index.add(KEYS[1], 100, 10, alias=KEYS[0])
+    write_state(index, KEYS[2], 10)
+    index.add(KEYS[2], 100, 10, alias=KEYS[3])
+    with open(index.path(KEYS[2]), "ab") as file:
+        file.write(b"more")  # resized since it was recorded
+    reopened = StateIndex(directory, "abcdef0123456789")
+    assert reopened.aliases() == {KEYS[0]: KEYS[1]} and reopened.lookup([KEYS[3]]) is None
+    with open(os.path.join(directory, "index.json")) as file:
+        document = json.load(file)
+    assert document["aliases"] == {KEYS[0].hex(): KEYS[1].hex()}
+    document["version"] = 1  # written before aliases: its states are still good
+    del document["aliases"]
+    with open(os.path.join(directory, "index.json"), "w") as file:
+        json.dump(document, file)
+    older = StateIndex(directory, "abcdef0123456789")
+    assert list(older.entries()) == [KEYS[1]] and older.aliases() == {}
+
+
+def test_the_slot_table_remembers_the_preamble_of_what_ran():
+    table = SlotTable(2)
+    table.ran(0, KEYS[:4], 500, preamble=2)
+    assert table.content(0) == (KEYS[3], 500, frozenset(KEYS[:4]), KEYS[1])
+    table.ran(0, KEYS[:2], 500, preamble=2)  # only the preamble: no shorter key to file it under
+    table.ran(1, KEYS[:3], 500)
+    assert table.content(0)[3] is None and table.content(1)[3] is None
+    table.ran(1, KEYS[:3], 500, preamble=1)
+    table.restored(1, KEYS[4], 300)  # another state now: the preamble of what ran before is not its
+    assert table.content(1) == (KEYS[4], 300, frozenset({KEYS[4]}), None)

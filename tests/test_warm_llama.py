@@ -11,7 +11,7 @@ from service.llama.supervisor import LlamaSupervisor
 from service.warm.conversations import WarmConversations
 from service.warm.identity import llama_build, model_identity
 from service.warm.index import file_digest
-from service.warm.prefix import prefix_keys
+from service.warm.prefix import preamble_length, prefix_keys
 
 FLAGS = ["--ctx-size", "2048", "--parallel", "2"]
 MIN_TOKENS = 200  # the chats below hold about 400 tokens, a "hi" a few dozen
@@ -275,3 +275,45 @@ def test_save_all_waits_for_the_save_the_saver_thread_has_under_way(warm, warm_l
     # Returned once the thread's save was done; saved once, by the thread: nothing left unsaved.
     assert results == {"tick": 1, "save_all": 0, "saved by then": True}
     assert model.index.lookup(keys)[0] == keys[-1] and not model.slots.unsaved(1)
+
+
+def agent_chat(warm, llama, system, question, slot, earlier=()) -> tuple:
+    """A chat of an agent's session in slot (its system prompt, then its own messages), told to the facade as the
+    request path would; (its keys, its usage). system None: none."""
+    leading = [{"role": "system", "content": system}] if system is not None else []
+    body = {"messages": [*leading, *earlier, {"role": "user", "content": question}],
+            "max_tokens": 4, "id_slot": slot}
+    response = requests.post(llama.url + "/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]
+    warm.model("demo").finished(slot, prefix_keys(body), usage["total_tokens"], True, preamble_length(body))
+    return prefix_keys(body), usage
+
+
+def test_a_new_session_restores_the_newest_state_that_begins_with_its_system_prompt(warm, warm_llama):
+    model, system = warm.model("demo"), " ".join(f"compass{n % 97}" for n in range(40))
+    system_tokens = len(requests.post(warm_llama.url + "/tokenize", json={"content": system}, timeout=30)
+                        .json()["tokens"])
+    first, _ = agent_chat(warm, warm_llama, system, "Which way is north?", 1)
+    assert model.save(1) and model.index.aliases() == {first[0]: first[-1]}
+    model.slots.clear()  # as after a restart: no live slot holds the system prompt
+    second = prefix_keys({"messages": [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]})
+    plan = model.plan(second)
+    assert plan.restore[0] == first[-1]  # the first session's state, found under its preamble
+    # One file, restored once at a time: neither its own conversation nor a third session restores it meanwhile.
+    assert model.plan(first).restore is None and model.plan([second[0], bytes(16)]).restore is None
+    assert model.restore(0, plan) == plan.restore[1]["tokens"]
+    second, usage = agent_chat(warm, warm_llama, system, "Hi", 0)
+    assert usage["prompt_tokens_details"]["cached_tokens"] >= system_tokens  # not computed again
+    assert model.save(0) and model.index.aliases() == {first[0]: second[-1]}  # the newest save wins the alias
+    # The first session's next turn: its earlier state is deleted, and the alias moves to the new one, kept.
+    later, _ = agent_chat(warm, warm_llama, system, "And south?", 1,
+                          earlier=[{"role": "user", "content": "Which way is north?"},
+                                   {"role": "assistant", "content": "Up."}])
+    assert model.save(1) and not os.path.exists(model.index.path(first[-1]))
+    assert model.index.aliases() == {first[0]: later[-1]} and os.path.isfile(model.index.path(later[-1]))
+    assert os.path.isfile(model.index.path(second[-1]))  # another session's state: not an earlier turn
+    # Without a system prompt there is no preamble: saved under its own key only, as before.
+    alone, _ = agent_chat(warm, warm_llama, None, " ".join(f"lone{n}" for n in range(60)), 1)
+    assert model.save(1) and model.index.lookup(alone)[0] == alone[-1]
+    assert model.index.aliases() == {first[0]: later[-1]}

@@ -1,7 +1,7 @@
 """Prefix keys stay the same for one conversation from turn to turn, as real agents send it: Anthropic's
 cache_control marker moves to the newest block every turn (llama.cpp never renders it), and a plain prompt that
 grows keeps the keys of its whole parts."""
-from service.warm.prefix import PROMPT_PART, prefix_keys
+from service.warm.prefix import PROMPT_PART, preamble_length, prefix_keys
 
 MARK = {"type": "ephemeral"}
 TOOLS = [{"name": "read", "description": "Read a file.", "input_schema": {"type": "object"}},
@@ -51,3 +51,20 @@ def test_a_growing_plain_prompt_keeps_the_keys_of_its_whole_parts():
     # A string input of the Responses API, after its instructions.
     responses = prefix_keys({"instructions": "Be brief.", "input": prompt})
     assert len(responses) == 4 and prefix_keys({"instructions": "Be brief.", "input": prompt + "!"}) == responses
+
+
+def test_the_preamble_is_the_tools_and_system_prompt_that_new_sessions_send_again():
+    first, other = claude_code_turn("Fix the bug in main.py"), claude_code_turn("Write a README", "Done.", "Thanks")
+    assert preamble_length(first) == preamble_length(other) == 2  # tools, system
+    assert prefix_keys(first)[:2] == prefix_keys(other)[:2] and prefix_keys(first)[2] != prefix_keys(other)[2]
+    chat = [{"role": "system", "content": "You are an agent."}, {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": "hello"}, {"role": "system", "content": "not leading: the session's own"}]
+    assert preamble_length({"messages": chat}) == 2 and preamble_length({"messages": chat, "tools": TOOLS}) == 3
+    # Codex: instructions and tools; its leading developer message is part of it too.
+    codex = {"instructions": "You are Codex.", "tools": TOOLS,
+             "input": [{"role": "developer", "content": "sandbox: none"}, {"role": "user", "content": "fix it"}]}
+    assert preamble_length(codex) == 3 and len(prefix_keys(codex)) == 4
+    assert preamble_length({"messages": chat[2:]}) == 0  # no system prompt: no preamble
+    assert preamble_length({"instructions": "Be brief.", "input": "x" * 3 * PROMPT_PART}) == 1
+    assert preamble_length({"prompt": "x" * 3 * PROMPT_PART}) == 0  # a plain prompt's parts are never one
+    assert preamble_length({"messages": chat[:2]}) == 2 == len(prefix_keys({"messages": chat[:2]}))

@@ -6,6 +6,7 @@ import re
 
 from flask import current_app
 
+from ..warm.prefix import preamble_length
 from .affinity import prefix_keys
 
 # llama.cpp's endpoints that take no id_slot (its Anthropic converter drops the field): it picks the slot itself.
@@ -17,10 +18,11 @@ _OBJECT_END = re.compile(rb"}\s*$")
 class WarmRequest:
     """What warm conversations know and do for one request."""
 
-    def __init__(self, warm, name, keys, record, chooses_slot=False):
+    def __init__(self, warm, name, keys, record, chooses_slot=False, preamble=0):
         self.warm = warm  # the app's WarmGateway
         self.name = name  # its model's id, as the pool and warm conversations know it
         self.keys = keys  # its prompt's prefix keys (service/warm/prefix.py); None: it only overwrites a slot
+        self.preamble = preamble  # how many of keys are its tools and system prompt (its state's alias)
         self.record = record
         self.model = None  # its WarmModel, once its model is loaded
         self.plan = None
@@ -74,7 +76,7 @@ class WarmRequest:
                     self.model.finished(slot, (), 0, False)
                     return
                 slot = ran
-            self.model.finished(slot, self.keys, record.total_tokens, ok)
+            self.model.finished(slot, self.keys, record.total_tokens, ok, self.preamble)
 
 
 def with_slot(raw: bytes, slot: int) -> bytes:
@@ -97,7 +99,8 @@ def warm_request(route, endpoint, body, record):
         overwriting = WarmRequest(warm, route.spec.id, None, record)
         overwriting.tasks = texts_in(body)
         return overwriting
-    return WarmRequest(warm, route.spec.id, prefix_keys(body), record, chooses_slot=endpoint.path in CHOOSES_SLOT)
+    return WarmRequest(warm, route.spec.id, prefix_keys(body), record, chooses_slot=endpoint.path in CHOOSES_SLOT,
+                       preamble=preamble_length(body))
 
 
 def texts_in(body) -> int:

@@ -34,14 +34,17 @@ class WarmModel:
         self.owner, self.name, self.base_url, self.identity, self.queue = owner, name, base_url, identity, queue
         self.slots = SlotTable(parallel)
         self.index = owner.budget.index(identity, name)
-        self._restoring = {}  # key -> (when its restore was planned, that Plan)
+        # The key of a state file -> (when its restore was planned, that Plan): per file, since conversations
+        # that share a preamble find one file under its alias.
+        self._restoring = {}
         self._lock = threading.Lock()
         self.save_lock = threading.Lock()  # one save at a time per model
         self._reported = set()  # failure kinds logged since the last success
 
     def plan(self, keys) -> Plan:
         """Where a request with these prefix keys should run: the live slot holding its longest prefix, or (when
-        a saved state holds a longer one, not being restored already) a restore into a free slot."""
+        a saved state holds a longer one, not being restored already) a restore into a free slot. The state found
+        may be another conversation's that begins with this one's preamble (found under its alias)."""
         live = self.slots.holder(keys)
         prefer = (live[0],) if live else ()
         found = self.index.lookup(keys[live[1] if live else 0:])  # only a prefix longer than any live slot's
@@ -113,11 +116,11 @@ class WarmModel:
         log.info("warm: %s slot %s restored %d tokens (%s)", self.name, slot, entry["tokens"], key.hex()[:8])
         return "hit", entry["tokens"]
 
-    def finished(self, slot, keys, tokens, ok: bool):
+    def finished(self, slot, keys, tokens, ok: bool, preamble: int = 0):
         """A request ended in slot (call it before its turn is released): ok, the slot holds keys' prompt in tokens
-        tokens; not ok, its content is unknown."""
+        tokens, the first preamble of them its tools and system prompt; not ok, its content is unknown."""
         if ok:
-            self.slots.ran(slot, keys, tokens)
+            self.slots.ran(slot, keys, tokens, preamble)
         else:
             self.slots.forget(slot)
 
@@ -127,14 +130,14 @@ class WarmModel:
             content = self.slots.content(slot)
             if content is None:
                 return False
-            key, tokens, held = content
+            key, tokens, held, preamble = content
             if not self.owner.budget.room_for(tokens * self._bytes_per_token()):
                 self.owner.count(self.name, "saves", "skipped")
                 self.slots.gave_up(slot, key)
                 return False
             temporary = os.path.join(self.index.directory, tmp_name(key))
             try:
-                result = self._save(slot, key, temporary, tokens)
+                result = self._save(slot, key, temporary, tokens, preamble)
             finally:
                 _remove_quietly(temporary)  # gone after a rename; a save cut short leaves nothing behind
             saved = result == "ok"
@@ -143,7 +146,8 @@ class WarmModel:
             AFTER_SAVE[result](self.slots, slot, key)
             if saved:
                 # Earlier turns of this conversation: the state just saved holds them too (llama.cpp reuses the
-                # common part of a restored state), so they would only take disk.
+                # common part of a restored state), so they would only take disk. Dropping one drops the aliases
+                # to it; the preamble's alias names the state just saved already.
                 for older in held - {key}:
                     if older in self.index.entries():
                         self.index.drop(older)
@@ -151,7 +155,7 @@ class WarmModel:
                 self.owner.budget.enforce()
             return saved
 
-    def _save(self, slot, key, temporary, tokens) -> str:
+    def _save(self, slot, key, temporary, tokens, preamble=None) -> str:
         """"ok", "failed", or "emptier" (the slot holds less than the gateway last ran there)."""
         try:
             self.index.make_directory()  # deleted by hand meanwhile: llama.cpp writes only into an existing one
@@ -178,7 +182,7 @@ class WarmModel:
         except Exception as error:  # noqa: BLE001 - the transport's errors: saving is best effort, never fatal
             self._report("save", type(error).__name__)
             return "failed"
-        self.index.add(key, body["n_saved"], size, digest)
+        self.index.add(key, body["n_saved"], size, digest, alias=preamble)
         self._reported.clear()
         log.info("warm: %s slot %s saved %d tokens, %d bytes (%s)", self.name, slot, body["n_saved"], size,
                  key.hex()[:8])

@@ -12,31 +12,47 @@ KEY_BYTES = 16
 # Fields a client sends that llama.cpp's prompt never shows, and that move between turns of one conversation:
 # Anthropic's cache_control marks the newest block each turn (Claude Code sends it on system, messages and tools).
 NOT_RENDERED = frozenset({"cache_control"})
+# Leading messages of these roles are the preamble too (chat completions' system prompt, the Responses API's
+# developer message): what a new session of the same agent sends again before its own messages.
+PREAMBLE_ROLES = frozenset({"system", "developer"})
 
 
 def prefix_keys(body: dict) -> list:
     """Hashes (16 bytes each) of the request's prompt prefixes, shortest first."""
     keys, key = [], b""
-    for part in _parts(body):
+    for part, _ in _parts(body):
         # The previous key has a fixed length, so key + part is never ambiguous.
         key = hashlib.blake2b(key + part.encode("utf-8", "surrogatepass"), digest_size=KEY_BYTES).digest()
         keys.append(key)
     return keys
 
 
+def preamble_length(body: dict) -> int:
+    """How many of prefix_keys(body) are its preamble: the tools, the system prompt or instructions, and the
+    leading system/developer messages (0: none). Sessions of one agent share it, whatever their messages."""
+    length = 0
+    for _, preamble in _parts(body):
+        if not preamble:
+            break
+        length += 1
+    return length
+
+
 def _parts(body):
+    """(text, whether it is part of the preamble) of each part of the prompt, in order."""
     if body.get("tools"):  # rendered first, into the system part of the prompt
-        yield _text(body["tools"])
+        yield _text(body["tools"]), True
     for name in ("system", "instructions"):  # Anthropic's system prompt, the Responses API's instructions
         if body.get(name):
-            yield _text(body[name])
+            yield _text(body[name]), True
     for name in ("messages", "input", "prompt"):
         value = body.get(name)
         if isinstance(value, str):
-            yield from (value[start:start + PROMPT_PART] for start in range(0, len(value) - PROMPT_PART + 1,
-                                                                              PROMPT_PART))
+            yield from ((value[start:start + PROMPT_PART], False)
+                        for start in range(0, len(value) - PROMPT_PART + 1, PROMPT_PART))
         elif isinstance(value, list):
-            yield from (_text(item) for item in value)
+            yield from ((_text(item), isinstance(item, dict) and item.get("role") in PREAMBLE_ROLES)
+                        for item in value)
 
 
 def _text(item) -> str:

@@ -5,11 +5,12 @@ import time
 
 
 class _Slot:
-    __slots__ = ("keys", "top", "tokens", "dirty", "dirty_since", "last_use")
+    __slots__ = ("keys", "top", "preamble", "tokens", "dirty", "dirty_since", "last_use")
 
     def __init__(self):
         self.keys = frozenset()  # every prefix key whose tokens this slot holds
         self.top = None  # the longest of them: the name its state is saved under
+        self.preamble = None  # the key of its tools and system prompt, shorter than top: its state's alias
         self.tokens = 0
         self.dirty = False  # holds content not saved yet
         self.dirty_since = 0.0
@@ -28,8 +29,9 @@ class SlotTable:
     def _slot(self, slot):
         return self._slots[slot] if isinstance(slot, int) and 0 <= slot < self.parallel else None
 
-    def ran(self, slot, keys, tokens: int):
-        """A request ran in slot: it now holds keys' prompt (and its answer) in tokens tokens, not saved yet."""
+    def ran(self, slot, keys, tokens: int, preamble: int = 0):
+        """A request ran in slot: it now holds keys' prompt (and its answer) in tokens tokens, not saved yet; the
+        first preamble of keys are its tools and system prompt (prefix.preamble_length)."""
         with self._lock:
             state, now = self._slot(slot), self._clock()
             if state is None:
@@ -38,13 +40,14 @@ class SlotTable:
                 state.dirty_since = now
             state.keys, state.top = frozenset(keys), (keys[-1] if keys else None)
             state.tokens, state.dirty, state.last_use = int(tokens), bool(keys), now
+            state.preamble = keys[preamble - 1] if 0 < preamble < len(keys) else None
 
     def restored(self, slot, key: bytes, tokens: int):
         """key's saved state was loaded into slot: it holds that, and it is on disk already."""
         with self._lock:
             state = self._slot(slot)
             if state is not None:
-                state.keys, state.top, state.tokens = frozenset((key,)), key, int(tokens)
+                state.keys, state.top, state.tokens, state.preamble = frozenset((key,)), key, int(tokens), None
                 state.dirty, state.last_use = False, self._clock()
 
     def saved(self, slot, key: bytes):
@@ -88,11 +91,12 @@ class SlotTable:
         return None if best is None else (best[1], best[0][0])
 
     def content(self, slot):
-        """(key, tokens, keys) of what slot holds (key: the longest prefix, keys: all of them), or None when it
-        holds nothing the gateway can name."""
+        """(key, tokens, keys, preamble) of what slot holds (key: the longest prefix, keys: all of them, preamble:
+        the key of its tools and system prompt, or None), or None when it holds nothing the gateway can name."""
         with self._lock:
             state = self._slot(slot)
-            return None if state is None or state.top is None else (state.top, state.tokens, state.keys)
+            return None if state is None or state.top is None else (state.top, state.tokens, state.keys,
+                                                                    state.preamble)
 
     def to_save(self, now: float, idle_s: float, interval_s: float, min_tokens: int) -> list:
         """The slots worth saving now: unsaved, at least min_tokens, and idle for idle_s since their last request or

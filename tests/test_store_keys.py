@@ -185,3 +185,22 @@ def test_a_row_read_before_a_change_here_never_undoes_it(database_url, open_stor
     revoked = store.keys.revoke(key.id)
     assert store.keys.cache.apply(read_before) == []  # then applied: older than the cached row, ignored
     assert store.keys.lookup(secret) == revoked and store.keys.cached() == [revoked]
+
+
+def test_a_revoke_reaches_the_cache_after_the_database_clock_stepped_back(database_url):
+    from sqlalchemy import text
+
+    from service.store import open_store
+
+    store = open_store(database_url)
+    try:
+        key, secret = store.keys.create("team-clock")
+        with store.engine.begin() as connection:  # its last change stamped 60 s ahead of the clock now
+            connection.execute(text("UPDATE keys SET updated_at = updated_at + 60"))
+        store.keys.cache._since = None  # a full reload: the cache holds that stamp
+        store.sync()
+        store.keys.revoke(key.id)
+        store.sync()
+        assert store.keys.lookup(secret).revoked_at is not None
+    finally:
+        store.close()

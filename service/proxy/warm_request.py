@@ -70,10 +70,12 @@ class WarmRequest:
         if turn.granted and not turn.done and turn.slot is not None:
             ok = record.status is not None and record.status < 400 and record.error is None
             slot = turn.slot
-            if self.chooses_slot and ok:
-                ran = self.warm.slot_that_ran(self.model, record.prompt_tokens)
-                if ran is None:  # not known where it ran: the slot it was given may have been overwritten
-                    self.model.finished(slot, (), 0, False)
+            if self.chooses_slot:
+                ran = self.warm.slot_that_ran(self.model, record.prompt_tokens if ok else None,
+                                              record.completion_tokens)
+                if ran is None or not ok:  # not known where it ran, or it failed there: both slots are unsure
+                    for unsure in {slot, ran} - {None}:
+                        self.model.finished(unsure, (), 0, False)
                     return
                 slot = ran
             self.model.finished(slot, self.keys, record.total_tokens, ok, self.preamble)

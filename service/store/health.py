@@ -2,14 +2,15 @@
 import logging
 import threading
 
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, TimeoutError as PoolTimeout
+from sqlalchemy.exc import DBAPIError, InterfaceError, InternalError, OperationalError, TimeoutError as PoolTimeout
 
 log = logging.getLogger(__name__)
 
-# What says the database cannot be reached: connection refused, lost or timed out (SQLite: locked too long), the
-# driver's interface failing, no pool connection in time. Anything else is a statement the database refused (a
+# What says the database cannot be reached or written: connection refused, lost or timed out (SQLite: locked too
+# long), the driver's interface failing, no pool connection in time, the database in a state that refuses writes
+# (read-only: a standby, a primary demoted in a failover). Anything else is a statement the database refused (a
 # duplicate name, a value too long or out of range): that one statement failed, the database is up.
-OUTAGES = (OperationalError, InterfaceError, PoolTimeout)
+OUTAGES = (OperationalError, InterfaceError, InternalError, PoolTimeout)
 
 
 def is_outage(error) -> bool:

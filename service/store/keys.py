@@ -2,7 +2,7 @@
 import contextlib
 import secrets
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from . import schema
@@ -17,6 +17,9 @@ def new_secret() -> str:
     """A new key's secret: the prefix and 40 URL-safe characters (240 random bits)."""
     return SECRET_PREFIX + secrets.token_urlsafe(30)
 
+
+# How much later than its last stamp a changed row is stamped, at least (the database clock may step back).
+STAMP_STEP_S = 0.001
 
 class KeyStore:
     """The stored keys: admin operations go to the database; lookups are answered from the cache."""
@@ -95,8 +98,12 @@ class KeyStore:
         return row
 
     def _change(self, connection, key_id, **values):
+        # Never earlier than the row's last stamp, even when the database's clock stepped back (NTP, a failover to
+        # a server behind): a cache skips a row older than the one it holds, and would never learn of a revoke.
+        later = schema.keys.c.updated_at + STAMP_STEP_S
+        stamp = (func.greatest if self.engine.dialect.name == "postgresql" else func.max)(self._now, later)
         done = connection.execute(update(schema.keys).where(schema.keys.c.id == key_id)
-                                  .values(updated_at=self._now, **values))
+                                  .values(updated_at=stamp, **values))
         if done.rowcount == 0:
             raise KeyNotFound(f"No key with id {key_id!r}", param="id")
 

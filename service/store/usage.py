@@ -10,6 +10,7 @@ import threading
 import time
 
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError, IntegrityError
 
 from . import schema
 from .errors import StoreUnavailable
@@ -136,8 +137,8 @@ class UsageStore:
                     self.totals.written({key: {model_hour: counters}})
                     written += 1
                 except Exception as error:
-                    if is_outage(error):
-                        raise
+                    if is_outage(error) or not refuses_the_row(error):
+                        raise  # kept, to be written when the database takes it
                     self.dropped += 1
                     log.error("usage row dropped, refused by the database (%s): key %s, hour %d, model of %d "
                               "characters", type(getattr(error, "orig", None) or error).__name__, key,
@@ -196,3 +197,9 @@ class UsageStore:
                     log.warning("usage not written at close: %d rows lost", self.pending)
                     return False
                 time.sleep(0.2)
+
+
+def refuses_the_row(error) -> bool:
+    """Whether the database refused the row itself (a value it cannot hold), so that writing it again can never
+    succeed: only then is a usage row dropped. Whatever else failed may pass: the row waits."""
+    return isinstance(error, (DataError, IntegrityError, OverflowError, ValueError))

@@ -29,7 +29,7 @@ from service.paths import PROJECT_ROOT
 KEYS = 10_000
 LOOKUPS = 10_000
 CREATED = 100  # made one by one with KeyStore.create (timed); the rest inserted in one statement
-KEY_FIELDS = {"rpm": 100_000_000, "tpm": 10 ** 12, "budget_tokens": 10 ** 12, "budget_per": "month"}
+KEY_FIELDS = {"rpm": 100_000_000, "tpm": 2_000_000_000, "budget_tokens": 10 ** 12, "budget_per": "month"}
 SIZES = {"quick": {"requests": 200, "blocks": 4, "warmup": 20, "idle_s": 3.0},
          "full": {"requests": 2000, "blocks": 10, "warmup": 100, "idle_s": 10.0}}
 # name: (what it is, its database, the key its requests carry)

@@ -8,6 +8,7 @@ limits, budget and models.
 from datetime import datetime, timezone
 
 from .auth import INCORRECT_KEY, MISSING_KEY, OPEN_ACCESS_CLIENT, Unauthorized, presented_key
+from ..store.key_cache import SECRET_PREFIX
 
 REVOKED = "This API key was revoked"
 
@@ -52,11 +53,13 @@ def authenticate_client(keyring, store) -> tuple:
     secret = presented_key()
     if secret is None:
         raise Unauthorized(MISSING_KEY)
-    client = keyring.client_for(secret)
-    if client is not None:
-        return client, None
-    key = stored_key_for(secret, store)
+    # A key made at run time looks like one (sk-gw-...): the store first, the configured keys only if it says no;
+    # any other key is the configured keys' (the store knows none of them).
+    key = stored_key_for(secret, store) if secret.startswith(SECRET_PREFIX) else None
     if key is None:
+        client = keyring.client_for(secret)
+        if client is not None:
+            return client, None
         raise Unauthorized(INCORRECT_KEY)
     return key.name, key
 

@@ -1,5 +1,6 @@
 """UTC hours, days and months as epoch seconds: usage rows are per hour, budgets per day or month."""
 from datetime import datetime, timezone
+from functools import lru_cache
 
 HOUR_S = 3600
 DAY_S = 86400
@@ -11,7 +12,13 @@ def hour_of(when: float) -> int:
 
 
 def _month_start(when: float, months_later=0) -> float:
-    moment = datetime.fromtimestamp(when, timezone.utc)
+    return _month_start_of_hour(hour_of(when), months_later)
+
+
+@lru_cache(maxsize=64)
+def _month_start_of_hour(hour: int, months_later: int) -> float:
+    # Asked of every request with a monthly budget: worked out once an hour (a month begins on an hour).
+    moment = datetime.fromtimestamp(hour, timezone.utc)
     month = moment.year * 12 + moment.month - 1 + months_later
     return datetime(month // 12, month % 12 + 1, 1, tzinfo=timezone.utc).timestamp()
 

@@ -13,12 +13,12 @@ from service.llama.supervisor import LlamaSupervisor
 from service.models.demo_model import write_demo_model
 from service.wsgi_server import make_server, stop_server
 from tests.apps import FAST_SETTINGS
-from tests.databases import database_url, postgres_server, postgres_url
+from tests.databases import database_url, open_stores, postgres_server, postgres_url
 from tests.processes import start_llama
 
 
 # Fixtures of other modules, shared with every test from here.
-SHARED_FIXTURES = (database_url, postgres_server, postgres_url)
+SHARED_FIXTURES = (database_url, open_stores, postgres_server, postgres_url)
 
 
 @pytest.fixture(scope="session")

@@ -139,3 +139,19 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'gateway.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def open_stores():
+    """open_stores(url, **options): a Store, closed after the test."""
+    from service.store import open_store
+
+    stores = []
+
+    def open_one(url, **options):
+        stores.append(open_store(url, **options))
+        return stores[-1]
+
+    yield open_one
+    for store in stores:
+        store.close()

@@ -13,20 +13,6 @@ from service.store import key_cache, schema
 from tests.pools import wait_until
 
 
-@pytest.fixture
-def open_stores():
-    """open_stores(url, **options): a Store, closed after the test."""
-    stores = []
-
-    def open_one(url, **options):
-        stores.append(open_store(url, **options))
-        return stores[-1]
-
-    yield open_one
-    for store in stores:
-        store.close()
-
-
 def statements(store) -> list:
     """Every SQL statement the store's engine sends from now on."""
     sent = []
@@ -189,8 +175,6 @@ def test_a_row_read_before_a_change_here_never_undoes_it(database_url, open_stor
 
 def test_a_revoke_reaches_the_cache_after_the_database_clock_stepped_back(database_url):
     from sqlalchemy import text
-
-    from service.store import open_store
 
     store = open_store(database_url)
     try:

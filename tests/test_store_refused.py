@@ -7,24 +7,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DataError
 
-from service.store import open_store
 from service.store.health import is_outage
 
 CLIENT_MODEL = "m-from-a-client-" + "x" * 1264  # 1280 characters: what a request may name, the column holds 200
-
-
-@pytest.fixture
-def open_stores():
-    """open_stores(url, **options): a Store, closed after the test."""
-    stores = []
-
-    def open_one(url, **options):
-        stores.append(open_store(url, **options))
-        return stores[-1]
-
-    yield open_one
-    for store in stores:
-        store.close()
 
 
 def written(store) -> list:

@@ -4,7 +4,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from service.store import open_store, period_end
+from service.store import period_end
 from service.store import usage as usage_module
 from tests.pools import wait_until
 
@@ -12,20 +12,6 @@ from tests.pools import wait_until
 def at(text: str) -> float:
     """Epoch seconds of an ISO UTC time."""
     return datetime.fromisoformat(text).replace(tzinfo=timezone.utc).timestamp()
-
-
-@pytest.fixture
-def open_stores():
-    """open_stores(url, **options): a Store, closed after the test."""
-    stores = []
-
-    def open_one(url, **options):
-        stores.append(open_store(url, **options))
-        return stores[-1]
-
-    yield open_one
-    for store in stores:
-        store.close()
 
 
 @pytest.mark.parametrize("per, now, end", [

@@ -93,6 +93,8 @@ def test_a_failed_load_answers_503_with_the_reason_backs_off_and_leaves_others_a
     with pytest.raises(ModelLoadFailed):
         pool.claim(routes["a"])  # within the backoff: at once, no new load
     assert pool.models["a"].supervisor.starts == 1
+    # The pool tells its listeners after its lock is let go: the failure's event may come just after the raise.
+    wait_until(lambda: any(event.model == "a" and not event.ok for event in events))
     use(pool, routes["b"])
     assert pool.statuses()["b"] == "loaded"
     pool.models["a"].retry_at = 0  # the backoff has passed

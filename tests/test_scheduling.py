@@ -121,7 +121,7 @@ def burst(app, base, llama, scheduler):
     # All of A's are in: both slots busy, the 8 others queued in the gateway (fair) or deferred by llama.cpp (fifo).
     if scheduler == "fair":
         wait_until(lambda: depth(app) == 8 and llama_metric(llama, "llamacpp:requests_processing") == 2,
-                   what="2 of A's requests generating and 8 queued in the gateway")
+                   timeout=30, what="2 of A's requests generating and 8 queued in the gateway")  # a busy box: slow
     else:
         wait_until(lambda: llama_metric(llama, "llamacpp:requests_deferred") == 8,
                    what="8 of A's requests deferred by llama.cpp")

@@ -41,6 +41,16 @@ def slow(slow_model_path):
     supervisor.stop()
 
 
+@pytest.fixture(scope="module")
+def llama(demo_model_path):
+    """A llama.cpp of this module's own: the burst counts its slots' requests, which no other module's leftover
+    generation may take (the session's llama is shared by every module a test worker runs)."""
+    supervisor = LlamaSupervisor(demo_model_path, ctx=2048, parallel=2, threads=1, embeddings=True,
+                                 startup_timeout=60).start()
+    yield supervisor
+    supervisor.stop()
+
+
 @pytest.fixture
 def gateway(make_app, live_gateway):
     """start(upstream_url or routes dict, **settings) -> (app, base URL): the gateway with two clients' keys."""

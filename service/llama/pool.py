@@ -46,9 +46,7 @@ class ModelPool(LiveChanges):
         self.load_timeout = load_timeout_s
         self.clock = clock
         self.listeners = []  # called with each ModelEvent (metrics)
-        # Called with a model whose llama.cpp is about to be stopped while it still serves (an unload after its
-        # drain, the gateway's stop): warm conversations save its slots then. Each must return soon, never raise.
-        self.before_stop = []
+        self.before_stop = []  # called with a model about to stop while it serves (warm conversations save then)
         self._changed = threading.Condition()
         self._stopping = threading.Event()
         self._reaper = None
@@ -324,6 +322,7 @@ class ModelPool(LiveChanges):
         self._emit(ModelEvent("unload", model.name, reason, self.clock() - started))
 
     def _before_stop(self, model):
+        # An unload after its drain, or the gateway's stop: its requests are done. Each hook returns soon.
         for hook in self.before_stop:
             try:
                 hook(model)

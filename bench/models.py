@@ -121,14 +121,14 @@ class ModelEvents:
 
 
 @contextmanager
-def serving(env, log):
+def serving(env, log, start_wait_s=60.0):
     """bin/serve with env (API_PORT set), its output into the open file log, until the block ends; yields its URL
-    once /health answers 200."""
+    once /health answers 200 (within start_wait_s)."""
     url = f"http://127.0.0.1:{env['API_PORT']}"
     gateway = subprocess.Popen([sys.executable, "bin/serve"], env={**os.environ, **env}, cwd=PROJECT_ROOT,
                                stdout=log, stderr=log)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + start_wait_s
         while not _answers(url + "/health"):
             if gateway.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the gateway did not start; see {log.name}")

